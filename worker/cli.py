@@ -1,0 +1,164 @@
+"""``idempotent-worker``: run the worker, check a configuration, or run the embedded demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Producer
+from prometheus_client import CollectorRegistry
+
+from worker.dedup.redis import RedisDedupStore
+from worker.errors import ConfigError
+from worker.logs import Scrubber, configure_logging, get_logger
+from worker.metrics import Metrics
+from worker.registry import ResolvedRoute, resolve_routes
+from worker.server import Health, HttpServer
+from worker.settings import Settings, client_config, load_settings
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="idempotent-worker", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="consume, dedup and handle until stopped")
+    run.add_argument("--config", help="TOML file (default: $WORKER_CONFIG)")
+    run.add_argument("--max-messages", type=int, help="stop after finishing this many messages")
+    run.add_argument("--idle-timeout", type=float, help="stop after this many idle seconds")
+    check = commands.add_parser("check-config", help="validate the configuration and exit")
+    check.add_argument("--config", help="TOML file (default: $WORKER_CONFIG)")
+    demo = commands.add_parser("demo", help="run two replicas on an embedded broker and Redis")
+    demo.add_argument("--messages", type=int, default=5000)
+    demo.add_argument("--duplicate-share", type=float, default=0.3)
+    demo.add_argument("--replicas", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from worker.demo import run_demo
+
+        return run_demo(args.messages, args.duplicate_share, args.replicas)
+    try:
+        settings, routes = prepare(args.config)
+    except ConfigError as exc:
+        print(f"idempotent-worker: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        print(f"configuration OK: {len(routes)} route(s): {', '.join(routes)}")
+        return 0
+    return run_worker(settings, routes, args.max_messages, args.idle_timeout)
+
+
+def prepare(config_path: str | None) -> tuple[Settings, dict[str, ResolvedRoute]]:
+    """Everything that can be checked before joining the group; raises ConfigError."""
+    settings = load_settings(config_path)
+    routes = resolve_routes(settings)
+    _check_client_options(settings)
+    return settings, routes
+
+
+def _check_client_options(settings: Settings) -> None:
+    """Let librdkafka judge the passthrough options, as it would when the worker starts."""
+    kafka = settings.kafka
+    scrub = Scrubber(settings.secret_values()).scrub
+    checks: list[tuple[type[Any], dict[str, Any], tuple[str, ...]]] = [
+        (Consumer, {**kafka.consumer, "group.id": kafka.group_id}, ("consumer", "client")),
+        (Producer, dict(kafka.producer), ("producer", "client")),
+    ]
+    for client_class, extra, tables in checks:
+        try:
+            # log_level 0: these throwaway clients must not report connection attempts.
+            client = client_class(client_config(settings, {**extra, "log_level": 0}))
+        except KafkaException as exc:
+            text = scrub(exc.args[0].str())
+            quoted = re.findall(r'"([^"]+)"', text)
+            option = quoted[-1] if quoted else ""
+            table = next((t for t in tables if option in getattr(kafka, t)), "client")
+            key = f"kafka.{table}.{option}" if option else f"kafka.{table}"
+            raise ConfigError(key, text) from None
+        if isinstance(client, Consumer):
+            client.close()
+
+
+def run_worker(
+    settings: Settings,
+    routes: dict[str, ResolvedRoute],
+    max_messages: int | None = None,
+    idle_timeout: float | None = None,
+) -> int:
+    from worker.loop import Worker
+
+    configure_logging(settings.log, settings.secret_values())
+    log = get_logger()
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    health = Health(stall_seconds=settings.kafka.max_poll_interval_seconds)
+    metrics.ready.set_function(lambda: float(health.ready))
+    store = RedisDedupStore.from_url(
+        settings.redis.url.get_secret_value(),
+        settings.key_prefix,
+        timeout=settings.redis.socket_timeout_seconds,
+    )
+    server = HttpServer(settings.http.host, settings.http.port, registry, health)
+    server.start()
+    log.info(
+        "starting",
+        group=settings.kafka.group_id,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        redis=settings.redis.redacted_url(),
+        key_prefix=settings.key_prefix,
+        routes={topic: route.handler_path for topic, route in routes.items()},
+        http=f"{settings.http.host}:{server.port}",
+    )
+    worker = Worker(
+        settings,
+        routes,
+        store,
+        metrics,
+        health,
+        max_messages=max_messages,
+        idle_timeout=idle_timeout,
+    )
+    _install_signal_handlers(worker.stop, settings.shutdown.grace_seconds)
+    try:
+        worker.run()
+    finally:
+        health.stopped = True
+        server.stop()
+        store.close()
+    if worker.fatal_error is not None:
+        log.error("stopped on a fatal Kafka error", code=worker.fatal_error.name())
+        return EXIT_RUNTIME
+    log.info("stopped")
+    return 0
+
+
+def _install_signal_handlers(stop: Callable[[], None], grace_seconds: float) -> None:
+    """First SIGTERM/SIGINT: drain within the grace period. Second SIGINT: exit at once."""
+    stopping = threading.Event()
+
+    def expire() -> None:
+        print("idempotent-worker: shutdown grace period expired; exiting", file=sys.stderr)
+        os._exit(EXIT_RUNTIME)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stopping.is_set():
+            if signum == signal.SIGINT:
+                os._exit(128 + signum)
+            return
+        stopping.set()
+        stop()
+        timer = threading.Timer(grace_seconds, expire)
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)

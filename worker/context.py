@@ -1,0 +1,57 @@
+"""The ``ctx`` a handler receives: its attempt number, a bound logger and ``emit``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from structlog.typing import FilteringBoundLogger
+
+from worker.errors import PermanentFailure
+from worker.outputs import Outputs
+from worker.types import Message
+
+OUTPUT_ID_HEADER = "message-id"
+
+
+class HandlerContext:
+    def __init__(
+        self,
+        message: Message,
+        attempt: int,
+        logger: FilteringBoundLogger,
+        outputs: Outputs,
+        default_topic: str | None,
+    ) -> None:
+        self._message = message
+        self._attempt = attempt
+        self._logger = logger
+        self._outputs = outputs
+        self._default_topic = default_topic
+        self.emitted = 0
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt
+
+    @property
+    def logger(self) -> FilteringBoundLogger:
+        return self._logger
+
+    def emit(
+        self,
+        value: bytes | str | None,
+        *,
+        topic: str | None = None,
+        key: bytes | str | None = None,
+        headers: Mapping[str, bytes | str] | None = None,
+    ) -> str:
+        target = topic or self._default_topic
+        if target is None:
+            raise PermanentFailure("ctx.emit() without topic= on a route that has no output_topic")
+        # The n-th output of an input gets the same id on every run, so a re-run after a
+        # crash re-emits ids that a downstream idempotent consumer skips.
+        output_id = f"{self._message.id}:{self.emitted}"
+        self.emitted += 1
+        extra = [(name, value) for name, value in (headers or {}).items()]
+        self._outputs.send(target, value, key=key, headers=[(OUTPUT_ID_HEADER, output_id), *extra])
+        return output_id

@@ -1,0 +1,37 @@
+"""What a dead-letter record carries: the original record plus ``dlq-*`` headers saying why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from confluent_kafka import Message as KafkaMessage
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    reason: str
+    """Short machine-readable cause: handler_failed, permanent_failure, id_missing, ..."""
+    error_type: str
+    error_message: str
+    attempts: int
+    message_id: str | None = None
+
+
+MAX_ERROR_MESSAGE = 1000
+
+
+def dead_letter_headers(record: KafkaMessage, letter: DeadLetter) -> list[tuple[str, bytes]]:
+    """The original headers, then the dead-letter headers."""
+    headers = [(name, value or b"") for name, value in (record.headers() or [])]
+    headers += [
+        ("dlq-reason", letter.reason.encode()),
+        ("dlq-error-type", letter.error_type.encode()),
+        ("dlq-error-message", letter.error_message[:MAX_ERROR_MESSAGE].encode()),
+        ("dlq-attempts", str(letter.attempts).encode()),
+        ("dlq-original-topic", str(record.topic()).encode()),
+        ("dlq-original-partition", str(record.partition()).encode()),
+        ("dlq-original-offset", str(record.offset()).encode()),
+    ]
+    if letter.message_id is not None:
+        headers.append(("dlq-message-id", letter.message_id.encode()))
+    return headers

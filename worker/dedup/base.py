@@ -1,0 +1,72 @@
+"""The dedup store contract.
+
+A record per message id moves through :class:`State`::
+
+    ABSENT --claim--> IN_PROGRESS(token, lease) --complete--> COMPLETED(ttl)
+                           |  \\--release / lease expiry--> ABSENT
+                           \\--claim with the same token: lease refreshed
+
+Every transition is atomic in the store and checks the claim token, so a worker
+that lost its claim (lease expired, another worker took over) cannot complete or
+release a record it no longer owns.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class State(enum.Enum):
+    ABSENT = "absent"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+
+
+class ClaimStatus(enum.Enum):
+    CLAIMED = "claimed"
+    """The caller now holds the claim (new, or its own claim with the lease refreshed)."""
+    COMPLETED = "completed"
+    """The id was already processed: a duplicate."""
+    BUSY = "busy"
+    """Another claim holds the id: wait for it to complete, be released or expire."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    status: ClaimStatus
+    origin: str | None = None
+    """For COMPLETED: ``topic/partition/offset`` of the record whose processing completed it."""
+
+
+CLAIMED = Claim(ClaimStatus.CLAIMED)
+BUSY = Claim(ClaimStatus.BUSY)
+
+
+class DedupStore(Protocol):
+    """What the worker needs from a dedup store. Failures raise ``StoreUnavailable``."""
+
+    def claim(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[Claim]:
+        """Claim every id in one atomic step; one :class:`Claim` per id, in order."""
+
+    def complete(self, id: str, token: str, ttl_seconds: int, origin: str) -> bool:
+        """Mark a claimed id completed for ``ttl_seconds``.
+
+        True if the record is now completed under ``token`` (also when it already was,
+        so an ambiguous earlier attempt can simply be repeated); False if ``token`` no
+        longer holds the claim.
+        """
+
+    def release(self, id: str, token: str) -> bool:
+        """Delete the claim if ``token`` still holds it; True if it did."""
+
+    def state(self, id: str) -> State:
+        """The current state of ``id`` (for tests and diagnostics)."""
+
+    def ping(self) -> None:
+        """Raise ``StoreUnavailable`` unless the store answers."""
+
+    def close(self) -> None:
+        """Release connections."""

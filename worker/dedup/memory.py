@@ -1,0 +1,81 @@
+"""An in-process dedup store, for unit tests and single-process experiments.
+
+It implements the same transitions as the Redis store under a lock, with an
+injectable clock so tests can expire leases without sleeping.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from worker.dedup.base import BUSY, CLAIMED, Claim, ClaimStatus, State
+
+
+@dataclass(slots=True)
+class _Record:
+    state: State
+    token: str
+    expires_at: float
+    origin: str = ""
+
+
+class MemoryDedupStore:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._records: dict[str, _Record] = {}
+        self._lock = threading.Lock()
+
+    def _live(self, id: str) -> _Record | None:
+        record = self._records.get(id)
+        if record is not None and record.expires_at <= self._clock():
+            del self._records[id]
+            return None
+        return record
+
+    def claim(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[Claim]:
+        with self._lock:
+            now = self._clock()
+            claims = []
+            for id in ids:
+                record = self._live(id)
+                if record is None or (record.state is State.IN_PROGRESS and record.token == token):
+                    self._records[id] = _Record(State.IN_PROGRESS, token, now + lease_seconds)
+                    claims.append(CLAIMED)
+                elif record.state is State.COMPLETED:
+                    claims.append(Claim(ClaimStatus.COMPLETED, record.origin))
+                else:
+                    claims.append(BUSY)
+            return claims
+
+    def complete(self, id: str, token: str, ttl_seconds: int, origin: str) -> bool:
+        with self._lock:
+            record = self._live(id)
+            if record is None or record.token != token:
+                return False
+            if record.state is State.IN_PROGRESS:
+                self._records[id] = _Record(
+                    State.COMPLETED, token, self._clock() + ttl_seconds, origin
+                )
+            return True
+
+    def release(self, id: str, token: str) -> bool:
+        with self._lock:
+            record = self._live(id)
+            if record is None or record.state is not State.IN_PROGRESS or record.token != token:
+                return False
+            del self._records[id]
+            return True
+
+    def state(self, id: str) -> State:
+        with self._lock:
+            record = self._live(id)
+            return State.ABSENT if record is None else record.state
+
+    def ping(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None

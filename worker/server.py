@@ -1,0 +1,80 @@
+"""One small HTTP server for ``/metrics``, ``/healthz`` and ``/readyz``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+
+class Health:
+    """What the consumer loop tells the probes. Written by the loop, read by the server."""
+
+    def __init__(self, stall_seconds: float) -> None:
+        self.stall_seconds = stall_seconds
+        self.last_beat = time.monotonic()
+        self.joined = False
+        self.store_ok = False
+        self.stopped = False
+
+    def beat(self) -> None:
+        self.last_beat = time.monotonic()
+
+    @property
+    def alive(self) -> bool:
+        """The loop is running and has not been stuck for longer than ``stall_seconds``."""
+        return not self.stopped and time.monotonic() - self.last_beat < self.stall_seconds
+
+    @property
+    def ready(self) -> bool:
+        return self.alive and self.joined and self.store_ok
+
+
+class HttpServer:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
+        handler = _handler_class(registry, health)
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _handler_class(registry: CollectorRegistry, health: Health) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                self._probe(health.alive)
+            elif path == "/readyz":
+                self._probe(health.ready)
+            else:
+                self._send(404, b"not found\n", "text/plain")
+
+        def _probe(self, ok: bool) -> None:
+            self._send(200 if ok else 503, b"ok\n" if ok else b"not ok\n", "text/plain")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return None  # probes every few seconds would flood the structured log
+
+    return Handler

@@ -1,0 +1,300 @@
+"""Configuration: defaults < TOML file < ``WORKER_`` environment variables.
+
+Settings are frozen pydantic models, built once at start-up by :func:`load_settings`;
+nothing here reads the environment at import time. Every validation error is
+turned into a :class:`~worker.errors.ConfigError` that names the dotted key and
+never echoes the offending value, so secrets cannot leak through error output.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from worker.errors import ConfigError
+from worker.ids import parse_id_spec
+
+ClientValue = str | int | float | bool
+
+# librdkafka options the worker sets itself: letting configuration override them would
+# break the processing guarantees (auto commit, auto offset store) or the group identity.
+MANAGED_CLIENT_OPTIONS = frozenset(
+    {
+        "bootstrap.servers",
+        "group.id",
+        "enable.auto.commit",
+        "enable.auto.offset.store",
+        "enable.idempotence",
+        "acks",
+        "transactional.id",
+    }
+)
+# Options that make the client run a command, load a shared library, or accept unsigned
+# tokens: a configuration file must not be able to do that.
+REFUSED_CLIENT_OPTIONS = frozenset(
+    {
+        "sasl.kerberos.kinit.cmd",
+        "plugin.library.paths",
+        "enable.sasl.oauthbearer.unsecure.jwt",
+    }
+)
+SECRET_CLIENT_OPTION_MARKERS = ("password", "secret", "sasl.oauthbearer.config", "key.pem")
+
+_config_file: ContextVar[Path | None] = ContextVar("_config_file", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = Field(min_length=1)
+    group_id: str = Field(min_length=1)
+    client: dict[str, ClientValue] = Field(default_factory=dict)
+    """Extra librdkafka options (security, tuning), applied to the consumer and the producer."""
+    consumer: dict[str, ClientValue] = Field(default_factory=dict)
+    """Extra librdkafka options for the consumer only (e.g. session.timeout.ms)."""
+    producer: dict[str, ClientValue] = Field(default_factory=dict)
+    """Extra librdkafka options for the producer only (e.g. compression.type)."""
+    poll_batch_size: int = Field(default=500, ge=1, le=100_000)
+    poll_timeout_seconds: float = Field(default=0.2, gt=0, le=10)
+    commit_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+
+    @field_validator("client", "consumer", "producer")
+    @classmethod
+    def _check_client(cls, client: dict[str, ClientValue]) -> dict[str, ClientValue]:
+        for option in client:
+            if option in MANAGED_CLIENT_OPTIONS:
+                raise ValueError(f"'{option}' is set by the worker and cannot be overridden")
+            if option in REFUSED_CLIENT_OPTIONS:
+                raise ValueError(f"'{option}' is refused: it can run code or weaken authentication")
+        return client
+
+    @property
+    def max_poll_interval_seconds(self) -> float:
+        options = {**self.client, **self.consumer}
+        return float(options.get("max.poll.interval.ms", 300_000)) / 1000
+
+
+class RedisSettings(_Section):
+    url: SecretStr
+    socket_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: SecretStr) -> SecretStr:
+        scheme = urlsplit(url.get_secret_value()).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return url
+
+    def redacted_url(self) -> str:
+        """The URL with any password replaced, fit for a log line."""
+        parts = urlsplit(self.url.get_secret_value())
+        if parts.password is None:
+            return parts.geturl()
+        user = parts.username or ""
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return parts._replace(netloc=f"{user}:***@{host}{port}").geturl()
+
+
+class DedupSettings(_Section):
+    key_prefix: str | None = Field(default=None, min_length=1)
+    """Namespace of dedup keys; derived from the group id when unset."""
+    ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+    lease_seconds: float = Field(default=30.0, ge=1)
+
+
+class RetrySettings(_Section):
+    max_attempts: int = Field(default=5, ge=1, le=1000)
+    backoff_initial_seconds: float = Field(default=0.2, ge=0)
+    backoff_max_seconds: float = Field(default=10.0, ge=0)
+
+
+class HttpSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "console"] = "json"
+
+
+class ShutdownSettings(_Section):
+    grace_seconds: float = Field(default=30.0, gt=0)
+
+
+class Route(_Section):
+    topic: str = Field(min_length=1)
+    handler: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    id: str = "header:message-id"
+    output_topic: str | None = None
+    dlq_topic: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, spec: str) -> str:
+        parse_id_spec(spec)
+        return spec
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.dlq_topic or f"{self.topic}.dlq"
+
+
+class Settings(BaseSettings):
+    """The whole configuration; see ``config/worker.toml`` for a commented example."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WORKER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    kafka: KafkaSettings
+    redis: RedisSettings
+    dedup: DedupSettings = DedupSettings()
+    retry: RetrySettings = RetrySettings()
+    http: HttpSettings = HttpSettings()
+    log: LogSettings = LogSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+    routes: list[Route] = Field(min_length=1)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_config_file.get())
+        return (init_settings, env_settings, toml)
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_topics(cls, routes: list[Route]) -> list[Route]:
+        seen: set[str] = set()
+        for route in routes:
+            if route.topic in seen:
+                raise ValueError(f"topic '{route.topic}' has more than one route")
+            seen.add(route.topic)
+        return routes
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        max_poll = self.kafka.max_poll_interval_seconds
+        if self.dedup.lease_seconds >= max_poll:
+            raise _CombinationError(
+                "dedup.lease_seconds",
+                f"must be shorter than max.poll.interval.ms ({max_poll:g} s): waiting for "
+                "another replica's claim can take a whole lease, and the consumer would "
+                "be expelled from its group meanwhile",
+            )
+        if self.retry.backoff_max_seconds >= max_poll:
+            raise _CombinationError(
+                "retry.backoff_max_seconds",
+                f"must be shorter than max.poll.interval.ms ({max_poll:g} s)",
+            )
+        if self.dedup.ttl_seconds <= self.dedup.lease_seconds:
+            raise _CombinationError("dedup.ttl_seconds", "must be longer than dedup.lease_seconds")
+        return self
+
+    @property
+    def key_prefix(self) -> str:
+        return self.dedup.key_prefix or f"idempotent-worker:{self.kafka.group_id}"
+
+    def secret_values(self) -> list[str]:
+        """Every secret string in the configuration, for scrubbing output."""
+        options = {**self.kafka.client, **self.kafka.consumer, **self.kafka.producer}
+        secrets = [
+            str(value)
+            for option, value in options.items()
+            if any(marker in option for marker in SECRET_CLIENT_OPTION_MARKERS) and str(value)
+        ]
+        password = urlsplit(self.redis.url.get_secret_value()).password
+        if password:
+            secrets.append(password)
+        return secrets
+
+
+class _CombinationError(ValueError):
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(problem)
+        self.key = key
+
+
+def load_settings(config_path: str | Path | None = None) -> Settings:
+    """Build the settings from the TOML file (argument or ``WORKER_CONFIG``) and the environment.
+
+    Raises :class:`ConfigError` naming the first offending key.
+    """
+    path_text = config_path or os.environ.get("WORKER_CONFIG")
+    path = Path(path_text) if path_text else None
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError("config", f"file not found: {path}")
+        try:
+            tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    token = _config_file.set(path)
+    try:
+        return Settings()  # type: ignore[call-arg]  # fields come from the sources
+    except ValidationError as exc:
+        raise _to_config_error(exc) from None
+    finally:
+        _config_file.reset(token)
+
+
+def _to_config_error(exc: ValidationError) -> ConfigError:
+    error = exc.errors(include_input=False, include_url=False)[0]
+    key = _dotted(error["loc"])
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, _CombinationError):
+        return ConfigError(cause.key, str(cause))
+    problem = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        problem = "unknown key"
+    elif error["type"] == "missing":
+        problem = "required key is missing"
+    return ConfigError(key or "config", problem)
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + item)
+    return "".join(parts)
+
+
+def client_config(settings: Settings, extra: dict[str, Any]) -> dict[str, Any]:
+    """librdkafka configuration: the passthrough options, then what the worker manages."""
+    return {**settings.kafka.client, "bootstrap.servers": settings.kafka.bootstrap_servers, **extra}
