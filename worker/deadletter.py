@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from confluent_kafka import Message as KafkaMessage
 
+from worker.records import coordinates, header_pairs
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
@@ -22,16 +24,15 @@ MAX_ERROR_MESSAGE = 1000
 
 def dead_letter_headers(record: KafkaMessage, letter: DeadLetter) -> list[tuple[str, bytes]]:
     """The original headers, then the dead-letter headers."""
-    headers = [(name, value or b"") for name, value in (record.headers() or [])]
-    headers += [
+    topic, partition, offset = coordinates(record)
+    return [
+        *header_pairs(record),
         ("dlq-reason", letter.reason.encode()),
         ("dlq-error-type", letter.error_type.encode()),
         ("dlq-error-message", letter.error_message[:MAX_ERROR_MESSAGE].encode()),
         ("dlq-attempts", str(letter.attempts).encode()),
-        ("dlq-original-topic", str(record.topic()).encode()),
-        ("dlq-original-partition", str(record.partition()).encode()),
-        ("dlq-original-offset", str(record.offset()).encode()),
+        ("dlq-original-topic", topic.encode()),
+        ("dlq-original-partition", str(partition).encode()),
+        ("dlq-original-offset", str(offset).encode()),
+        *([("dlq-message-id", letter.message_id.encode())] if letter.message_id else []),
     ]
-    if letter.message_id is not None:
-        headers.append(("dlq-message-id", letter.message_id.encode()))
-    return headers

@@ -22,10 +22,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker import embedded
+from worker.records import header_pairs
 
 TOPIC, OUTPUT, DLQ = "demo.orders", "demo.orders.accepted", "demo.orders.dlq"
 PARTITIONS = 6
@@ -118,7 +120,7 @@ def read_all(
             for record in consumer.consume(1000, 0.5):
                 if record.error() is not None:
                     continue
-                records.append(({k: v or b"" for k, v in record.headers() or []}, record.value()))
+                records.append((dict(header_pairs(record)), record.value()))
                 if int(record.offset() or 0) + 1 >= ends[int(record.partition() or 0)]:
                     remaining.discard(int(record.partition() or 0))
         return records

@@ -36,6 +36,7 @@ from worker.errors import (
 from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.outputs import Outputs
+from worker.records import coordinates, header_pairs
 from worker.registry import ResolvedRoute
 from worker.server import Health
 from worker.settings import Settings, client_config
@@ -211,11 +212,10 @@ class Worker:
                 raise KafkaException(error)
             self._log.warning("consume error", code=error.name(), reason=error.str())
             return None
-        topic = str(record.topic())
+        topic, partition, offset = coordinates(record)
         route = self._routes[topic]
         self._metrics.consumed.labels(topic).inc()
-        headers = {name: value or b"" for name, value in (record.headers() or [])}
-        partition, offset = int(record.partition() or 0), int(record.offset() or 0)
+        headers = dict(header_pairs(record))
         key, value = record.key(), record.value()
         try:
             id = route.extract_id(topic, partition, offset, key, value, headers)
@@ -451,9 +451,7 @@ class Worker:
             record = self._consumer.poll(min(remaining, 0.5))
             if record is not None and record.error() is None:
                 # Fetched before the pause took effect: rewind so it is read again later.
-                self._consumer.seek(
-                    TopicPartition(record.topic(), record.partition(), record.offset())
-                )
+                self._consumer.seek(TopicPartition(*coordinates(record)))
 
     def _assignment(self) -> list[TopicPartition]:
         return [TopicPartition(topic, partition) for topic, partition in self._owned]

@@ -1,0 +1,16 @@
+# The two commands of the README: `make demo` and `make test`. Both install what is missing first.
+.PHONY: setup demo test lint
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	.venv/bin/idempotent-worker demo
+
+lint: setup
+	.venv/bin/ruff check worker handlers tests
+	.venv/bin/ruff format --check worker handlers tests
+	.venv/bin/mypy
+
+test: lint
+	.venv/bin/pytest

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support import services
+from worker.demo import create_topics
+
+
+@pytest.fixture(scope="session")
+def service_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(service_dir: Path) -> Iterator[str]:
+    with services.kafka_bootstrap(service_dir) as bootstrap:
+        yield bootstrap
+
+
+@pytest.fixture(scope="session")
+def redis_url(service_dir: Path) -> Iterator[str]:
+    with services.redis_url(service_dir) as url:
+        yield url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def unique_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """Names no other test uses: every test gets its own topics, group and key prefix."""
+    test = request.node.name.replace("[", "-").replace("]", "").replace("_", "-")[:40]
+    run = uuid.uuid4().hex[:6]
+    return lambda kind: f"{kind}-{test}-{run}-{next(_names)}"
+
+
+@pytest.fixture
+def make_topics(kafka_bootstrap: str) -> Callable[[dict[str, int]], None]:
+    return lambda topics: create_topics(kafka_bootstrap, topics)
+
+
+class Ledger:
+    """The file the test handlers append each run's message id to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.touch()
+
+    def runs(self) -> Counter[str]:
+        return Counter(self.path.read_text().split())
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ledger:
+    path = tmp_path / "ledger.txt"
+    monkeypatch.setenv("LEDGER_PATH", str(path))
+    return Ledger(path)
+

@@ -1,0 +1,50 @@
+"""Handlers the tests route to. Each run appends the message id to the ledger file
+named by ``LEDGER_PATH``, so a test can count how often each id's handler ran,
+whether the handler ran in this process or in a worker subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from worker import Context, Message, PermanentFailure
+
+
+def _record(message: Message) -> None:
+    line = f"{message.id}\n".encode()
+    fd = os.open(os.environ["LEDGER_PATH"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)  # one small O_APPEND write: atomic across processes
+    finally:
+        os.close(fd)
+
+
+def ledger(message: Message, ctx: Context) -> None:
+    _record(message)
+
+
+def ledger_and_emit(message: Message, ctx: Context) -> None:
+    _record(message)
+    ctx.emit(message.value, key=message.key)
+
+
+def flaky(message: Message, ctx: Context) -> None:
+    """Fails on the first ``fail-times`` attempts (a header), then succeeds."""
+    if ctx.attempt <= int(message.headers.get("fail-times", b"0")):
+        raise RuntimeError(f"flaky failure on attempt {ctx.attempt}")
+    _record(message)
+
+
+def always_fails(message: Message, ctx: Context) -> None:
+    raise RuntimeError("this handler always fails")
+
+
+def rejects(message: Message, ctx: Context) -> None:
+    raise PermanentFailure("rejected on sight")
+
+
+def slow(message: Message, ctx: Context) -> None:
+    """Sleeps for the number of seconds in the value, then records the run."""
+    time.sleep(float(message.value or b"0"))
+    _record(message)

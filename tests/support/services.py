@@ -1,0 +1,67 @@
+"""Real Kafka-protocol broker and Redis for the tests, chosen in this order:
+
+1. ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` from the environment (your cluster, or compose);
+2. a Docker engine that answers -> testcontainers: Apache Kafka (KRaft) and Redis;
+3. otherwise local processes: the Tansu broker and ``redis-server`` on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from worker import embedded
+
+KAFKA_IMAGE = "confluentinc/cp-kafka:7.7.1"
+REDIS_IMAGE = "redis:7.4"
+
+
+def docker_engine_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        result = subprocess.run(["docker", "info"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+@contextlib.contextmanager
+def kafka_bootstrap(workdir: Path) -> Iterator[str]:
+    if servers := os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield servers
+    elif docker_engine_available():
+        from testcontainers.community.kafka import KafkaContainer
+
+        with KafkaContainer(KAFKA_IMAGE).with_kraft() as kafka:
+            yield kafka.get_bootstrap_server()
+    else:
+        broker = embedded.broker(workdir)
+        broker.start()
+        try:
+            yield f"127.0.0.1:{broker.port}"
+        finally:
+            broker.stop()
+
+
+@contextlib.contextmanager
+def redis_url(workdir: Path) -> Iterator[str]:
+    if url := os.environ.get("REDIS_URL"):
+        yield url
+    elif docker_engine_available():
+        from testcontainers.community.redis import RedisContainer
+
+        with RedisContainer(REDIS_IMAGE) as redis:
+            host, port = redis.get_container_host_ip(), redis.get_exposed_port(6379)
+            yield f"redis://{host}:{port}/0"
+    else:
+        server = embedded.redis(workdir)
+        server.start()
+        try:
+            yield f"redis://127.0.0.1:{server.port}/0"
+        finally:
+            server.stop()

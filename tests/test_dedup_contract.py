@@ -1,0 +1,138 @@
+"""One contract, every dedup store: the in-memory one and Redis (a real server)."""
+
+import time
+import uuid
+
+import pytest
+
+from worker.dedup import ClaimStatus, State
+from worker.dedup.memory import MemoryDedupStore
+from worker.dedup.redis import RedisDedupStore
+from worker.errors import StoreUnavailable
+
+LEASE = 0.3
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_and_wait(request):
+    """(store, wait): wait(seconds) lets that much store time pass."""
+    if request.param == "memory":
+        clock = FakeClock()
+
+        def advance(seconds):
+            clock.now += seconds
+
+        yield MemoryDedupStore(clock), advance
+    else:
+        url = request.getfixturevalue("redis_url")
+        store = RedisDedupStore.from_url(url, f"contract-{uuid.uuid4().hex}")
+        yield store, time.sleep
+        store.close()
+
+
+@pytest.fixture
+def store(store_and_wait):
+    return store_and_wait[0]
+
+
+def statuses(claims):
+    return [claim.status for claim in claims]
+
+
+def test_claim_absent_then_busy_for_others(store):
+    assert statuses(store.claim(["a"], "t1", LEASE)) == [ClaimStatus.CLAIMED]
+    assert statuses(store.claim(["a"], "t2", LEASE)) == [ClaimStatus.BUSY]
+    assert store.state("a") is State.IN_PROGRESS
+
+
+def test_claim_again_with_same_token_refreshes(store_and_wait):
+    store, wait = store_and_wait
+    store.claim(["a"], "t1", LEASE)
+    wait(LEASE * 0.6)
+    assert statuses(store.claim(["a"], "t1", LEASE)) == [ClaimStatus.CLAIMED]
+    wait(LEASE * 0.6)
+    assert store.state("a") is State.IN_PROGRESS  # alive thanks to the refresh
+
+
+def test_batch_claim_reports_each_id_in_order(store):
+    store.claim(["busy"], "other", LEASE)
+    store.claim(["done"], "other", LEASE)
+    assert store.complete("done", "other", 60, "t/0/5")
+    claims = store.claim(["new", "busy", "done"], "me", LEASE)
+    assert statuses(claims) == [ClaimStatus.CLAIMED, ClaimStatus.BUSY, ClaimStatus.COMPLETED]
+    assert claims[2].origin == "t/0/5"
+
+
+def test_complete_only_by_owner_and_repeatable(store):
+    store.claim(["a"], "t1", LEASE)
+    assert not store.complete("a", "t2", 60, "t/0/1")
+    assert store.state("a") is State.IN_PROGRESS
+    assert store.complete("a", "t1", 60, "t/0/1")
+    assert store.complete("a", "t1", 60, "t/0/1")  # an ambiguous first attempt may be repeated
+    assert not store.complete("a", "t2", 60, "t/0/1")
+    assert store.state("a") is State.COMPLETED
+
+
+def test_completed_id_is_a_duplicate_for_everyone(store):
+    store.claim(["a"], "t1", LEASE)
+    store.complete("a", "t1", 60, "t/2/9")
+    for token in ("t1", "t2"):
+        [claim] = store.claim(["a"], token, LEASE)
+        assert claim.status is ClaimStatus.COMPLETED
+        assert claim.origin == "t/2/9"
+
+
+def test_release_only_by_owner(store):
+    store.claim(["a"], "t1", LEASE)
+    assert not store.release("a", "t2")
+    assert store.state("a") is State.IN_PROGRESS
+    assert store.release("a", "t1")
+    assert store.state("a") is State.ABSENT
+    assert not store.release("a", "t1")
+    assert statuses(store.claim(["a"], "t2", LEASE)) == [ClaimStatus.CLAIMED]
+
+
+def test_completed_record_cannot_be_released(store):
+    store.claim(["a"], "t1", LEASE)
+    store.complete("a", "t1", 60, "t/0/1")
+    assert not store.release("a", "t1")
+    assert store.state("a") is State.COMPLETED
+
+
+def test_expired_lease_lets_another_claim_and_fences_the_first(store_and_wait):
+    store, wait = store_and_wait
+    store.claim(["a"], "t1", LEASE)
+    wait(LEASE * 1.5)
+    assert store.state("a") is State.ABSENT
+    assert statuses(store.claim(["a"], "t2", LEASE)) == [ClaimStatus.CLAIMED]
+    assert not store.complete("a", "t1", 60, "t/0/1")
+    assert not store.release("a", "t1")
+    assert store.complete("a", "t2", 60, "t/0/1")
+
+
+def test_completed_record_expires_after_ttl(store_and_wait):
+    store, wait = store_and_wait
+    store.claim(["a"], "t1", LEASE)
+    store.complete("a", "t1", 1, "t/0/1")
+    wait(1.3)
+    assert store.state("a") is State.ABSENT
+
+
+def test_empty_batch(store):
+    assert store.claim([], "t1", LEASE) == []
+
+
+def test_redis_store_wraps_connection_errors():
+    store = RedisDedupStore.from_url("redis://127.0.0.1:1/0", "x", timeout=0.5)
+    with pytest.raises(StoreUnavailable, match="redis"):
+        store.claim(["a"], "t1", LEASE)
+    with pytest.raises(StoreUnavailable):
+        store.ping()

@@ -1,0 +1,92 @@
+import pytest
+
+from worker.errors import ConfigError
+from worker.settings import load_settings
+
+MINIMAL = """
+[kafka]
+bootstrap_servers = "localhost:9092"
+group_id = "orders"
+
+[redis]
+url = "redis://:s3cret-redis@localhost:6379/0"
+
+[[routes]]
+topic = "orders"
+handler = "handlers.orders:handle"
+"""
+
+
+@pytest.fixture
+def config(tmp_path, monkeypatch):
+    for name in list(__import__("os").environ):
+        if name.startswith("WORKER_"):
+            monkeypatch.delenv(name)
+
+    def write(text=MINIMAL):
+        path = tmp_path / "worker.toml"
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def error_for(path):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    return caught.value
+
+
+def test_defaults_and_derived_values(config):
+    settings = load_settings(config())
+    assert settings.key_prefix == "idempotent-worker:orders"
+    assert settings.routes[0].dead_letter_topic == "orders.dlq"
+    assert settings.routes[0].id == "header:message-id"
+    assert settings.http.host == "127.0.0.1"
+    assert settings.redis.redacted_url() == "redis://:***@localhost:6379/0"
+    assert settings.secret_values() == ["s3cret-redis"]
+
+
+def test_environment_wins_over_file(config, monkeypatch):
+    monkeypatch.setenv("WORKER_KAFKA__GROUP_ID", "from-env")
+    monkeypatch.setenv("WORKER_DEDUP__LEASE_SECONDS", "12")
+    monkeypatch.setenv("WORKER_ROUTES", '[{"topic": "a", "handler": "m:f", "id": "key"}]')
+    settings = load_settings(config())
+    assert settings.kafka.group_id == "from-env"
+    assert settings.dedup.lease_seconds == 12
+    assert [r.topic for r in settings.routes] == ["a"]
+
+
+def test_config_path_from_environment(config, monkeypatch):
+    monkeypatch.setenv("WORKER_CONFIG", str(config()))
+    assert load_settings().kafka.group_id == "orders"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        (MINIMAL.replace('bootstrap_servers = "localhost:9092"\n', ""), "kafka.bootstrap_servers", "missing"),
+        (MINIMAL + "\n[dedup]\nttl = 5\n", "dedup.ttl", "unknown key"),
+        (MINIMAL.replace('handler = "handlers.orders:handle"', 'handler = "no colon"'), "routes[0].handler", ""),
+        (MINIMAL + 'id = "header:"\n', "routes[0].id", "not an id spec"),
+        (MINIMAL.replace("redis://", "http://"), "redis.url", "redis://"),
+        (MINIMAL + '\n[kafka.client]\n"enable.auto.commit" = true\n', "kafka.client", "set by the worker"),
+        (MINIMAL + '\n[kafka.client]\n"sasl.kerberos.kinit.cmd" = "sh"\n', "kafka.client", "refused"),
+        (MINIMAL + "\n[dedup]\nlease_seconds = 400\n", "dedup.lease_seconds", "max.poll.interval.ms"),
+        (MINIMAL + "\n[dedup]\nttl_seconds = 10\nlease_seconds = 20\n", "dedup.ttl_seconds", "longer"),
+        (MINIMAL + '\n[[routes]]\ntopic = "orders"\nhandler = "a:b"\n', "routes", "more than one route"),
+        (MINIMAL.split("[[routes]]")[0], "routes", "missing"),
+        (MINIMAL + "[[[", "config", "not valid TOML"),
+    ],
+)
+def test_invalid_configuration_names_the_key(config, text, key, problem):
+    error = error_for(config(text))
+    assert error.key == key
+    assert problem in error.problem
+    assert "s3cret-redis" not in str(error)
+
+
+def test_missing_file_is_reported(tmp_path):
+    error = error_for(tmp_path / "nope.toml")
+    assert error.key == "config"
+    assert "not found" in error.problem
