@@ -69,4 +69,3 @@ def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ledger:
     path = tmp_path / "ledger.txt"
     monkeypatch.setenv("LEDGER_PATH", str(path))
     return Ledger(path)
-

@@ -16,7 +16,11 @@ def test_header_id():
 
 @pytest.mark.parametrize(
     ("headers", "reason"),
-    [({}, "id_missing"), ({"message-id": b""}, "id_missing"), ({"message-id": b"\xff"}, "id_not_utf8")],
+    [
+        ({}, "id_missing"),
+        ({"message-id": b""}, "id_missing"),
+        ({"message-id": b"\xff"}, "id_not_utf8"),
+    ],
 )
 def test_header_id_errors(headers, reason):
     with pytest.raises(MessageIdError) as caught:

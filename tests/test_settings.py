@@ -65,16 +65,44 @@ def test_config_path_from_environment(config, monkeypatch):
 @pytest.mark.parametrize(
     ("text", "key", "problem"),
     [
-        (MINIMAL.replace('bootstrap_servers = "localhost:9092"\n', ""), "kafka.bootstrap_servers", "missing"),
+        (
+            MINIMAL.replace('bootstrap_servers = "localhost:9092"\n', ""),
+            "kafka.bootstrap_servers",
+            "missing",
+        ),
         (MINIMAL + "\n[dedup]\nttl = 5\n", "dedup.ttl", "unknown key"),
-        (MINIMAL.replace('handler = "handlers.orders:handle"', 'handler = "no colon"'), "routes[0].handler", ""),
+        (
+            MINIMAL.replace('handler = "handlers.orders:handle"', 'handler = "no colon"'),
+            "routes[0].handler",
+            "",
+        ),
         (MINIMAL + 'id = "header:"\n', "routes[0].id", "not an id spec"),
         (MINIMAL.replace("redis://", "http://"), "redis.url", "redis://"),
-        (MINIMAL + '\n[kafka.client]\n"enable.auto.commit" = true\n', "kafka.client", "set by the worker"),
-        (MINIMAL + '\n[kafka.client]\n"sasl.kerberos.kinit.cmd" = "sh"\n', "kafka.client", "refused"),
-        (MINIMAL + "\n[dedup]\nlease_seconds = 400\n", "dedup.lease_seconds", "max.poll.interval.ms"),
-        (MINIMAL + "\n[dedup]\nttl_seconds = 10\nlease_seconds = 20\n", "dedup.ttl_seconds", "longer"),
-        (MINIMAL + '\n[[routes]]\ntopic = "orders"\nhandler = "a:b"\n', "routes", "more than one route"),
+        (
+            MINIMAL + '\n[kafka.client]\n"enable.auto.commit" = true\n',
+            "kafka.client",
+            "set by the worker",
+        ),
+        (
+            MINIMAL + '\n[kafka.client]\n"sasl.kerberos.kinit.cmd" = "sh"\n',
+            "kafka.client",
+            "refused",
+        ),
+        (
+            MINIMAL + "\n[dedup]\nlease_seconds = 400\n",
+            "dedup.lease_seconds",
+            "max.poll.interval.ms",
+        ),
+        (
+            MINIMAL + "\n[dedup]\nttl_seconds = 10\nlease_seconds = 20\n",
+            "dedup.ttl_seconds",
+            "longer",
+        ),
+        (
+            MINIMAL + '\n[[routes]]\ntopic = "orders"\nhandler = "a:b"\n',
+            "routes",
+            "more than one route",
+        ),
         (MINIMAL.split("[[routes]]")[0], "routes", "missing"),
         (MINIMAL + "[[[", "config", "not valid TOML"),
     ],

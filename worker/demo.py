@@ -96,33 +96,32 @@ def worker_env(
 
 
 def read_all(
-    bootstrap: str, topic: str, timeout: float = 30.0
+    bootstrap: str, topic: str, start: dict[int, int] | None = None, idle: float = 1.5
 ) -> list[tuple[dict[str, bytes], bytes | None]]:
-    """Every record of ``topic`` as (headers, value), read up to the current end."""
+    """Records of ``topic`` as (headers, value), from ``start`` offsets (default: the beginning)
+    until nothing new arrives for ``idle`` seconds.
+
+    It reads rather than trusting high watermarks: the local Tansu broker reports the
+    end of a partition as the last batch's base offset + 1.
+    """
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
             "group.id": f"reader-{time.time_ns()}",
             "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
         }
     )
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions
-        }
-        consumer.assign([TopicPartition(topic, p, 0) for p, end in ends.items() if end > 0])
-        remaining = {p for p, end in ends.items() if end > 0}
+        consumer.assign([TopicPartition(topic, p, (start or {}).get(p, 0)) for p in partitions])
         records = []
-        deadline = time.monotonic() + timeout
-        while remaining and time.monotonic() < deadline:
-            for record in consumer.consume(1000, 0.5):
-                if record.error() is not None:
-                    continue
-                records.append((dict(header_pairs(record)), record.value()))
-                if int(record.offset() or 0) + 1 >= ends[int(record.partition() or 0)]:
-                    remaining.discard(int(record.partition() or 0))
+        last_seen = time.monotonic()
+        while time.monotonic() - last_seen < idle:
+            for record in consumer.consume(1000, 0.2):
+                if record.error() is None:
+                    records.append((dict(header_pairs(record)), record.value()))
+                    last_seen = time.monotonic()
         return records
     finally:
         consumer.close()

@@ -1,0 +1,60 @@
+"""Producing test records and reading a group's committed offsets on the real broker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from worker.demo import read_all
+
+
+@dataclass
+class Record:
+    value: bytes | str | None = b"{}"
+    key: bytes | str | None = None
+    headers: dict[str, bytes | str] = field(default_factory=dict)
+    partition: int = 0
+
+
+def produce(bootstrap: str, topic: str, records: Iterable[Record]) -> int:
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5}
+    )
+    count = 0
+    for record in records:
+        producer.produce(
+            topic,
+            value=record.value,
+            key=record.key,
+            headers=list(record.headers.items()),
+            partition=record.partition,
+        )
+        producer.poll(0)
+        count += 1
+    assert producer.flush(30) == 0
+    return count
+
+
+def with_id(id: str, partition: int = 0, **headers: str) -> Record:
+    return Record(
+        value=f'{{"id": "{id}"}}',
+        key=id,
+        headers={"message-id": id, **headers},
+        partition=partition,
+    )
+
+
+def group_lag(bootstrap: str, group: str, topic: str) -> int:
+    """Records at or past ``group``'s committed offsets, counted by reading them."""
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
+    )
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+    finally:
+        consumer.close()
+    start = {tp.partition: max(tp.offset, 0) for tp in committed}
+    return len(read_all(bootstrap, topic, start))

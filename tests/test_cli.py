@@ -1,0 +1,118 @@
+"""The real command line, as a subprocess: configuration errors stop it before it joins a group."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SECRETS = ["kafka-sasl-pw-5531", "redis-pw-8812", "ssl-key-pw-0043", "oauth-secret-7730"]
+
+GOOD = f"""
+[kafka]
+bootstrap_servers = "127.0.0.1:1"
+group_id = "g"
+
+[kafka.client]
+"security.protocol" = "SASL_SSL"
+"sasl.mechanisms" = "SCRAM-SHA-512"
+"sasl.username" = "worker"
+"sasl.password" = "{SECRETS[0]}"
+"ssl.key.password" = "{SECRETS[2]}"
+
+[redis]
+url = "redis://worker:{SECRETS[1]}@127.0.0.1:1/0"
+
+[[routes]]
+topic = "orders"
+handler = "handlers.orders:handle"
+"""
+
+
+def cli(*args, env=None, timeout=60):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        cwd=REPO,
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write(tmp_path, text):
+    path = tmp_path / "worker.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def assert_no_secret(result):
+    for secret in SECRETS:
+        assert secret not in result.stdout + result.stderr
+
+
+def test_good_config_passes(tmp_path):
+    result = cli("check-config", "--config", write(tmp_path, GOOD))
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK: 1 route(s): orders" in result.stdout
+    assert_no_secret(result)
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (
+            lambda t: t.replace("handlers.orders:handle", "handlers.nowhere:handle"),
+            "routes[0].handler",
+        ),
+        (
+            lambda t: t.replace("handlers.orders:handle", "handlers.orders:missing"),
+            "routes[0].handler",
+        ),
+        (lambda t: t.replace('group_id = "g"', 'group_id = "g"\nretries = 3'), "kafka.retries"),
+        (lambda t: t.replace('bootstrap_servers = "127.0.0.1:1"\n', ""), "kafka.bootstrap_servers"),
+        (lambda t: t.replace('"SASL_SSL"', '"SASL_BOGUS"'), "kafka.client.security.protocol"),
+        (lambda t: t.replace('"sasl.username"', '"sasl.usernme"'), "kafka.client.sasl.usernme"),
+        (
+            lambda t: t + '\n[kafka.consumer]\n"plugin.library.paths" = "/tmp/x.so"\n',
+            "kafka.consumer",
+        ),
+        (
+            lambda t: t.replace(
+                "[kafka.client]",
+                '[kafka.client]\n"sasl.oauthbearer.client.secret" = '
+                f'"{SECRETS[3]}"\n"sasl.oauthbearer.method" = "nonsense"',
+            ),
+            "kafka.client.sasl.oauthbearer.method",
+        ),
+    ],
+)
+def test_bad_config_exits_2_naming_the_key_without_secrets(tmp_path, edit, key):
+    result = cli("check-config", "--config", write(tmp_path, edit(GOOD)))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"idempotent-worker: configuration error: {key}:")
+    assert_no_secret(result)
+
+
+def test_environment_errors_name_the_key(tmp_path):
+    result = cli(
+        "check-config",
+        "--config",
+        write(tmp_path, GOOD),
+        env={"WORKER_DEDUP__LEASE_SECONDS": "not-a-number"},
+    )
+    assert result.returncode == 2
+    assert "dedup.lease_seconds" in result.stderr
+
+
+def test_run_refuses_bad_config_before_joining(tmp_path):
+    text = GOOD.replace("handlers.orders:handle", "handlers.nowhere:handle")
+    result = cli("run", "--config", write(tmp_path, text))
+    assert result.returncode == 2
+    assert "routes[0].handler" in result.stderr
+    assert_no_secret(result)
