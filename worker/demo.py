@@ -66,6 +66,21 @@ def probe(port: int, path: str) -> bool:
         return False
 
 
+def spawn_worker(
+    env: dict[str, str], log_path: Path, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``idempotent-worker run`` as a subprocess, its output going to ``log_path``."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker", "run"],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
 def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     futures = admin.create_topics([NewTopic(name, count, 1) for name, count in topics.items()])
@@ -128,37 +143,49 @@ def read_all(
 
 
 def publish_with_duplicates(
-    bootstrap: str, topic: str, messages: int, duplicate_share: float, seed: int = 7
+    bootstrap: str,
+    topic: str,
+    messages: int,
+    duplicate_share: float,
+    partitions: int = PARTITIONS,
+    seed: int = 7,
 ) -> tuple[int, int]:
-    """Publish ``messages`` orders, a share of which repeat an earlier id on a random partition.
+    """Publish ``messages`` orders; a share of them repeat an earlier order's id.
 
-    Returns (unique ids, duplicates).
+    A repeat goes to another partition than its original and is interleaved with new
+    orders, as upstream retries and replays do. Returns (unique ids, repeats).
     """
     rng = random.Random(seed)
-    duplicates = round(messages * duplicate_share)
-    kinds = [False] * (messages - duplicates) + [True] * duplicates
-    rng.shuffle(kinds)
+    repeats = round(messages * duplicate_share)
+    is_repeat = [False] * (messages - repeats) + [True] * repeats
+    rng.shuffle(is_repeat)
+    first_new = is_repeat.index(False)  # the first message has nothing to repeat
+    is_repeat[0], is_repeat[first_new] = False, is_repeat[0]
     producer = Producer(
         {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5}
     )
-    sent: list[str] = []
-    for index, is_duplicate in enumerate(kinds):
-        if is_duplicate and sent:
-            order_id = rng.choice(sent)
+    home: dict[str, int] = {}
+    ids: list[str] = []
+    for index, repeat in enumerate(is_repeat):
+        if repeat:
+            # Most real duplicates arrive close to their original: pick among recent ids.
+            order_id = ids[-rng.randrange(1, min(len(ids), 1000) + 1)]
+            partition = (home[order_id] + rng.randrange(1, partitions)) % partitions
         else:
             order_id = f"order-{index:07d}"
-            sent.append(order_id)
+            partition = home[order_id] = rng.randrange(partitions)
+            ids.append(order_id)
         value = json.dumps({"order_id": order_id, "amount": 10 + index % 90, "currency": "EUR"})
         producer.produce(
             topic,
             value=value,
             key=order_id,
-            partition=rng.randrange(PARTITIONS),
+            partition=partition,
             headers=[("message-id", order_id)],
         )
         producer.poll(0)
     producer.flush(30)
-    return len(sent), messages - len(sent)
+    return len(home), messages - len(home)
 
 
 def run_demo(messages: int, duplicate_share: float, replicas: int) -> int:
