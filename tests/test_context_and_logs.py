@@ -1,0 +1,64 @@
+import io
+import json
+
+import pytest
+
+from worker.context import HandlerContext
+from worker.errors import PermanentFailure
+from worker.logs import configure_logging, get_logger
+from worker.settings import LogSettings
+from worker.types import Message
+
+
+class RecordingOutputs:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, topic, value, *, key=None, headers=()):
+        self.sent.append((topic, value, key, list(headers)))
+
+
+def context(outputs, default_topic="out"):
+    message = Message("order-1", "in", 0, 5, b"k", b"{}")
+    return HandlerContext(message, 1, get_logger(), outputs, default_topic)
+
+
+def test_outputs_get_deterministic_ids_from_input_id_and_position():
+    for _ in range(2):  # a re-run emits the same ids
+        outputs = RecordingOutputs()
+        ctx = context(outputs)
+        assert ctx.emit(b"a") == "order-1:0"
+        assert ctx.emit(b"b", topic="audit", key="k2", headers={"x": "1"}) == "order-1:1"
+        assert outputs.sent == [
+            ("out", b"a", None, [("message-id", "order-1:0")]),
+            ("audit", b"b", "k2", [("message-id", "order-1:1"), ("x", "1")]),
+        ]
+
+
+def test_emit_without_any_topic_is_a_permanent_failure():
+    with pytest.raises(PermanentFailure, match="output_topic"):
+        context(RecordingOutputs(), default_topic=None).emit(b"a")
+
+
+def test_json_logs_mask_secrets():
+    stream = io.StringIO()
+    configure_logging(LogSettings(level="DEBUG", format="json"), ["hunter2"], stream=stream)
+    get_logger(topic="t").error("auth failed", error="SASL password hunter2 rejected")
+    line = json.loads(stream.getvalue())
+    assert line["error"] == "SASL password *** rejected"
+    assert line["topic"] == "t"
+    assert line["level"] == "error"
+    assert "hunter2" not in stream.getvalue()
+
+
+def test_log_level_filters():
+    stream = io.StringIO()
+    configure_logging(LogSettings(level="WARNING"), stream=stream)
+    get_logger().info("hidden")
+    assert stream.getvalue() == ""
+
+
+def test_message_json():
+    assert Message("i", "t", 0, 0, None, b'{"a": 1}').json() == {"a": 1}
+    with pytest.raises(ValueError, match="no value"):
+        Message("i", "t", 0, 0, None, None).json()
