@@ -286,10 +286,14 @@ class Worker:
                     "complete", self._store.complete, message.id, token, ttl, origin
                 ):
                     self._metrics.processed.labels(item.route.topic, "success").inc()
-                    self._log_outcome(item, "success", attempt=attempt, duration=elapsed)
+                    self._log_outcome(
+                        item, "success", attempt=attempt, duration_seconds=round(elapsed, 6)
+                    )
                 else:
                     self._metrics.lease_lost.labels(item.route.topic).inc()
-                    self._log_outcome(item, "lease_lost", attempt=attempt, duration=elapsed)
+                    self._log_outcome(
+                        item, "lease_lost", attempt=attempt, duration_seconds=round(elapsed, 6)
+                    )
                 self._finish(item)
                 return
             self._metrics.processed.labels(item.route.topic, "failed").inc()
