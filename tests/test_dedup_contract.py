@@ -91,19 +91,21 @@ def test_completed_id_is_a_duplicate_for_everyone(store):
 
 
 def test_release_only_by_owner(store):
-    store.claim(["a"], "t1", LEASE)
-    assert not store.release("a", "t2")
+    store.claim(["a", "b"], "t1", LEASE)
+    store.claim(["c"], "t2", LEASE)
+    assert store.release(["a", "b", "c", "absent"], "t2") == 1
     assert store.state("a") is State.IN_PROGRESS
-    assert store.release("a", "t1")
-    assert store.state("a") is State.ABSENT
-    assert not store.release("a", "t1")
+    assert store.release(["a", "b", "c"], "t1") == 2
+    assert [store.state(id) for id in "abc"] == [State.ABSENT] * 3
+    assert store.release(["a"], "t1") == 0
+    assert store.release([], "t1") == 0
     assert statuses(store.claim(["a"], "t2", LEASE)) == [ClaimStatus.CLAIMED]
 
 
 def test_completed_record_cannot_be_released(store):
     store.claim(["a"], "t1", LEASE)
     store.complete("a", "t1", 60, "t/0/1")
-    assert not store.release("a", "t1")
+    assert store.release(["a"], "t1") == 0
     assert store.state("a") is State.COMPLETED
 
 
@@ -114,8 +116,17 @@ def test_expired_lease_lets_another_claim_and_fences_the_first(store_and_wait):
     assert store.state("a") is State.ABSENT
     assert statuses(store.claim(["a"], "t2", LEASE)) == [ClaimStatus.CLAIMED]
     assert not store.complete("a", "t1", 60, "t/0/1")
-    assert not store.release("a", "t1")
+    assert store.release(["a"], "t1") == 0
     assert store.complete("a", "t2", 60, "t/0/1")
+    assert not store.complete("a", "t1", 60, "t/0/1")  # completed by another: still refused
+
+
+def test_expired_lease_nobody_took_over_still_completes(store_and_wait):
+    store, wait = store_and_wait
+    store.claim(["a"], "t1", LEASE)
+    wait(LEASE * 1.5)
+    assert store.complete("a", "t1", 60, "t/0/1")
+    assert store.state("a") is State.COMPLETED
 
 
 def test_completed_record_expires_after_ttl(store_and_wait):

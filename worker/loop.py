@@ -9,20 +9,19 @@ committed on an interval, on revoke and at shutdown.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError
 from confluent_kafka import Message as KafkaMessage
 
+from worker.consumer import GroupConsumer
 from worker.context import HandlerContext
 from worker.deadletter import DeadLetter, dead_letter_headers
 from worker.dedup.base import Claim, ClaimStatus, DedupStore
@@ -33,6 +32,7 @@ from worker.errors import (
     RetryLater,
     StoreUnavailable,
 )
+from worker.guard import GuardedStore
 from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.outputs import Outputs
@@ -41,8 +41,6 @@ from worker.registry import ResolvedRoute
 from worker.server import Health
 from worker.settings import Settings, client_config
 from worker.types import Message
-
-T = TypeVar("T")
 
 CLAIM_WAIT_INTERVAL = 0.05
 DELIVERY_TIMEOUT = 60.0
@@ -57,7 +55,7 @@ class _Item:
 
     @property
     def origin(self) -> str:
-        return f"{self.record.topic()}/{self.record.partition()}/{self.record.offset()}"
+        return "/".join(map(str, coordinates(self.record)))
 
 
 class Worker:
@@ -76,7 +74,6 @@ class Worker:
     ) -> None:
         self._settings = settings
         self._routes = routes
-        self._store = store
         self._metrics = metrics
         self._health = health
         self._max_messages = max_messages
@@ -84,30 +81,20 @@ class Worker:
         self._worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._tokens = itertools.count()
         self._log = get_logger(group=settings.kafka.group_id, worker=self._worker_id)
-        kafka = settings.kafka
-        self._consumer = Consumer(
-            client_config(
-                settings,
-                {
-                    "auto.offset.reset": "earliest",
-                    "statistics.interval.ms": 5000,
-                    **kafka.consumer,
-                    "group.id": kafka.group_id,
-                    "enable.auto.commit": False,
-                    "enable.auto.offset.store": False,
-                    "error_cb": self._on_kafka_error,
-                    "stats_cb": self._on_stats,
-                },
-            )
-        )
+        self._consumer = GroupConsumer(settings, metrics, health, self._log, self._on_kafka_error)
         self._outputs = Outputs(
-            client_config(settings, {**kafka.producer, "error_cb": self._on_kafka_error})
+            client_config(settings, {**settings.kafka.producer, "error_cb": self._on_kafka_error})
         )
-        self._owned: set[tuple[str, int]] = set()
-        self._dirty = False
-        self._last_commit = time.monotonic()
-        self._paused = False
         self._stopping = False
+        self._store = GuardedStore(
+            store,
+            self._consumer,
+            metrics,
+            health,
+            self._log,
+            lambda: self._stopping,
+            settings.dedup.lease_seconds,
+        )
         self.finished = 0
         self.fatal_error: KafkaError | None = None
 
@@ -119,20 +106,13 @@ class Worker:
 
     def run(self) -> None:
         self._warn_missing_topics()
-        self._consumer.subscribe(
-            list(self._routes),
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
+        self._consumer.subscribe(list(self._routes))
         idle_since = time.monotonic()
         try:
-            self._store_call("ping", self._store.ping)
+            self._store.ping()
             while not self._stopping and not self._bound_reached():
                 self._health.beat()
-                records = self._consumer.consume(
-                    self._settings.kafka.poll_batch_size, self._settings.kafka.poll_timeout_seconds
-                )
+                records = self._consumer.consume()
                 if records:
                     idle_since = time.monotonic()
                     self._process_batch(records)
@@ -142,10 +122,8 @@ class Worker:
                 ):
                     break
                 self._outputs.poll()
-                if self._dirty and time.monotonic() - self._last_commit >= (
-                    self._settings.kafka.commit_interval_seconds
-                ):
-                    self._commit()
+                if self._health.store_ok:  # no commit advances while the store is away
+                    self._consumer.commit_if_due()
         except StoreUnavailable:
             self._log.warning("stopping while the dedup store is unavailable")
         finally:
@@ -159,7 +137,6 @@ class Worker:
         undelivered = self._outputs.close(DELIVERY_TIMEOUT)
         if undelivered:
             self._log.error("outputs not delivered at shutdown", count=undelivered)
-        self._commit()
         self._consumer.close()
         self._log.info("consumer closed", finished=self.finished)
 
@@ -170,14 +147,19 @@ class Worker:
         token = self._new_token()
         ids = list(dict.fromkeys(i.message.id for i in items if i.message is not None))
         lease = self._settings.dedup.lease_seconds
-        claims = self._claim(ids, token)
+        claims = self._store.claim(ids, token)
         claimed_at = time.monotonic()
         seen: set[str] = set()
+
+        def held() -> list[str]:
+            """The ids of this batch we hold and have not started yet."""
+            return [i for i in ids if i not in seen and claims[i].status is ClaimStatus.CLAIMED]
+
         for index, item in enumerate(items):
             if self._stopping:
                 self._release_unstarted(items[index:], claims, token, seen)
                 return
-            if (item.record.topic(), item.record.partition()) not in self._owned:
+            if not self._consumer.owns(item.record):
                 # Revoked while the batch was in hand: the new owner reads it again.
                 self._release_unstarted([item], claims, token, seen)
                 continue
@@ -194,23 +176,25 @@ class Worker:
                 self._handle(item, self._acquire(item, own_token), own_token)
                 continue
             if time.monotonic() - claimed_at > lease / 2:
-                remaining = [
-                    i for i in ids if i not in seen and claims[i].status is ClaimStatus.CLAIMED
-                ]
-                claims.update(self._claim(remaining, token))
+                claims.update(self._store.claim(held(), token))  # refresh the leases
                 claimed_at = time.monotonic()
             seen.add(id)
             claim: Claim | None = claims[id]
-            if claim is not None and claim.status is ClaimStatus.BUSY:
+            if claims[id].status is ClaimStatus.BUSY:
+                # Another replica holds this id. Keeping our claims on later ids while we
+                # wait could leave two replicas waiting for each other until a lease
+                # expires: let them go, and claim them again after the wait.
+                later = held()
+                self._store.release(later, token)
                 claim = self._acquire(item, token)
+                claims.update(self._store.claim(later, token))
+                claimed_at = time.monotonic()
             self._handle(item, claim, token)
 
     def _prepare(self, record: KafkaMessage) -> _Item | None:
         error = record.error()
         if error is not None:
-            if error.fatal():
-                raise KafkaException(error)
-            self._log.warning("consume error", code=error.name(), reason=error.str())
+            self._on_kafka_error(error)
             return None
         topic, partition, offset = coordinates(record)
         route = self._routes[topic]
@@ -230,15 +214,16 @@ class Worker:
     def _release_unstarted(
         self, items: Sequence[_Item], claims: Mapping[str, Claim], token: str, seen: set[str]
     ) -> None:
-        for item in items:
-            if item.message is None or item.message.id in seen:
-                continue
-            seen.add(item.message.id)
-            if claims[item.message.id].status is ClaimStatus.CLAIMED:
-                try:
-                    self._store.release(item.message.id, token)
-                except StoreUnavailable:
-                    return  # the leases expire by themselves
+        """Give up this batch's claims of ``items`` (best effort: leases expire anyway)."""
+        ids = {
+            item.message.id
+            for item in items
+            if item.message is not None
+            and item.message.id not in seen
+            and claims[item.message.id].status is ClaimStatus.CLAIMED
+        }
+        seen.update(ids)
+        self._store.release_if_reachable(list(ids), token)
 
     # -- one message: the state machine ------------------------------------------------
 
@@ -246,14 +231,14 @@ class Worker:
         """Claim one id, waiting while another claim holds it. None if stopping meanwhile."""
         assert item.message is not None
         id = item.message.id
-        claim = self._claim([id], token)[id]
+        claim = self._store.claim([id], token)[id]
         if claim.status is ClaimStatus.BUSY:
             self._metrics.claim_waits.labels(item.route.topic).inc()
             self._log.info("waiting for another claim", id=item.message.id, origin=item.origin)
         while claim.status is ClaimStatus.BUSY:
             if not self._sleep(CLAIM_WAIT_INTERVAL):
                 return None
-            claim = self._claim([id], token)[id]
+            claim = self._store.claim([id], token)[id]
         return claim
 
     def _handle(self, item: _Item, claim: Claim | None, token: str) -> None:
@@ -282,9 +267,7 @@ class Worker:
             elapsed = time.perf_counter() - started
             if failure is None:
                 ttl, origin = settings.dedup.ttl_seconds, item.origin
-                if self._store_call(
-                    "complete", self._store.complete, message.id, token, ttl, origin
-                ):
+                if self._store.complete(message.id, token, ttl, origin):
                     self._metrics.processed.labels(item.route.topic, "success").inc()
                     self._log_outcome(
                         item, "success", attempt=attempt, duration_seconds=round(elapsed, 6)
@@ -304,7 +287,7 @@ class Worker:
                 error_type=type(failure).__name__,
                 error=str(failure),
             )
-            self._store_call("release", self._store.release, message.id, token)
+            self._store.release([message.id], token)
             permanent = isinstance(failure, PermanentFailure)
             if permanent or attempt >= settings.retry.max_attempts:
                 reason = "permanent_failure" if permanent else "handler_failed"
@@ -392,131 +375,14 @@ class Worker:
 
     def _finish(self, item: _Item) -> None:
         """The message is done: store its offset so the next commit moves past it."""
-        try:
-            self._consumer.store_offsets(message=item.record)
-        except KafkaException as exc:
-            # The partition was revoked meanwhile; its new owner reads the record again
-            # and finds its id completed.
-            self._log.warning("offset not stored", **self._fields(item), error=str(exc))
-            return
-        self._dirty = True
-        self.finished += 1
-
-    # -- the dedup store, failing closed -----------------------------------------------
-
-    def _claim(self, ids: Sequence[str], token: str) -> dict[str, Claim]:
-        lease = self._settings.dedup.lease_seconds
-        return dict(
-            zip(ids, self._store_call("claim", self._store.claim, ids, token, lease), strict=True)
-        )
-
-    def _store_call(self, operation: str, call: Callable[..., T], *args: Any) -> T:
-        """Run a store operation; while the store fails, retry with backoff and hold still.
-
-        Holding still means: no handler runs, no offset is committed, the assigned
-        partitions are paused, and the consumer is polled so it keeps its membership.
-        Raises StoreUnavailable only when asked to stop during an outage.
-        """
-        delay = 0.1
-        while True:
-            started = time.perf_counter()
-            try:
-                result = call(*args)
-            except StoreUnavailable as exc:
-                self._metrics.store_errors.labels(operation).inc()
-                if self._health.store_ok or not self._paused:
-                    self._log.error(
-                        "dedup store unavailable; holding", operation=operation, error=str(exc)
-                    )
-                    self._hold()
-                if self._stopping:
-                    raise
-                self._poll_while_holding(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            self._metrics.store_duration.labels(operation).observe(time.perf_counter() - started)
-            if not self._health.store_ok:
-                self._health.store_ok = True
-                if self._paused:
-                    self._log.info("dedup store reachable again; resuming")
-                    self._consumer.resume(self._assignment())
-                    self._paused = False
-            return result
-
-    def _hold(self) -> None:
-        self._health.store_ok = False
-        self._consumer.pause(self._assignment())
-        self._paused = True
-
-    def _poll_while_holding(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
-            self._health.beat()
-            record = self._consumer.poll(min(remaining, 0.5))
-            if record is not None and record.error() is None:
-                # Fetched before the pause took effect: rewind so it is read again later.
-                self._consumer.seek(TopicPartition(*coordinates(record)))
-
-    def _assignment(self) -> list[TopicPartition]:
-        return [TopicPartition(topic, partition) for topic, partition in self._owned]
-
-    # -- offsets, rebalances, client callbacks -----------------------------------------
-
-    def _commit(self) -> None:
-        if not self._dirty:
-            return
-        try:
-            self._consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            error = exc.args[0]
-            if error.code() != KafkaError._NO_OFFSET:
-                self._metrics.commits.labels("error").inc()
-                self._log.warning("commit failed", code=error.name(), reason=error.str())
-                return
-        self._dirty = False
-        self._last_commit = time.monotonic()
-        self._metrics.commits.labels("ok").inc()
-
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._owned.update((p.topic, p.partition) for p in partitions)
-        self._rebalanced("assign", partitions)
-        self._health.joined = True
-
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._commit()
-        self._disown("revoke", partitions)
-
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._disown("lost", partitions)  # already someone else's: committing would fail
-
-    def _disown(self, event: str, partitions: list[TopicPartition]) -> None:
-        for p in partitions:
-            self._owned.discard((p.topic, p.partition))
-            with contextlib.suppress(KeyError):  # no lag was reported for it yet
-                self._metrics.consumer_lag.remove(p.topic, str(p.partition))
-        self._rebalanced(event, partitions)
-
-    def _rebalanced(self, event: str, partitions: list[TopicPartition]) -> None:
-        self._metrics.rebalances.labels(event).inc()
-        self._metrics.assigned_partitions.set(len(self._owned))
-        self._log.info(
-            f"partitions {event}",
-            partitions=sorted(f"{p.topic}[{p.partition}]" for p in partitions),
-        )
+        if self._consumer.finish(item.record):
+            self.finished += 1
 
     def _on_kafka_error(self, error: KafkaError) -> None:
         self._log.warning("kafka client error", code=error.name(), reason=error.str())
         if error.fatal():
             self.fatal_error = error
             self._stopping = True
-
-    def _on_stats(self, stats_json: str) -> None:
-        stats: dict[str, Any] = json.loads(stats_json)
-        for topic, topic_stats in stats.get("topics", {}).items():
-            for partition, partition_stats in topic_stats.get("partitions", {}).items():
-                lag = partition_stats.get("consumer_lag", -1)
-                if (topic, int(partition)) in self._owned and lag >= 0:
-                    self._metrics.consumer_lag.labels(topic, partition).set(lag)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -534,11 +400,10 @@ class Worker:
         return not self._stopping
 
     def _warn_missing_topics(self) -> None:
-        known = set(self._consumer.list_topics(timeout=10).topics)
         for route in self._routes.values():
-            for topic in (route.topic, route.output_topic, route.dlq_topic):
-                if topic and topic not in known:
-                    self._log.warning("topic does not exist (yet)", topic=topic, route=route.topic)
+            topics = {route.topic, route.dlq_topic, route.output_topic or route.topic}
+            for topic in sorted(self._consumer.missing_topics(topics)):
+                self._log.warning("topic does not exist (yet)", topic=topic, route=route.topic)
 
     @staticmethod
     def _fields(item: _Item) -> dict[str, Any]:

@@ -40,15 +40,24 @@ class Outputs:
         headers: Headers = (),
     ) -> None:
         try:
-            self._producer.produce(
-                topic, value=value, key=key, headers=list(headers), on_delivery=self._on_delivery
-            )
-        except BufferError:
-            # The local queue is full: serve delivery reports to make room, then retry once.
-            self._producer.poll(1.0)
-            self._producer.produce(
-                topic, value=value, key=key, headers=list(headers), on_delivery=self._on_delivery
-            )
+            try:
+                self._producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=list(headers),
+                    on_delivery=self._on_delivery,
+                )
+            except BufferError:
+                # The local queue is full: serve delivery reports to make room, then retry.
+                self._producer.poll(1.0)
+                self._producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=list(headers),
+                    on_delivery=self._on_delivery,
+                )
         except Exception as exc:
             raise _wrap("produce", exc) from exc
         self.pending += 1

@@ -54,13 +54,14 @@ class DedupStore(Protocol):
     def complete(self, id: str, token: str, ttl_seconds: int, origin: str) -> bool:
         """Mark a claimed id completed for ``ttl_seconds``.
 
-        True if the record is now completed under ``token`` (also when it already was,
-        so an ambiguous earlier attempt can simply be repeated); False if ``token`` no
-        longer holds the claim.
+        True if the record is now completed under ``token``: also when it already was
+        (an ambiguous earlier attempt can simply be repeated), and when the claim
+        expired without anyone else claiming the id (the work is done; nobody else is
+        on it). False if another token holds or completed the id: the lease was lost.
         """
 
-    def release(self, id: str, token: str) -> bool:
-        """Delete the claim if ``token`` still holds it; True if it did."""
+    def release(self, ids: Sequence[str], token: str) -> int:
+        """Delete each claim that ``token`` still holds, in one step; how many it deleted."""
 
     def state(self, id: str) -> State:
         """The current state of ``id`` (for tests and diagnostics)."""

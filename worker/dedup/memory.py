@@ -53,21 +53,23 @@ class MemoryDedupStore:
     def complete(self, id: str, token: str, ttl_seconds: int, origin: str) -> bool:
         with self._lock:
             record = self._live(id)
-            if record is None or record.token != token:
+            if record is not None and record.token != token:
                 return False
-            if record.state is State.IN_PROGRESS:
+            if record is None or record.state is State.IN_PROGRESS:
                 self._records[id] = _Record(
                     State.COMPLETED, token, self._clock() + ttl_seconds, origin
                 )
             return True
 
-    def release(self, id: str, token: str) -> bool:
+    def release(self, ids: Sequence[str], token: str) -> int:
         with self._lock:
-            record = self._live(id)
-            if record is None or record.state is not State.IN_PROGRESS or record.token != token:
-                return False
-            del self._records[id]
-            return True
+            released = 0
+            for id in ids:
+                record = self._live(id)
+                if record and record.state is State.IN_PROGRESS and record.token == token:
+                    del self._records[id]
+                    released += 1
+            return released
 
     def state(self, id: str) -> State:
         with self._lock:

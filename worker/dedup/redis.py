@@ -37,10 +37,11 @@ end
 return out
 """
 
-# KEYS[1]: the id's key. ARGV: token, ttl in seconds, origin. 1 if completed under token.
+# KEYS[1]: the id's key. ARGV: token, ttl in seconds, origin. 1 if completed under token;
+# an absent record (our lease expired, nobody else claimed the id) is completed too.
 _COMPLETE = """
 local value = redis.call('GET', KEYS[1])
-if value == 'p|' .. ARGV[1] then
+if not value or value == 'p|' .. ARGV[1] then
   redis.call('SET', KEYS[1], 'c|' .. ARGV[1] .. '|' .. ARGV[3], 'EX', ARGV[2])
   return 1
 end
@@ -50,12 +51,15 @@ end
 return 0
 """
 
-# KEYS[1]: the id's key. ARGV[1]: token. 1 if the caller's claim was deleted.
+# KEYS: the ids' keys. ARGV[1]: token. Returns how many of the caller's claims it deleted.
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == 'p|' .. ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+local released = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == 'p|' .. ARGV[1] then
+    released = released + redis.call('DEL', key)
+  end
 end
-return 0
+return released
 """
 
 T = TypeVar("T")
@@ -98,8 +102,11 @@ class RedisDedupStore:
         args: list[Any] = [token, ttl_seconds, origin]
         return bool(self._call(lambda: self._complete(keys=[self._prefix + id], args=args)))
 
-    def release(self, id: str, token: str) -> bool:
-        return bool(self._call(lambda: self._release(keys=[self._prefix + id], args=[token])))
+    def release(self, ids: Sequence[str], token: str) -> int:
+        if not ids:
+            return 0
+        keys = [self._prefix + id for id in ids]
+        return int(self._call(lambda: self._release(keys=keys, args=[token])))
 
     def state(self, id: str) -> State:
         value = self._call(lambda: self._client.get(self._prefix + id))

@@ -1,0 +1,171 @@
+"""The Kafka side of the loop: group membership, owned partitions, offsets and commits.
+
+Offsets are stored one finished record at a time (``enable.auto.offset.store`` is
+off) and committed on an interval, on revoke and at close; auto commit is off.
+librdkafka runs the rebalance and statistics callbacks inside ``consume``/``poll``,
+so they never race the loop's own thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Message as KafkaMessage
+from structlog.typing import FilteringBoundLogger
+
+from worker.metrics import Metrics
+from worker.records import coordinates
+from worker.server import Health
+from worker.settings import Settings, client_config
+
+
+class GroupConsumer:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        health: Health,
+        log: FilteringBoundLogger,
+        on_error: Callable[[KafkaError], None],
+    ) -> None:
+        kafka = settings.kafka
+        self._consumer = Consumer(
+            client_config(
+                settings,
+                {
+                    "auto.offset.reset": "earliest",
+                    "statistics.interval.ms": 5000,
+                    **kafka.consumer,
+                    "group.id": kafka.group_id,
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "error_cb": on_error,
+                    "stats_cb": self._on_stats,
+                },
+            )
+        )
+        self._batch_size = kafka.poll_batch_size
+        self._poll_timeout = kafka.poll_timeout_seconds
+        self._commit_interval = kafka.commit_interval_seconds
+        self._metrics = metrics
+        self._health = health
+        self._log = log
+        self._owned: set[tuple[str, int]] = set()
+        self._dirty = False
+        self._last_commit = time.monotonic()
+        self.paused = False
+
+    def subscribe(self, topics: list[str]) -> None:
+        self._consumer.subscribe(
+            topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+
+    def consume(self) -> list[KafkaMessage]:
+        return self._consumer.consume(self._batch_size, self._poll_timeout)
+
+    def owns(self, record: KafkaMessage) -> bool:
+        return (record.topic(), record.partition()) in self._owned
+
+    def missing_topics(self, topics: set[str]) -> set[str]:
+        return topics - set(self._consumer.list_topics(timeout=10).topics)
+
+    # -- offsets -----------------------------------------------------------------------
+
+    def finish(self, record: KafkaMessage) -> bool:
+        """Store the offset past ``record``; False if its partition is no longer ours."""
+        try:
+            self._consumer.store_offsets(message=record)
+        except KafkaException as exc:
+            # Revoked meanwhile: the new owner reads the record again and finds its id done.
+            self._log.warning("offset not stored", origin=coordinates(record), error=str(exc))
+            return False
+        self._dirty = True
+        return True
+
+    def commit_if_due(self) -> None:
+        if self._dirty and time.monotonic() - self._last_commit >= self._commit_interval:
+            self.commit()
+
+    def commit(self) -> None:
+        if not self._dirty:
+            return
+        try:
+            self._consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.code() != KafkaError._NO_OFFSET:
+                self._metrics.commits.labels("error").inc()
+                self._log.warning("commit failed", code=error.name(), reason=error.str())
+                return
+        self._dirty = False
+        self._last_commit = time.monotonic()
+        self._metrics.commits.labels("ok").inc()
+
+    def close(self) -> None:
+        self.commit()
+        self._consumer.close()
+
+    # -- holding still while the dedup store is away -----------------------------------
+
+    def hold(self) -> None:
+        """Pause every owned partition; the group membership is kept by polling."""
+        self._consumer.pause(self._assignment())
+        self.paused = True
+
+    def resume(self) -> None:
+        self._consumer.resume(self._assignment())
+        self.paused = False
+
+    def poll_while_holding(self, seconds: float, stopping: Callable[[], bool]) -> None:
+        """Serve the group protocol for ``seconds`` without taking any record."""
+        deadline = time.monotonic() + seconds
+        while not stopping() and (remaining := deadline - time.monotonic()) > 0:
+            self._health.beat()
+            record = self._consumer.poll(min(remaining, 0.5))
+            if record is not None and record.error() is None:
+                # Fetched before the pause took effect, or from a partition assigned
+                # meanwhile: rewind so it is read again once the store is back.
+                self._consumer.seek(TopicPartition(*coordinates(record)))
+
+    def _assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(topic, partition) for topic, partition in self._owned]
+
+    # -- callbacks ---------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._owned.update((p.topic, p.partition) for p in partitions)
+        self._health.joined = True
+        self._rebalanced("assign", partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.commit()
+        self._disown("revoke", partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._disown("lost", partitions)  # already someone else's: a commit would fail
+
+    def _disown(self, event: str, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            self._owned.discard((p.topic, p.partition))
+            with contextlib.suppress(KeyError):  # no lag was reported for it yet
+                self._metrics.consumer_lag.remove(p.topic, str(p.partition))
+        self._rebalanced(event, partitions)
+
+    def _rebalanced(self, event: str, partitions: list[TopicPartition]) -> None:
+        self._metrics.rebalances.labels(event).inc()
+        self._metrics.assigned_partitions.set(len(self._owned))
+        names = sorted(f"{p.topic}[{p.partition}]" for p in partitions)
+        self._log.info(f"partitions {event}", partitions=names)
+
+    def _on_stats(self, stats_json: str) -> None:
+        stats: dict[str, Any] = json.loads(stats_json)
+        for topic, topic_stats in stats.get("topics", {}).items():
+            for partition, partition_stats in topic_stats.get("partitions", {}).items():
+                lag = partition_stats.get("consumer_lag", -1)
+                if (topic, int(partition)) in self._owned and lag >= 0:
+                    self._metrics.consumer_lag.labels(topic, partition).set(lag)

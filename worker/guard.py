@@ -1,0 +1,92 @@
+"""The dedup store as the loop uses it: timed, counted, and failing closed.
+
+While the store fails, every call retries with backoff and the worker holds still:
+no handler runs (the loop is inside this call), no offset is committed, the owned
+partitions are paused, and the consumer is polled so it keeps its group membership.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from structlog.typing import FilteringBoundLogger
+
+from worker.consumer import GroupConsumer
+from worker.dedup.base import Claim, DedupStore
+from worker.errors import StoreUnavailable
+from worker.metrics import Metrics
+from worker.server import Health
+
+T = TypeVar("T")
+
+MAX_BACKOFF = 5.0
+
+
+class GuardedStore:
+    def __init__(
+        self,
+        store: DedupStore,
+        consumer: GroupConsumer,
+        metrics: Metrics,
+        health: Health,
+        log: FilteringBoundLogger,
+        stopping: Callable[[], bool],
+        lease_seconds: float,
+    ) -> None:
+        self._store = store
+        self._consumer = consumer
+        self._metrics = metrics
+        self._health = health
+        self._log = log
+        self._stopping = stopping
+        self._lease = lease_seconds
+
+    def claim(self, ids: Sequence[str], token: str) -> dict[str, Claim]:
+        claims = self._call("claim", self._store.claim, ids, token, self._lease)
+        return dict(zip(ids, claims, strict=True))
+
+    def complete(self, id: str, token: str, ttl_seconds: int, origin: str) -> bool:
+        return self._call("complete", self._store.complete, id, token, ttl_seconds, origin)
+
+    def release(self, ids: Sequence[str], token: str) -> int:
+        return self._call("release", self._store.release, ids, token) if ids else 0
+
+    def release_if_reachable(self, ids: Sequence[str], token: str) -> None:
+        """Release without waiting out an outage: the leases expire by themselves."""
+        try:
+            self._store.release(ids, token)
+        except StoreUnavailable as exc:
+            self._log.info("claims left to expire", count=len(ids), error=str(exc))
+
+    def ping(self) -> None:
+        self._call("ping", self._store.ping)
+
+    def _call(self, operation: str, call: Callable[..., T], *args: Any) -> T:
+        """Raises StoreUnavailable only when the worker is asked to stop during an outage."""
+        delay = 0.1
+        while True:
+            started = time.perf_counter()
+            try:
+                result = call(*args)
+            except StoreUnavailable as exc:
+                self._metrics.store_errors.labels(operation).inc()
+                if not self._consumer.paused:
+                    self._log.error(
+                        "dedup store unavailable; holding", operation=operation, error=str(exc)
+                    )
+                    self._health.store_ok = False
+                    self._consumer.hold()
+                if self._stopping():
+                    raise
+                self._consumer.poll_while_holding(delay, self._stopping)
+                delay = min(delay * 2, MAX_BACKOFF)
+                continue
+            self._metrics.store_duration.labels(operation).observe(time.perf_counter() - started)
+            if not self._health.store_ok:
+                self._health.store_ok = True
+                if self._consumer.paused:
+                    self._log.info("dedup store reachable again; resuming")
+                    self._consumer.resume()
+            return result
