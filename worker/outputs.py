@@ -39,25 +39,18 @@ class Outputs:
         key: bytes | str | None = None,
         headers: Headers = (),
     ) -> None:
+        def produce() -> None:
+            self._producer.produce(
+                topic, value=value, key=key, headers=list(headers), on_delivery=self._on_delivery
+            )
+
         try:
             try:
-                self._producer.produce(
-                    topic,
-                    value=value,
-                    key=key,
-                    headers=list(headers),
-                    on_delivery=self._on_delivery,
-                )
+                produce()
             except BufferError:
                 # The local queue is full: serve delivery reports to make room, then retry.
                 self._producer.poll(1.0)
-                self._producer.produce(
-                    topic,
-                    value=value,
-                    key=key,
-                    headers=list(headers),
-                    on_delivery=self._on_delivery,
-                )
+                produce()
         except Exception as exc:
             raise _wrap("produce", exc) from exc
         self.pending += 1

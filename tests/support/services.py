@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ KAFKA_IMAGE = "confluentinc/cp-kafka:7.7.1"
 REDIS_IMAGE = "redis:7.4"
 
 
+@functools.cache
 def docker_engine_available() -> bool:
     if shutil.which("docker") is None:
         return False
