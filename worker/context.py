@@ -27,7 +27,8 @@ class HandlerContext:
         self._logger = logger
         self._outputs = outputs
         self._default_topic = default_topic
-        self.emitted = 0
+        self.emitted_to: list[str] = []
+        """The topic of each output, in emit order."""
 
     @property
     def attempt(self) -> int:
@@ -50,8 +51,8 @@ class HandlerContext:
             raise PermanentFailure("ctx.emit() without topic= on a route that has no output_topic")
         # The n-th output of an input gets the same id on every run, so a re-run after a
         # crash re-emits ids that a downstream idempotent consumer skips.
-        output_id = f"{self._message.id}:{self.emitted}"
-        self.emitted += 1
+        output_id = f"{self._message.id}:{len(self.emitted_to)}"
+        self.emitted_to.append(target)
         extra = [(name, value) for name, value in (headers or {}).items()]
         self._outputs.send(target, value, key=key, headers=[(OUTPUT_ID_HEADER, output_id), *extra])
         return output_id

@@ -268,15 +268,14 @@ class Worker:
             if failure is None:
                 ttl, origin = settings.dedup.ttl_seconds, item.origin
                 if self._store.complete(message.id, token, ttl, origin):
-                    self._metrics.processed.labels(item.route.topic, "success").inc()
-                    self._log_outcome(
-                        item, "success", attempt=attempt, duration_seconds=round(elapsed, 6)
-                    )
+                    outcome = "success"
+                    self._metrics.processed.labels(item.route.topic, outcome).inc()
                 else:
+                    outcome = "lease_lost"
                     self._metrics.lease_lost.labels(item.route.topic).inc()
-                    self._log_outcome(
-                        item, "lease_lost", attempt=attempt, duration_seconds=round(elapsed, 6)
-                    )
+                self._log_outcome(
+                    item, outcome, attempt=attempt, duration_seconds=round(elapsed, 6)
+                )
                 self._finish(item)
                 return
             self._metrics.processed.labels(item.route.topic, "failed").inc()
@@ -325,8 +324,8 @@ class Worker:
                 time.perf_counter() - started
             )
             self._metrics.in_flight.dec()
-        if ctx.emitted:
-            self._metrics.outputs.labels(route.output_topic or "").inc(ctx.emitted)
+        for topic in ctx.emitted_to:
+            self._metrics.outputs.labels(topic).inc()
         return None
 
     def _backoff(self, attempt: int, failure: Exception) -> float:
