@@ -77,6 +77,7 @@ def test_config_path_from_environment(config, monkeypatch):
             "",
         ),
         (MINIMAL + 'id = "header:"\n', "routes[0].id", "not an id spec"),
+        (MINIMAL + 'dlq_topic = "orders dlq"\n', "routes[0].dlq_topic", "should match pattern"),
         (MINIMAL.replace("redis://", "http://"), "redis.url", "redis://"),
         (
             MINIMAL + '\n[kafka.client]\n"enable.auto.commit" = true\n',

@@ -168,6 +168,25 @@ def test_emit_without_output_topic_dead_letters(env):
     assert run.value("dead_lettered_total", topic=env.input, reason="permanent_failure") == 1
 
 
+def test_failed_dead_letter_write_commits_nothing_and_blocks_the_partition(env):
+    # The producer refuses records over 2,000 bytes: this one cannot be dead-lettered.
+    big = Record(value=b"x" * 5000, key=b"k", headers={"message-id": "big"})
+    env.produce([big, with_id("after")])
+    run = Run(
+        env.settings("rejects", kafka={"producer": {"message.max.bytes": 2000}}), idle_timeout=None
+    )
+    thread = run.thread()
+    time.sleep(4)
+
+    assert run.value("dead_lettered_total", topic=env.input, reason="permanent_failure") == 0
+    # Only "big" was attempted: "after" waits behind the unfinished message.
+    assert run.value("messages_processed_total", topic=env.input, outcome="failed") == 1
+    run.worker.stop()
+    thread.join(30)
+    assert env.lag() == 2  # nothing was committed
+    assert read_all(env.bootstrap, env.dlq) == []
+
+
 def test_redis_outage_holds_the_worker_then_it_resumes(env, tmp_path):
     redis = embedded.redis(tmp_path)
     redis.start()

@@ -12,7 +12,7 @@ import os
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -146,12 +146,16 @@ class ShutdownSettings(_Section):
     grace_seconds: float = Field(default=30.0, gt=0)
 
 
+TopicName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
+"""What Kafka accepts as a topic name."""
+
+
 class Route(_Section):
-    topic: str = Field(min_length=1)
+    topic: TopicName
     handler: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     id: str = "header:message-id"
-    output_topic: str | None = None
-    dlq_topic: str | None = None
+    output_topic: TopicName | None = None
+    dlq_topic: TopicName | None = None
 
     @field_validator("id")
     @classmethod
