@@ -132,14 +132,14 @@ def test_completed_ids_are_skipped_and_busy_claims_are_waited_for(env):
     store = env.store()
     store.claim(["done", "busy"], "another-worker", 60)
     store.complete("done", "another-worker", 60, "elsewhere/0/0")
-    store.claim(["busy"], "another-worker", 4)  # its worker died: the lease runs out
+    store.claim(["busy"], "another-worker", 8)  # its worker died: the lease runs out
     env.produce([with_id("done"), with_id("busy"), with_id("fresh")])
 
     started = time.monotonic()
     run = run_worker(env.settings(), max_messages=3)
 
     assert env.runs() == {"busy": 1, "fresh": 1}
-    assert time.monotonic() - started >= 3.0  # it waited for the lease instead of skipping
+    assert time.monotonic() - started >= 5.0  # it waited for the lease instead of skipping
     assert run.value("duplicates_skipped_total", topic=env.input, reason="duplicate") == 1
     assert run.value("claim_waits_total", topic=env.input) == 1
     assert store.state("busy") is State.COMPLETED
