@@ -20,7 +20,7 @@ class RecordingOutputs:
 
 def context(outputs, default_topic="out"):
     message = Message("order-1", "in", 0, 5, b"k", b"{}")
-    return HandlerContext(message, 1, get_logger(), outputs, default_topic)
+    return HandlerContext(message, 1, get_logger, outputs, default_topic)
 
 
 def test_outputs_get_deterministic_ids_from_input_id_and_position():

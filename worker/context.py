@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from structlog.typing import FilteringBoundLogger
 
@@ -18,13 +18,14 @@ class HandlerContext:
         self,
         message: Message,
         attempt: int,
-        logger: FilteringBoundLogger,
+        make_logger: Callable[[], FilteringBoundLogger],
         outputs: Outputs,
         default_topic: str | None,
     ) -> None:
         self._message = message
         self._attempt = attempt
-        self._logger = logger
+        self._make_logger = make_logger
+        self._logger: FilteringBoundLogger | None = None
         self._outputs = outputs
         self._default_topic = default_topic
         self.emitted_to: list[str] = []
@@ -36,6 +37,9 @@ class HandlerContext:
 
     @property
     def logger(self) -> FilteringBoundLogger:
+        # Bound on first use: most handlers never log, and binding costs on every message.
+        if self._logger is None:
+            self._logger = self._make_logger()
         return self._logger
 
     def emit(

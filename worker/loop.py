@@ -50,12 +50,10 @@ DELIVERY_TIMEOUT = 60.0
 class _Item:
     record: KafkaMessage
     route: ResolvedRoute
+    origin: str
+    """``topic/partition/offset``: what a completed record remembers, to tell redeliveries."""
     message: Message | None
     id_error: MessageIdError | None = None
-
-    @property
-    def origin(self) -> str:
-        return "/".join(map(str, coordinates(self.record)))
 
 
 class Worker:
@@ -201,15 +199,16 @@ class Worker:
         self._metrics.consumed.labels(topic).inc()
         headers = dict(header_pairs(record))
         key, value = record.key(), record.value()
+        origin = f"{topic}/{partition}/{offset}"
         try:
             id = route.extract_id(topic, partition, offset, key, value, headers)
         except MessageIdError as exc:
-            return _Item(record, route, None, exc)
+            return _Item(record, route, origin, None, exc)
         kind, timestamp = record.timestamp()
         message = Message(
             id, topic, partition, offset, key, value, headers, timestamp if kind else None
         )
-        return _Item(record, route, message)
+        return _Item(record, route, origin, message)
 
     def _release_unstarted(
         self, items: Sequence[_Item], claims: Mapping[str, Claim], token: str, seen: set[str]
@@ -310,8 +309,13 @@ class Worker:
         """Run the handler once and confirm its outputs; the exception if either failed."""
         assert item.message is not None
         route = item.route
-        logger = self._log.bind(**self._fields(item), attempt=attempt)
-        ctx = HandlerContext(item.message, attempt, logger, self._outputs, route.output_topic)
+        ctx = HandlerContext(
+            item.message,
+            attempt,
+            lambda: self._log.bind(**self._fields(item), attempt=attempt),
+            self._outputs,
+            route.output_topic,
+        )
         self._metrics.in_flight.inc()
         started = time.perf_counter()
         try:
