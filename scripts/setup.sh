@@ -4,16 +4,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1; then
+# System packages: redis-server (dedup store of the demo and tests), prometheus
+# (promtool and the server the deploy tests run).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "setup: redis-server is missing and apt-get is not available; install Redis 6.2+" >&2
+    echo "setup: ${missing[*]} missing and apt-get is not available; install them" >&2
     exit 1
   fi
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  echo "setup: installing redis-server with apt-get"
+  echo "setup: installing ${missing[*]} with apt-get"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
 fi
 
 python=${PYTHON:-python3}
@@ -30,4 +36,18 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
   rm -f .venv/.installed-*
   touch "$stamp"
+fi
+
+# The Compose specification's JSON schema, for validating docker-compose.yml offline. It
+# ships inside the docker-compose 1.x wheel (the schema, not the old tool, is used).
+schema=.venv/share/compose-spec.json
+if [ ! -f "$schema" ]; then
+  echo "setup: fetching the Compose specification schema"
+  tmp=$(mktemp -d)
+  .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps -d "$tmp" \
+    docker-compose==1.29.2 2>/dev/null
+  mkdir -p .venv/share
+  .venv/bin/python -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read("compose/config/compose_spec.json"))' \
+    "$tmp"/docker_compose-1.29.2-*.whl > "$schema"
+  rm -rf "$tmp"
 fi

@@ -40,12 +40,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--messages", type=int, default=5000)
     demo.add_argument("--duplicate-share", type=float, default=0.3)
     demo.add_argument("--replicas", type=int, default=2)
+    generate = commands.add_parser(
+        "generate", help="publish example orders with a share of duplicate ids (traffic)"
+    )
+    generate.add_argument(
+        "--bootstrap-servers", default=os.environ.get("WORKER_KAFKA__BOOTSTRAP_SERVERS")
+    )
+    generate.add_argument("--topic", default="orders")
+    generate.add_argument("--partitions", type=int, default=6)
+    generate.add_argument("--batch", type=int, default=1000, help="messages per round")
+    generate.add_argument("--duplicate-share", type=float, default=0.3)
+    generate.add_argument("--interval", type=float, default=1.0, help="seconds per round")
+    generate.add_argument("--rounds", type=int, default=0, help="0: until stopped")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         from worker.demo import run_demo
 
         return run_demo(args.messages, args.duplicate_share, args.replicas)
+    if args.command == "generate":
+        from worker.demo import generate_traffic
+
+        if not args.bootstrap_servers:
+            parser.error("generate: set --bootstrap-servers or WORKER_KAFKA__BOOTSTRAP_SERVERS")
+        if not 0 <= args.duplicate_share < 1:
+            parser.error("generate: --duplicate-share must be in [0, 1)")
+        return generate_traffic(
+            args.bootstrap_servers,
+            args.topic,
+            args.batch,
+            args.duplicate_share,
+            args.partitions,
+            args.interval,
+            args.rounds,
+        )
     try:
         settings, routes = prepare(args.config)
     except ConfigError as exc:
@@ -99,7 +127,7 @@ def run_worker(
     configure_logging(settings.log, settings.secret_values())
     log = get_logger()
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, topics=routes)
     health = Health(stall_seconds=settings.kafka.max_poll_interval_seconds)
     metrics.ready.set_function(lambda: float(health.ready))
     store = RedisDedupStore.from_url(

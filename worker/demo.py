@@ -36,7 +36,7 @@ FAST_CONSUMER = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500, "fetc
 
 
 def scrape(port: int) -> dict[str, float]:
-    """A replica's metrics as ``{"name{label=value,...}": value}`` (counters without _total)."""
+    """A replica's metrics as ``{"name{label=value,...}": value}`` (counters with their _total)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     samples = {}
@@ -149,6 +149,7 @@ def publish_with_duplicates(
     duplicate_share: float,
     partitions: int = PARTITIONS,
     seed: int = 7,
+    id_prefix: str = "order-",
 ) -> tuple[int, int]:
     """Publish ``messages`` orders; a share of them repeat an earlier order's id.
 
@@ -172,7 +173,7 @@ def publish_with_duplicates(
             order_id = ids[-rng.randrange(1, min(len(ids), 1000) + 1)]
             partition = (home[order_id] + rng.randrange(1, partitions)) % partitions
         else:
-            order_id = f"order-{index:07d}"
+            order_id = f"{id_prefix}{index:07d}"
             partition = home[order_id] = rng.randrange(partitions)
             ids.append(order_id)
         value = json.dumps({"order_id": order_id, "amount": 10 + index % 90, "currency": "EUR"})
@@ -186,6 +187,37 @@ def publish_with_duplicates(
         producer.poll(0)
     producer.flush(30)
     return len(home), messages - len(home)
+
+
+def generate_traffic(
+    bootstrap: str,
+    topic: str,
+    batch: int,
+    duplicate_share: float,
+    partitions: int,
+    interval: float,
+    rounds: int,
+) -> int:
+    """Publish ``batch`` orders every ``interval`` seconds, ``rounds`` times (0: until stopped).
+
+    Each round uses fresh ids, so the duplicate share of the stream is ``duplicate_share``.
+    """
+    round_number = 0
+    while rounds == 0 or round_number < rounds:
+        started = time.monotonic()
+        unique, repeats = publish_with_duplicates(
+            bootstrap,
+            topic,
+            batch,
+            duplicate_share,
+            partitions,
+            seed=round_number,
+            id_prefix=f"order-{os.getpid()}-{round_number}-",
+        )
+        print(f"round {round_number}: {unique} new ids, {repeats} duplicates", flush=True)
+        round_number += 1
+        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    return 0
 
 
 def run_demo(messages: int, duplicate_share: float, replicas: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "idempotent_worker_"
@@ -10,8 +12,11 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _HANDLER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+STORE_OPERATIONS = ("claim", "complete", "release", "ping")
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, topics: Iterable[str] = ()) -> None:
         self.registry = registry
         self.consumed = Counter(
             PREFIX + "messages_consumed",
@@ -111,3 +116,25 @@ class Metrics:
             "1 when the replica has joined its group and the dedup store answers.",
             registry=registry,
         )
+        self._export_zeros(topics)
+
+    def _export_zeros(self, topics: Iterable[str]) -> None:
+        """Export the series every dashboard and alert reads before their first event.
+
+        A counter that appears only at its first increment hides that increment from
+        ``rate()``, and a query over a series that does not exist yet returns nothing.
+        """
+        for topic in topics:
+            self.consumed.labels(topic)
+            for outcome in ("success", "failed", "dead_lettered"):
+                self.processed.labels(topic, outcome)
+            for reason in ("duplicate", "redelivery"):
+                self.duplicates.labels(topic, reason)
+            self.handler_duration.labels(topic)
+            self.claim_waits.labels(topic)
+            self.lease_lost.labels(topic)
+        for operation in STORE_OPERATIONS:
+            self.store_errors.labels(operation)
+            self.store_duration.labels(operation)
+        for result in ("ok", "error"):
+            self.commits.labels(result)
