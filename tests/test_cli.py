@@ -116,3 +116,29 @@ def test_run_refuses_bad_config_before_joining(tmp_path):
     assert result.returncode == 2
     assert "routes[0].handler" in result.stderr
     assert_no_secret(result)
+
+
+@pytest.mark.integration
+def test_generate_publishes_rounds_with_the_asked_duplicate_share(
+    kafka_bootstrap, unique_name, make_topics
+):
+    from worker.demo import read_all
+
+    topic = unique_name("traffic")
+    make_topics({topic: 3})
+    result = cli(
+        "generate",
+        *("--bootstrap-servers", kafka_bootstrap, "--topic", topic, "--partitions", "3"),
+        *("--batch", "200", "--duplicate-share", "0.25", "--rounds", "2", "--interval", "0"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("150 new ids, 50 duplicates") == 2
+    ids = [headers["message-id"] for headers, _ in read_all(kafka_bootstrap, topic)]
+    assert len(ids) == 400
+    assert len(set(ids)) == 300  # each round's ids are new
+
+
+def test_generate_refuses_an_impossible_share():
+    result = cli("generate", "--bootstrap-servers", "127.0.0.1:1", "--duplicate-share", "1")
+    assert result.returncode == 2
+    assert "--duplicate-share" in result.stderr

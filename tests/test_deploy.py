@@ -203,6 +203,18 @@ def test_promtool_accepts_the_rules():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_compose_prometheus_config_is_valid(tmp_path):
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["/etc/prometheus/rules.yml"]  # where compose mounts it
+    config["rule_files"] = [str(RULES)]
+    local = tmp_path / "prometheus.yml"
+    local.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        ["promtool", "check", "config", str(local)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_prometheusrule_is_generated_from_the_rules_file():
     rule = manifests()["PrometheusRule"]
     assert rule["spec"] == yaml.safe_load(RULES.read_text()), "run scripts/render-prometheusrule.py"
