@@ -169,20 +169,19 @@ def test_emit_without_output_topic_dead_letters(env):
 
 
 def test_failed_dead_letter_write_commits_nothing_and_blocks_the_partition(env):
-    # The producer refuses records over 2,000 bytes: this one cannot be dead-lettered.
-    big = Record(value=b"x" * 5000, key=b"k", headers={"message-id": "big"})
+    # Too large to handle, and its 80 kB key (kept in the dead-letter record) is more than
+    # the producer may write: the dead-letter write fails until an operator steps in.
+    big = Record(value=b"{}", key=b"k" * 80_000, headers={"message-id": "big"})
     env.produce([big, with_id("after")])
-    run = Run(
-        env.settings("rejects", kafka={"producer": {"message.max.bytes": 2000}}), idle_timeout=None
-    )
+    limits = {"producer": {"message.max.bytes": 70_000}, "max_payload_bytes": 4000}
+    run = Run(env.settings("ledger", kafka=limits), idle_timeout=None)
     thread = run.thread()
     time.sleep(4)
 
-    assert run.value("dead_lettered_total", topic=env.input, reason="permanent_failure") == 0
-    # Only "big" was attempted: "after" waits behind the unfinished message.
-    assert run.value("messages_processed_total", topic=env.input, outcome="failed") == 1
+    assert run.value("dead_lettered_total", topic=env.input, reason="payload_too_large") == 0
     run.worker.stop()
     thread.join(30)
+    assert env.runs() == {}  # "after" waits behind the unfinished message
     assert env.lag() == 2  # nothing was committed
     assert read_all(env.bootstrap, env.dlq) == []
 

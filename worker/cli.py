@@ -134,6 +134,7 @@ def run_worker(
         settings.redis.url.get_secret_value(),
         settings.key_prefix,
         timeout=settings.redis.socket_timeout_seconds,
+        tls_ca_file=settings.redis.tls_ca_file,
     )
     server = HttpServer(settings.http.host, settings.http.port, registry, health)
     server.start()
@@ -158,6 +159,10 @@ def run_worker(
     _install_signal_handlers(worker.stop, settings.shutdown.grace_seconds)
     try:
         worker.run()
+    except ConfigError as exc:  # found once Redis answers, before joining the group
+        log.error("configuration error", key=exc.key, problem=exc.problem)
+        print(f"idempotent-worker: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     finally:
         health.stopped = True
         server.stop()

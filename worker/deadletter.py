@@ -17,16 +17,19 @@ class DeadLetter:
     error_message: str
     attempts: int
     message_id: str | None = None
+    drop_value: bool = False
+    """Write the dead-letter record without the value and the original headers (too large
+    to copy); the ``dlq-original-*`` headers point at the original record."""
 
 
 MAX_ERROR_MESSAGE = 1000
 
 
 def dead_letter_headers(record: KafkaMessage, letter: DeadLetter) -> list[tuple[str, bytes]]:
-    """The original headers, then the dead-letter headers."""
+    """The original headers (unless dropped), then the dead-letter headers."""
     topic, partition, offset = coordinates(record)
     return [
-        *header_pairs(record),
+        *([] if letter.drop_value else header_pairs(record)),
         ("dlq-reason", letter.reason.encode()),
         ("dlq-error-type", letter.error_type.encode()),
         ("dlq-error-message", letter.error_message[:MAX_ERROR_MESSAGE].encode()),
@@ -35,4 +38,5 @@ def dead_letter_headers(record: KafkaMessage, letter: DeadLetter) -> list[tuple[
         ("dlq-original-partition", str(partition).encode()),
         ("dlq-original-offset", str(offset).encode()),
         *([("dlq-message-id", letter.message_id.encode())] if letter.message_id else []),
+        *([("dlq-value-dropped", b"true")] if letter.drop_value else []),
     ]

@@ -166,20 +166,23 @@ def publish_with_duplicates(
         {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5}
     )
     home: dict[str, int] = {}
+    values: dict[str, str] = {}
     ids: list[str] = []
     for index, repeat in enumerate(is_repeat):
         if repeat:
             # Most real duplicates arrive close to their original: pick among recent ids.
+            # A duplicate is a resend: the same order, byte for byte.
             order_id = ids[-rng.randrange(1, min(len(ids), 1000) + 1)]
             partition = (home[order_id] + rng.randrange(1, partitions)) % partitions
         else:
             order_id = f"{id_prefix}{index:07d}"
             partition = home[order_id] = rng.randrange(partitions)
             ids.append(order_id)
-        value = json.dumps({"order_id": order_id, "amount": 10 + index % 90, "currency": "EUR"})
+            order = {"order_id": order_id, "amount": 10 + index % 90, "currency": "EUR"}
+            values[order_id] = json.dumps(order)
         producer.produce(
             topic,
-            value=value,
+            value=values[order_id],
             key=order_id,
             partition=partition,
             headers=[("message-id", order_id)],

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from structlog.typing import FilteringBoundLogger
 
 from worker.consumer import GroupConsumer
-from worker.dedup.base import Claim, DedupStore
+from worker.dedup.base import Attempts, Claim, DedupStore
 from worker.errors import StoreUnavailable
 from worker.metrics import Metrics
 from worker.server import Health
@@ -47,11 +47,19 @@ class GuardedStore:
         claims = self._call("claim", self._store.claim, ids, token, self._lease)
         return dict(zip(ids, claims, strict=True))
 
-    def complete(self, id: str, token: str, ttl_seconds: int, origin: str) -> bool:
-        return self._call("complete", self._store.complete, id, token, ttl_seconds, origin)
+    def complete(
+        self, id: str, token: str, ttl_seconds: int, origin: str, fingerprint: str
+    ) -> bool:
+        """An ambiguous failure (e.g. a timeout after Redis applied it) is retried: the
+        script re-reads the record and answers True if it is completed under ``token``."""
+        args = (id, token, ttl_seconds, origin, fingerprint)
+        return self._call("complete", self._store.complete, *args)
 
-    def release(self, ids: Sequence[str], token: str) -> int:
-        return self._call("release", self._store.release, ids, token) if ids else 0
+    def release(self, ids: Sequence[str], token: str, attempts: Attempts = "undo") -> int:
+        return self._call("release", self._store.release, ids, token, attempts) if ids else 0
+
+    def eviction_policy(self) -> str | None:
+        return self._call("config", self._store.eviction_policy)
 
     def release_if_reachable(self, ids: Sequence[str], token: str) -> None:
         """Release without waiting out an outage: the leases expire by themselves."""

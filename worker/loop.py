@@ -9,6 +9,7 @@ committed on an interval, on revoke and at shutdown.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import socket
@@ -24,8 +25,9 @@ from confluent_kafka import Message as KafkaMessage
 from worker.consumer import GroupConsumer
 from worker.context import HandlerContext
 from worker.deadletter import DeadLetter, dead_letter_headers
-from worker.dedup.base import Claim, ClaimStatus, DedupStore
+from worker.dedup.base import Attempts, Claim, ClaimStatus, DedupStore
 from worker.errors import (
+    ConfigError,
     KafkaOperationError,
     MessageIdError,
     PermanentFailure,
@@ -33,6 +35,7 @@ from worker.errors import (
     StoreUnavailable,
 )
 from worker.guard import GuardedStore
+from worker.leases import LeaseKeeper
 from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.outputs import Outputs
@@ -53,7 +56,10 @@ class _Item:
     origin: str
     """``topic/partition/offset``: what a completed record remembers, to tell redeliveries."""
     message: Message | None
-    id_error: MessageIdError | None = None
+    fingerprint: str
+    """Of the value: a completed id remembers it, to tell a true duplicate from a conflict."""
+    rejection: DeadLetter | None = None
+    """Why the record goes straight to the dead-letter topic (no usable id, too large)."""
 
 
 class Worker:
@@ -93,6 +99,7 @@ class Worker:
             lambda: self._stopping,
             settings.dedup.lease_seconds,
         )
+        self._leases = LeaseKeeper(store, settings.dedup.lease_seconds, metrics, self._log)
         self.finished = 0
         self.fatal_error: KafkaError | None = None
 
@@ -103,11 +110,13 @@ class Worker:
         self._stopping = True
 
     def run(self) -> None:
-        self._warn_missing_topics()
-        self._consumer.subscribe(list(self._routes))
         idle_since = time.monotonic()
         try:
             self._store.ping()
+            self._check_eviction_policy()
+            self._warn_missing_topics()
+            self._consumer.subscribe(list(self._routes))
+            self._leases.start()
             while not self._stopping and not self._bound_reached():
                 self._health.beat()
                 records = self._consumer.consume()
@@ -130,7 +139,23 @@ class Worker:
     def _bound_reached(self) -> bool:
         return self._max_messages is not None and self.finished >= self._max_messages
 
+    def _check_eviction_policy(self) -> None:
+        policy = self._store.eviction_policy()
+        if policy is None:
+            self._log.warning(
+                "could not read the dedup store's maxmemory-policy; make sure it is noeviction"
+            )
+        elif policy != "noeviction" and not self._settings.redis.allow_eviction:
+            raise ConfigError(
+                "redis.allow_eviction",
+                f"Redis runs with maxmemory-policy {policy}: when full it evicts keys, and an "
+                "evicted dedup record is a forgotten id whose duplicates would run again. "
+                "Set maxmemory-policy noeviction, or set redis.allow_eviction = true to "
+                "accept that risk",
+            )
+
     def _close(self) -> None:
+        self._leases.close()
         self._health.joined = False
         undelivered = self._outputs.close(DELIVERY_TIMEOUT)
         if undelivered:
@@ -144,9 +169,7 @@ class Worker:
         items = [item for record in records if (item := self._prepare(record)) is not None]
         token = self._new_token()
         ids = list(dict.fromkeys(i.message.id for i in items if i.message is not None))
-        lease = self._settings.dedup.lease_seconds
-        claims = self._store.claim(ids, token)
-        claimed_at = time.monotonic()
+        claims = self._claim(ids, token)
         seen: set[str] = set()
 
         def held() -> list[str]:
@@ -162,9 +185,8 @@ class Worker:
                 self._release_unstarted([item], claims, token, seen)
                 continue
             if item.message is None:
-                assert item.id_error is not None
-                error = item.id_error
-                self._dead_letter(item, DeadLetter(error.reason, "MessageIdError", error.detail, 0))
+                assert item.rejection is not None
+                self._dead_letter(item, item.rejection)
                 continue
             id = item.message.id
             if id in seen:
@@ -173,9 +195,6 @@ class Worker:
                 own_token = self._new_token()
                 self._handle(item, self._acquire(item, own_token), own_token)
                 continue
-            if time.monotonic() - claimed_at > lease / 2:
-                claims.update(self._store.claim(held(), token))  # refresh the leases
-                claimed_at = time.monotonic()
             seen.add(id)
             claim: Claim | None = claims[id]
             if claims[id].status is ClaimStatus.BUSY:
@@ -183,11 +202,20 @@ class Worker:
                 # wait could leave two replicas waiting for each other until a lease
                 # expires: let them go, and claim them again after the wait.
                 later = held()
-                self._store.release(later, token)
+                self._release(later, token, "undo")
                 claim = self._acquire(item, token)
-                claims.update(self._store.claim(later, token))
-                claimed_at = time.monotonic()
+                claims.update(self._claim(later, token))
             self._handle(item, claim, token)
+
+    def _claim(self, ids: Sequence[str], token: str) -> dict[str, Claim]:
+        """Claim ``ids``; the lease keeper renews those we got until they are finished."""
+        claims = self._store.claim(ids, token)
+        self._leases.hold(token, (i for i, c in claims.items() if c.status is ClaimStatus.CLAIMED))
+        return claims
+
+    def _release(self, ids: Sequence[str], token: str, attempts: Attempts) -> None:
+        self._leases.drop(token, ids)
+        self._store.release(ids, token, attempts)
 
     def _prepare(self, record: KafkaMessage) -> _Item | None:
         error = record.error()
@@ -200,15 +228,24 @@ class Worker:
         headers = dict(header_pairs(record))
         key, value = record.key(), record.value()
         origin = f"{topic}/{partition}/{offset}"
+        fingerprint = hashlib.blake2b(value or b"", digest_size=8).hexdigest()
+        limit = self._settings.kafka.max_payload_bytes
+        size = len(key or b"") + len(value or b"")
+        size += sum(len(name) + len(header or b"") for name, header in headers.items())
+        if size > limit:
+            detail = f"key, value and headers: {size} bytes, over kafka.max_payload_bytes ({limit})"
+            letter = DeadLetter("payload_too_large", "PayloadTooLarge", detail, 0, drop_value=True)
+            return _Item(record, route, origin, None, fingerprint, letter)
         try:
             id = route.extract_id(topic, partition, offset, key, value, headers)
         except MessageIdError as exc:
-            return _Item(record, route, origin, None, exc)
+            letter = DeadLetter(exc.reason, "MessageIdError", exc.detail, 0)
+            return _Item(record, route, origin, None, fingerprint, letter)
         kind, timestamp = record.timestamp()
         message = Message(
             id, topic, partition, offset, key, value, headers, timestamp if kind else None
         )
-        return _Item(record, route, origin, message)
+        return _Item(record, route, origin, message, fingerprint)
 
     def _release_unstarted(
         self, items: Sequence[_Item], claims: Mapping[str, Claim], token: str, seen: set[str]
@@ -222,6 +259,7 @@ class Worker:
             and claims[item.message.id].status is ClaimStatus.CLAIMED
         }
         seen.update(ids)
+        self._leases.drop(token, ids)
         self._store.release_if_reachable(list(ids), token)
 
     # -- one message: the state machine ------------------------------------------------
@@ -238,6 +276,8 @@ class Worker:
             if not self._sleep(CLAIM_WAIT_INTERVAL):
                 return None
             claim = self._store.claim([id], token)[id]
+        if claim.status is ClaimStatus.CLAIMED:
+            self._leases.hold(token, [id])
         return claim
 
     def _handle(self, item: _Item, claim: Claim | None, token: str) -> None:
@@ -246,27 +286,47 @@ class Worker:
         if claim.status is ClaimStatus.COMPLETED:
             self._skip(item, claim)
         else:
-            self._run(item, token)
+            self._run(item, claim, token)
 
     def _skip(self, item: _Item, claim: Claim) -> None:
         assert item.message is not None
-        reason = "redelivery" if claim.origin == item.origin else "duplicate"
+        if claim.fingerprint is None or claim.fingerprint == item.fingerprint:
+            reason = "redelivery" if claim.origin == item.origin else "duplicate"
+        elif self._settings.dedup.on_payload_conflict == "dead_letter":
+            detail = (
+                f"id {item.message.id!r} was already processed from {claim.origin} "
+                "with a different payload"
+            )
+            letter = DeadLetter("id_conflict", "PayloadConflict", detail, 0, item.message.id)
+            self._dead_letter(item, letter)
+            return
+        else:
+            reason = "conflict"
         self._metrics.duplicates.labels(item.route.topic, reason).inc()
         self._log_outcome(item, "duplicate", reason=reason, first_seen=claim.origin)
         self._finish(item)
 
-    def _run(self, item: _Item, token: str) -> None:
+    def _run(self, item: _Item, claim: Claim, token: str) -> None:
         message = item.message
         assert message is not None
         settings = self._settings
-        attempt = 1
+        attempt = claim.attempts
         while True:
+            if attempt > settings.retry.max_attempts:
+                # Earlier runs started and never finished: their worker died or timed out.
+                detail = f"{attempt - 1} runs started and none finished (crash or timeout?)"
+                letter = DeadLetter(
+                    "attempts_exhausted", "AttemptsExhausted", detail, attempt - 1, message.id
+                )
+                self._give_up(item, token, letter)
+                return
             started = time.perf_counter()
             failure = self._attempt(item, attempt)
             elapsed = time.perf_counter() - started
             if failure is None:
                 ttl, origin = settings.dedup.ttl_seconds, item.origin
-                if self._store.complete(message.id, token, ttl, origin):
+                self._leases.drop(token, [message.id])
+                if self._store.complete(message.id, token, ttl, origin, item.fingerprint):
                     outcome = "success"
                     self._metrics.processed.labels(item.route.topic, outcome).inc()
                 else:
@@ -285,25 +345,31 @@ class Worker:
                 error_type=type(failure).__name__,
                 error=str(failure),
             )
-            self._store.release([message.id], token)
             permanent = isinstance(failure, PermanentFailure)
             if permanent or attempt >= settings.retry.max_attempts:
                 reason = "permanent_failure" if permanent else "handler_failed"
                 letter = DeadLetter(
                     reason, type(failure).__name__, str(failure), attempt, message.id
                 )
-                self._dead_letter(item, letter)
+                self._give_up(item, token, letter)
                 return
+            self._release([message.id], token, "keep")
             if not self._sleep(self._backoff(attempt, failure)):
                 return
-            attempt += 1
             token = self._new_token()
-            claim = self._acquire(item, token)
-            if claim is None:
+            next_claim = self._acquire(item, token)
+            if next_claim is None:
                 return
-            if claim.status is ClaimStatus.COMPLETED:
-                self._skip(item, claim)
+            if next_claim.status is ClaimStatus.COMPLETED:
+                self._skip(item, next_claim)
                 return
+            attempt = next_claim.attempts
+
+    def _give_up(self, item: _Item, token: str, letter: DeadLetter) -> None:
+        """Dead-letter a claimed message, then drop its claim and its attempt count."""
+        assert item.message is not None
+        self._dead_letter(item, letter)
+        self._release([item.message.id], token, "clear")
 
     def _attempt(self, item: _Item, attempt: int) -> Exception | None:
         """Run the handler once and confirm its outputs; the exception if either failed."""
@@ -317,6 +383,7 @@ class Worker:
             route.output_topic,
         )
         self._metrics.in_flight.inc()
+        self._leases.handler_started(route.timeout_seconds, **self._fields(item))
         started = time.perf_counter()
         try:
             route.handler(item.message, ctx)
@@ -324,6 +391,7 @@ class Worker:
         except Exception as exc:  # a handler may raise anything: that is its way to fail
             return exc
         finally:
+            self._leases.handler_finished()
             self._metrics.handler_duration.labels(route.topic).observe(
                 time.perf_counter() - started
             )
@@ -348,7 +416,7 @@ class Worker:
             try:
                 self._outputs.send(
                     item.route.dlq_topic,
-                    item.record.value(),
+                    None if letter.drop_value else item.record.value(),
                     key=item.record.key(),
                     headers=headers,
                 )

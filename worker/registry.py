@@ -20,6 +20,7 @@ class ResolvedRoute:
     extract_id: IdExtractor
     output_topic: str | None
     dlq_topic: str
+    timeout_seconds: float
 
 
 def import_handler(path: str, key: str) -> Handler:
@@ -49,11 +50,11 @@ def resolve_routes(settings: Settings) -> dict[str, ResolvedRoute]:
     """Every route by topic, with handlers imported. Fails on the first bad route."""
     routes = {}
     for index, route in enumerate(settings.routes):
-        routes[route.topic] = _resolve(index, route)
+        routes[route.topic] = _resolve(index, route, settings.handler_timeout(route))
     return routes
 
 
-def _resolve(index: int, route: Route) -> ResolvedRoute:
+def _resolve(index: int, route: Route, timeout_seconds: float) -> ResolvedRoute:
     return ResolvedRoute(
         topic=route.topic,
         handler_path=route.handler,
@@ -61,4 +62,5 @@ def _resolve(index: int, route: Route) -> ResolvedRoute:
         extract_id=parse_id_spec(route.id),
         output_topic=route.output_topic,
         dlq_topic=route.dead_letter_topic,
+        timeout_seconds=timeout_seconds,
     )

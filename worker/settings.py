@@ -79,6 +79,8 @@ class KafkaSettings(_Section):
     poll_batch_size: int = Field(default=500, ge=1, le=100_000)
     poll_timeout_seconds: float = Field(default=0.2, gt=0, le=10)
     commit_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    max_payload_bytes: int = Field(default=900_000, ge=1)
+    """Larger values are dead-lettered without their value (reason payload_too_large)."""
 
     @field_validator("client", "consumer", "producer")
     @classmethod
@@ -99,6 +101,10 @@ class KafkaSettings(_Section):
 class RedisSettings(_Section):
     url: SecretStr
     socket_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    tls_ca_file: str | None = None
+    """CA bundle for rediss:// when the server's certificate is not signed by a system CA."""
+    allow_eviction: bool = False
+    """Start even if Redis's maxmemory-policy can evict keys (forgotten ids)."""
 
     @field_validator("url")
     @classmethod
@@ -124,6 +130,9 @@ class DedupSettings(_Section):
     """Namespace of dedup keys; derived from the group id when unset."""
     ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
     lease_seconds: float = Field(default=30.0, ge=1)
+    on_payload_conflict: Literal["dead_letter", "skip"] = "dead_letter"
+    """A completed id seen again with a different payload: dead-letter it (reason
+    id_conflict) or skip it as a duplicate (counted with reason conflict)."""
 
 
 class RetrySettings(_Section):
@@ -156,6 +165,9 @@ class Route(_Section):
     id: str = "header:message-id"
     output_topic: TopicName | None = None
     dlq_topic: TopicName | None = None
+    timeout_seconds: float | None = Field(default=None, gt=0)
+    """A handler running longer ends the process (see worker/leases.py); default: 90% of
+    max.poll.interval.ms."""
 
     @field_validator("id")
     @classmethod
@@ -224,9 +236,36 @@ class Settings(BaseSettings):
                 "retry.backoff_max_seconds",
                 f"must be shorter than max.poll.interval.ms ({max_poll:g} s)",
             )
+        for index, route in enumerate(self.routes):
+            if route.timeout_seconds is not None and route.timeout_seconds >= max_poll:
+                raise _CombinationError(
+                    f"routes[{index}].timeout_seconds",
+                    f"must be shorter than max.poll.interval.ms ({max_poll:g} s): the handler "
+                    "runs on the polling thread, and the consumer would be expelled from its "
+                    "group before the timeout fires",
+                )
+        socket_timeout = self.redis.socket_timeout_seconds
+        if self.dedup.lease_seconds < 3 * socket_timeout:
+            raise _CombinationError(
+                "dedup.lease_seconds",
+                f"must be at least 3 x redis.socket_timeout_seconds ({3 * socket_timeout:g} s): "
+                "leases are renewed every lease/3, and a renewal that times out must leave "
+                "time for another before the lease runs out",
+            )
+        producer = {**self.kafka.client, **self.kafka.producer}
+        message_max = int(producer.get("message.max.bytes", 1_000_000))
+        if self.kafka.max_payload_bytes > message_max - 65_536:
+            raise _CombinationError(
+                "kafka.max_payload_bytes",
+                f"must leave 64 KiB under the producer's message.max.bytes ({message_max}) "
+                "for the dead-letter headers, or a large message could not be dead-lettered",
+            )
         if self.dedup.ttl_seconds <= self.dedup.lease_seconds:
             raise _CombinationError("dedup.ttl_seconds", "must be longer than dedup.lease_seconds")
         return self
+
+    def handler_timeout(self, route: Route) -> float:
+        return route.timeout_seconds or 0.9 * self.kafka.max_poll_interval_seconds
 
     @property
     def key_prefix(self) -> str:

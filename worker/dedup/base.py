@@ -16,7 +16,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
+
+Attempts = Literal["undo", "keep", "clear"]
+"""What a release does to the id's attempt count: ``undo`` the claim's count (it never
+ran), ``keep`` it (a failed run, to be retried) or ``clear`` it (given up: dead-lettered)."""
 
 
 class State(enum.Enum):
@@ -39,9 +43,13 @@ class Claim:
     status: ClaimStatus
     origin: str | None = None
     """For COMPLETED: ``topic/partition/offset`` of the record whose processing completed it."""
+    attempts: int = 0
+    """For CLAIMED: the runs of this id begun under claims so far, this one included, over
+    every replica (a run whose worker died still counts)."""
+    fingerprint: str | None = None
+    """For COMPLETED: the fingerprint of the payload that was processed."""
 
 
-CLAIMED = Claim(ClaimStatus.CLAIMED)
 BUSY = Claim(ClaimStatus.BUSY)
 
 
@@ -51,8 +59,11 @@ class DedupStore(Protocol):
     def claim(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[Claim]:
         """Claim every id in one atomic step; one :class:`Claim` per id, in order."""
 
-    def complete(self, id: str, token: str, ttl_seconds: int, origin: str) -> bool:
-        """Mark a claimed id completed for ``ttl_seconds``.
+    def complete(
+        self, id: str, token: str, ttl_seconds: int, origin: str, fingerprint: str = ""
+    ) -> bool:
+        """Mark a claimed id completed for ``ttl_seconds``, remembering ``origin`` and
+        ``fingerprint``, and forget its attempt count.
 
         True if the record is now completed under ``token``: also when it already was
         (an ambiguous earlier attempt can simply be repeated), and when the claim
@@ -60,11 +71,20 @@ class DedupStore(Protocol):
         on it). False if another token holds or completed the id: the lease was lost.
         """
 
-    def release(self, ids: Sequence[str], token: str) -> int:
+    def release(self, ids: Sequence[str], token: str, attempts: Attempts = "undo") -> int:
         """Delete each claim that ``token`` still holds, in one step; how many it deleted."""
+
+    def renew(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[bool]:
+        """Restart the lease of each claim ``token`` still holds; per id, whether it did.
+
+        Unlike ``claim`` it never takes an id, so a renewal racing a release cannot
+        resurrect the released claim."""
 
     def state(self, id: str) -> State:
         """The current state of ``id`` (for tests and diagnostics)."""
+
+    def eviction_policy(self) -> str | None:
+        """The store's policy for evicting keys when full; None if it cannot be read."""
 
     def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from worker.dedup.base import BUSY, CLAIMED, Claim, ClaimStatus, State
+from worker.dedup.base import BUSY, Attempts, Claim, ClaimStatus, State
 
 
 @dataclass(slots=True)
@@ -20,12 +20,14 @@ class _Record:
     token: str
     expires_at: float
     origin: str = ""
+    fingerprint: str = ""
 
 
 class MemoryDedupStore:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._records: dict[str, _Record] = {}
+        self._attempts: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def _live(self, id: str) -> _Record | None:
@@ -42,26 +44,31 @@ class MemoryDedupStore:
             for id in ids:
                 record = self._live(id)
                 if record is None or (record.state is State.IN_PROGRESS and record.token == token):
+                    if record is None:
+                        self._attempts[id] = self._attempts.get(id, 0) + 1
                     self._records[id] = _Record(State.IN_PROGRESS, token, now + lease_seconds)
-                    claims.append(CLAIMED)
+                    claims.append(Claim(ClaimStatus.CLAIMED, attempts=self._attempts[id]))
                 elif record.state is State.COMPLETED:
-                    claims.append(Claim(ClaimStatus.COMPLETED, record.origin))
+                    fingerprint = record.fingerprint or None
+                    claims.append(Claim(ClaimStatus.COMPLETED, record.origin, 0, fingerprint))
                 else:
                     claims.append(BUSY)
             return claims
 
-    def complete(self, id: str, token: str, ttl_seconds: int, origin: str) -> bool:
+    def complete(
+        self, id: str, token: str, ttl_seconds: int, origin: str, fingerprint: str = ""
+    ) -> bool:
         with self._lock:
             record = self._live(id)
             if record is not None and record.token != token:
                 return False
             if record is None or record.state is State.IN_PROGRESS:
-                self._records[id] = _Record(
-                    State.COMPLETED, token, self._clock() + ttl_seconds, origin
-                )
+                expires_at = self._clock() + ttl_seconds
+                self._records[id] = _Record(State.COMPLETED, token, expires_at, origin, fingerprint)
+                self._attempts.pop(id, None)
             return True
 
-    def release(self, ids: Sequence[str], token: str) -> int:
+    def release(self, ids: Sequence[str], token: str, attempts: Attempts = "undo") -> int:
         with self._lock:
             released = 0
             for id in ids:
@@ -69,12 +76,30 @@ class MemoryDedupStore:
                 if record and record.state is State.IN_PROGRESS and record.token == token:
                     del self._records[id]
                     released += 1
+                    if attempts == "undo" and self._attempts.get(id, 0) > 0:
+                        self._attempts[id] -= 1
+                if attempts == "clear":
+                    self._attempts.pop(id, None)
             return released
+
+    def renew(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[bool]:
+        with self._lock:
+            renewed = []
+            for id in ids:
+                record = self._live(id)
+                held = bool(record and record.state is State.IN_PROGRESS and record.token == token)
+                if record and held:
+                    record.expires_at = self._clock() + lease_seconds
+                renewed.append(held)
+            return renewed
 
     def state(self, id: str) -> State:
         with self._lock:
             record = self._live(id)
             return State.ABSENT if record is None else record.state
+
+    def eviction_policy(self) -> str | None:
+        return "noeviction"
 
     def ping(self) -> None:
         return None

@@ -1,7 +1,9 @@
 """The Redis dedup store: one key per message id, every transition one Lua script.
 
 A record is a string value: ``p|<token>`` while in progress (with a millisecond
-expiry, the lease) and ``c|<token>|<origin>`` once completed (with the TTL).
+expiry, the lease) and ``c|<token>|<origin>|<fingerprint>`` once completed (with the
+TTL). Beside it, ``<prefix>#attempts:<id>`` counts the claims that started a run, so a
+message that crashes its worker is noticed by whichever replica claims it next.
 A whole poll batch is claimed in one script call, so dedup costs one round trip
 per batch rather than one per message.
 """
@@ -13,22 +15,26 @@ from typing import Any, TypeVar
 
 import redis
 
-from worker.dedup.base import BUSY, CLAIMED, Claim, ClaimStatus, State
+from worker.dedup.base import BUSY, Attempts, Claim, ClaimStatus, State
 from worker.errors import StoreUnavailable
 
-# KEYS: the ids' keys. ARGV: token, lease in ms. Returns, per key, "" when the caller
-# holds the claim now, or the record that stops it.
+# KEYS: the ids' record keys, then their attempt-count keys. ARGV: token, lease in ms,
+# attempt-count TTL in s. Returns, per id, "+<attempts>" when the caller holds the claim
+# now (a new claim counts one more attempt), or the record that stops it.
 _CLAIM = """
 local mine = 'p|' .. ARGV[1]
+local n = #KEYS / 2
 local out = {}
-for i, key in ipairs(KEYS) do
+for i = 1, n do
+  local key, attempts = KEYS[i], KEYS[n + i]
   if redis.call('SET', key, mine, 'NX', 'PX', ARGV[2]) then
-    out[i] = ''
+    out[i] = '+' .. redis.call('INCR', attempts)
+    redis.call('EXPIRE', attempts, ARGV[3])
   else
     local value = redis.call('GET', key)
     if value == mine then
       redis.call('PEXPIRE', key, ARGV[2])
-      out[i] = ''
+      out[i] = '+' .. (redis.call('GET', attempts) or '1')
     else
       out[i] = value
     end
@@ -37,30 +43,57 @@ end
 return out
 """
 
-# KEYS[1]: the id's key. ARGV: token, ttl in seconds, origin. 1 if completed under token;
-# an absent record (our lease expired, nobody else claimed the id) is completed too.
+# KEYS: the id's record key, its attempt-count key. ARGV: token, ttl in s, origin,
+# fingerprint. 1 if completed under token; an absent record (our lease expired, nobody
+# else claimed the id) is completed too.
 _COMPLETE = """
 local value = redis.call('GET', KEYS[1])
 if not value or value == 'p|' .. ARGV[1] then
-  redis.call('SET', KEYS[1], 'c|' .. ARGV[1] .. '|' .. ARGV[3], 'EX', ARGV[2])
+  redis.call('SET', KEYS[1], 'c|' .. ARGV[1] .. '|' .. ARGV[3] .. '|' .. ARGV[4], 'EX', ARGV[2])
+  redis.call('DEL', KEYS[2])
   return 1
 end
-if value and string.sub(value, 1, string.len(ARGV[1]) + 3) == 'c|' .. ARGV[1] .. '|' then
+if string.sub(value, 1, string.len(ARGV[1]) + 3) == 'c|' .. ARGV[1] .. '|' then
   return 1
 end
 return 0
 """
 
-# KEYS: the ids' keys. ARGV[1]: token. Returns how many of the caller's claims it deleted.
+# KEYS: the ids' record keys, then their attempt-count keys. ARGV: token, what to do with
+# the attempt counts (undo: the claim never ran; keep; clear). How many claims it deleted.
 _RELEASE = """
+local n = #KEYS / 2
 local released = 0
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == 'p|' .. ARGV[1] then
-    released = released + redis.call('DEL', key)
+for i = 1, n do
+  if redis.call('GET', KEYS[i]) == 'p|' .. ARGV[1] then
+    released = released + redis.call('DEL', KEYS[i])
+    if ARGV[2] == 'undo' and tonumber(redis.call('GET', KEYS[n + i]) or '0') > 0 then
+      redis.call('DECR', KEYS[n + i])
+    end
+  end
+  if ARGV[2] == 'clear' then
+    redis.call('DEL', KEYS[n + i])
   end
 end
 return released
 """
+
+# KEYS: the ids' record keys. ARGV: token, lease in ms. Per id, 1 if the caller still
+# held the claim (its lease now runs from now), else 0.
+_RENEW = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == 'p|' .. ARGV[1] then
+    out[i] = redis.call('PEXPIRE', key, ARGV[2])
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+ATTEMPTS_TTL_SECONDS = 24 * 3600
+"""How long a message id's attempt count outlives its last claim."""
 
 T = TypeVar("T")
 
@@ -69,18 +102,24 @@ class RedisDedupStore:
     def __init__(self, client: redis.Redis, key_prefix: str) -> None:
         self._client = client
         self._prefix = key_prefix + ":"
+        self._attempts_prefix = key_prefix + "#attempts:"  # never equal to a record key
         self._claim = client.register_script(_CLAIM)
         self._complete = client.register_script(_COMPLETE)
         self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
 
     @classmethod
-    def from_url(cls, url: str, key_prefix: str, *, timeout: float = 2.0) -> RedisDedupStore:
+    def from_url(
+        cls, url: str, key_prefix: str, *, timeout: float = 2.0, tls_ca_file: str | None = None
+    ) -> RedisDedupStore:
+        tls: dict[str, Any] = {"ssl_ca_certs": tls_ca_file} if tls_ca_file else {}
         client = redis.Redis.from_url(
             url,
             decode_responses=True,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             health_check_interval=30,
+            **tls,
         )
         return cls(client, key_prefix)
 
@@ -90,29 +129,49 @@ class RedisDedupStore:
         except redis.RedisError as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
+    def _keys(self, ids: Sequence[str]) -> list[str]:
+        return [self._prefix + id for id in ids] + [self._attempts_prefix + id for id in ids]
+
     def claim(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[Claim]:
         if not ids:
             return []
-        keys = [self._prefix + id for id in ids]
-        lease_ms = max(1, int(lease_seconds * 1000))
-        replies: list[str] = self._call(lambda: self._claim(keys=keys, args=[token, lease_ms]))
+        args: list[Any] = [token, _ms(lease_seconds), ATTEMPTS_TTL_SECONDS]
+        replies: list[str] = self._call(lambda: self._claim(keys=self._keys(ids), args=args))
         return [_parse_claim(reply) for reply in replies]
 
-    def complete(self, id: str, token: str, ttl_seconds: int, origin: str) -> bool:
-        args: list[Any] = [token, ttl_seconds, origin]
-        return bool(self._call(lambda: self._complete(keys=[self._prefix + id], args=args)))
+    def complete(
+        self, id: str, token: str, ttl_seconds: int, origin: str, fingerprint: str = ""
+    ) -> bool:
+        args: list[Any] = [token, ttl_seconds, origin, fingerprint]
+        return bool(self._call(lambda: self._complete(keys=self._keys([id]), args=args)))
 
-    def release(self, ids: Sequence[str], token: str) -> int:
+    def release(self, ids: Sequence[str], token: str, attempts: Attempts = "undo") -> int:
         if not ids:
             return 0
+        keys = self._keys(ids)
+        return int(self._call(lambda: self._release(keys=keys, args=[token, attempts])))
+
+    def renew(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[bool]:
+        if not ids:
+            return []
         keys = [self._prefix + id for id in ids]
-        return int(self._call(lambda: self._release(keys=keys, args=[token])))
+        replies = self._call(lambda: self._renew(keys=keys, args=[token, _ms(lease_seconds)]))
+        return [bool(reply) for reply in replies]
 
     def state(self, id: str) -> State:
         value = self._call(lambda: self._client.get(self._prefix + id))
         if value is None:
             return State.ABSENT
         return State.COMPLETED if str(value).startswith("c|") else State.IN_PROGRESS
+
+    def eviction_policy(self) -> str | None:
+        try:
+            reply = self._client.config_get("maxmemory-policy")
+        except redis.ResponseError:
+            return None  # CONFIG is disabled or not granted to this user (managed Redis)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        return str(reply.get("maxmemory-policy")) if reply else None
 
     def ping(self) -> None:
         self._call(self._client.ping)
@@ -121,10 +180,14 @@ class RedisDedupStore:
         self._client.close()
 
 
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
 def _parse_claim(reply: str) -> Claim:
-    if reply == "":
-        return CLAIMED
+    if reply.startswith("+"):
+        return Claim(ClaimStatus.CLAIMED, attempts=int(reply[1:]))
     if reply.startswith("c|"):
-        origin = reply.split("|", 2)[2] if reply.count("|") >= 2 else None
-        return Claim(ClaimStatus.COMPLETED, origin)
+        _, _, origin, fingerprint = [*reply.split("|", 3), "", ""][:4]
+        return Claim(ClaimStatus.COMPLETED, origin or None, fingerprint=fingerprint or None)
     return BUSY

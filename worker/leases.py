@@ -1,0 +1,121 @@
+"""Keeps this replica's claims alive, and stops a handler that runs past its timeout.
+
+A background thread renews every claim the loop holds (the batch's claims and the
+message in hand) every ``lease_seconds / 3``, so a slow handler keeps its id for as long
+as it runs. Renewal never takes an id: a claim lost meanwhile (the lease ran out during
+a Redis outage and another replica claimed the id) stays lost, is logged and counted,
+and the store refuses this replica's completion (fencing).
+
+A Python thread cannot be killed, so a handler past its route's timeout ends the
+process: the thread logs it and exits with ``EXIT_HANDLER_TIMEOUT``. The message's
+offset was not committed and its claim is no longer renewed, so after the lease another
+replica (or this one, restarted by its orchestrator) runs it again; the shared attempt
+count sends it to the dead-letter topic if it keeps timing out.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from structlog.typing import FilteringBoundLogger
+
+from worker.dedup.base import DedupStore
+from worker.errors import StoreUnavailable
+from worker.metrics import Metrics
+
+EXIT_HANDLER_TIMEOUT = 3
+
+
+@dataclass(slots=True)
+class _Running:
+    started: float
+    timeout: float
+    fields: dict[str, Any]
+
+
+class LeaseKeeper:
+    def __init__(
+        self,
+        store: DedupStore,
+        lease_seconds: float,
+        metrics: Metrics,
+        log: FilteringBoundLogger,
+        on_timeout: Callable[[], None] = lambda: os._exit(EXIT_HANDLER_TIMEOUT),
+    ) -> None:
+        self._store = store
+        self._lease = lease_seconds
+        self._interval = lease_seconds / 3
+        self._metrics = metrics
+        self._log = log
+        self._on_timeout = on_timeout
+        self._held: dict[str, set[str]] = {}  # token -> ids
+        self._running: _Running | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def hold(self, token: str, ids: Iterable[str]) -> None:
+        with self._lock:
+            self._held.setdefault(token, set()).update(ids)
+
+    def drop(self, token: str, ids: Iterable[str]) -> None:
+        with self._lock:
+            held = self._held.get(token)
+            if held is not None:
+                held.difference_update(ids)
+                if not held:
+                    del self._held[token]
+
+    def handler_started(self, timeout: float, **fields: Any) -> None:
+        self._running = _Running(time.monotonic(), timeout, fields)
+
+    def handler_finished(self) -> None:
+        self._running = None
+
+    def _loop(self) -> None:
+        next_renewal = time.monotonic() + self._interval
+        while not self._stop.wait(min(0.2, self._interval)):
+            running = self._running
+            if running is not None and time.monotonic() - running.started > running.timeout:
+                self._log.error(
+                    "handler timed out; exiting so that the message is retried elsewhere",
+                    timeout_seconds=running.timeout,
+                    exit_code=EXIT_HANDLER_TIMEOUT,
+                    **running.fields,
+                )
+                self._on_timeout()
+                return
+            if time.monotonic() >= next_renewal:
+                self.renew_now()
+                next_renewal = time.monotonic() + self._interval
+
+    def renew_now(self) -> None:
+        with self._lock:
+            held = [(token, sorted(ids)) for token, ids in self._held.items()]
+        for token, ids in held:
+            started = time.perf_counter()
+            try:
+                renewed = self._store.renew(ids, token, self._lease)
+            except StoreUnavailable as exc:
+                self._metrics.store_errors.labels("renew").inc()
+                self._log.warning("lease renewal failed", error=str(exc), claims=len(ids))
+                continue
+            self._metrics.store_duration.labels("renew").observe(time.perf_counter() - started)
+            lost = [id for id, ok in zip(ids, renewed, strict=True) if not ok]
+            if lost:
+                # Completed or released by the loop since the snapshot, or really lost:
+                # either way there is nothing left to renew. complete() fences the latter.
+                self.drop(token, lost)
