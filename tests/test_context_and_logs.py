@@ -3,41 +3,32 @@ import json
 
 import pytest
 
-from worker.context import HandlerContext
+from worker.context import HandlerContext, Output
 from worker.errors import PermanentFailure
 from worker.logs import configure_logging, get_logger
 from worker.settings import LogSettings
 from worker.types import Message
 
 
-class RecordingOutputs:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, topic, value, *, key=None, headers=()):
-        self.sent.append((topic, value, key, list(headers)))
-
-
-def context(outputs, default_topic="out"):
+def context(default_topic="out"):
     message = Message("order-1", "in", 0, 5, b"k", b"{}")
-    return HandlerContext(message, 1, get_logger, outputs, default_topic)
+    return HandlerContext(message, 1, get_logger, default_topic)
 
 
 def test_outputs_get_deterministic_ids_from_input_id_and_position():
     for _ in range(2):  # a re-run emits the same ids
-        outputs = RecordingOutputs()
-        ctx = context(outputs)
+        ctx = context()
         assert ctx.emit(b"a") == "order-1:0"
         assert ctx.emit(b"b", topic="audit", key="k2", headers={"x": "1"}) == "order-1:1"
-        assert outputs.sent == [
-            ("out", b"a", None, [("message-id", "order-1:0")]),
-            ("audit", b"b", "k2", [("message-id", "order-1:1"), ("x", "1")]),
+        assert ctx.outputs == [
+            Output("out", b"a", None, [("message-id", "order-1:0")]),
+            Output("audit", b"b", "k2", [("message-id", "order-1:1"), ("x", "1")]),
         ]
 
 
 def test_emit_without_any_topic_is_a_permanent_failure():
     with pytest.raises(PermanentFailure, match="output_topic"):
-        context(RecordingOutputs(), default_topic=None).emit(b"a")
+        context(default_topic=None).emit(b"a")
 
 
 def test_json_logs_mask_secrets():

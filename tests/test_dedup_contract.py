@@ -147,3 +147,50 @@ def test_redis_store_wraps_connection_errors():
         store.claim(["a"], "t1", LEASE)
     with pytest.raises(StoreUnavailable):
         store.ping()
+
+
+def test_runs_are_counted_across_claims_and_owners(store):
+    store.claim(["a"], "t1", LEASE)
+    assert store.begin("a", "t1") == 1
+    assert store.begin("a", "t2") == 0  # not its claim: nothing to count
+    store.release(["a"], "t1")  # a failed run: the count stays
+    store.claim(["a"], "t2", LEASE)
+    assert store.begin("a", "t2") == 2
+    store.release(["a"], "t2", "clear")  # given up: forgotten
+    store.claim(["a"], "t3", LEASE)
+    assert store.begin("a", "t3") == 1
+
+
+def test_runs_survive_an_expired_lease(store_and_wait):
+    store, wait = store_and_wait
+    store.claim(["a"], "crashed", LEASE)
+    store.begin("a", "crashed")
+    wait(LEASE + 0.2)  # its worker died mid-run
+    store.claim(["a"], "next", LEASE)
+    assert store.begin("a", "next") == 2
+
+
+def test_completion_forgets_runs_and_remembers_the_fingerprint(store):
+    store.claim(["a"], "t1", LEASE)
+    store.begin("a", "t1")
+    assert store.complete("a", "t1", 60, "t/0/1", "f1")
+    [claim] = store.claim(["a"], "t2", LEASE)
+    assert (claim.status, claim.origin, claim.fingerprint) == (ClaimStatus.COMPLETED, "t/0/1", "f1")
+    assert store.release(["a"], "t2", "clear") == 0
+
+
+def test_renew_extends_only_the_callers_live_claims(store_and_wait):
+    store, wait = store_and_wait
+    store.claim(["mine", "released"], "t1", LEASE)
+    store.claim(["theirs"], "t2", LEASE)
+    store.release(["released"], "t1")
+    for _ in range(3):  # three lease periods, renewed in between
+        wait(LEASE / 2)
+        assert store.renew(["mine", "theirs", "released", "absent"], "t1", LEASE) == [
+            True,
+            False,
+            False,
+            False,
+        ]
+    assert statuses(store.claim(["mine"], "t3", LEASE)) == [ClaimStatus.BUSY]
+    assert store.state("released") is State.ABSENT  # a renewal never resurrects a claim

@@ -1,16 +1,29 @@
-"""The ``ctx`` a handler receives: its attempt number, a bound logger and ``emit``."""
+"""The ``ctx`` a handler receives: its attempt number, a bound logger and ``emit``.
+
+``emit`` only collects outputs. The loop produces them after the handler returns and
+after checking that this replica still holds the message's claim, so a replica that
+lost its claim while it ran (a zombie, paused past its lease) publishes nothing.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from structlog.typing import FilteringBoundLogger
 
 from worker.errors import PermanentFailure
-from worker.outputs import Outputs
 from worker.types import Message
 
 OUTPUT_ID_HEADER = "message-id"
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    topic: str
+    value: bytes | str | None
+    key: bytes | str | None
+    headers: list[tuple[str, bytes | str]]
 
 
 class HandlerContext:
@@ -19,17 +32,15 @@ class HandlerContext:
         message: Message,
         attempt: int,
         make_logger: Callable[[], FilteringBoundLogger],
-        outputs: Outputs,
         default_topic: str | None,
     ) -> None:
         self._message = message
         self._attempt = attempt
         self._make_logger = make_logger
         self._logger: FilteringBoundLogger | None = None
-        self._outputs = outputs
         self._default_topic = default_topic
-        self.emitted_to: list[str] = []
-        """The topic of each output, in emit order."""
+        self.outputs: list[Output] = []
+        """What the handler emitted, in order."""
 
     @property
     def attempt(self) -> int:
@@ -55,8 +66,7 @@ class HandlerContext:
             raise PermanentFailure("ctx.emit() without topic= on a route that has no output_topic")
         # The n-th output of an input gets the same id on every run, so a re-run after a
         # crash re-emits ids that a downstream idempotent consumer skips.
-        output_id = f"{self._message.id}:{len(self.emitted_to)}"
-        self.emitted_to.append(target)
+        output_id = f"{self._message.id}:{len(self.outputs)}"
         extra = [(name, value) for name, value in (headers or {}).items()]
-        self._outputs.send(target, value, key=key, headers=[(OUTPUT_ID_HEADER, output_id), *extra])
+        self.outputs.append(Output(target, value, key, [(OUTPUT_ID_HEADER, output_id), *extra]))
         return output_id

@@ -94,7 +94,13 @@ def broker(workdir: Path, port: int | None = None) -> LocalService:
     return LocalService("tansu", argv, port, workdir / f"tansu-{port}.log")
 
 
-def redis(workdir: Path, port: int | None = None, *, appendonly: bool = False) -> LocalService:
+def redis(
+    workdir: Path,
+    port: int | None = None,
+    *,
+    appendonly: bool = False,
+    eviction_policy: str = "noeviction",
+) -> LocalService:
     port = port or free_port()
     data = workdir / f"redis-{port}"
     data.mkdir(parents=True, exist_ok=True)
@@ -111,6 +117,6 @@ def redis(workdir: Path, port: int | None = None, *, appendonly: bool = False) -
         "--dir",
         str(data),
         "--maxmemory-policy",
-        "noeviction",
+        eviction_policy,
     ]
     return LocalService("redis-server", argv, port, workdir / f"redis-{port}.log")

@@ -55,8 +55,14 @@ class GuardedStore:
         args = (id, token, ttl_seconds, origin, fingerprint)
         return self._call("complete", self._store.complete, *args)
 
-    def release(self, ids: Sequence[str], token: str, attempts: Attempts = "undo") -> int:
+    def begin(self, id: str, token: str) -> int:
+        return self._call("begin", self._store.begin, id, token)
+
+    def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:
         return self._call("release", self._store.release, ids, token, attempts) if ids else 0
+
+    def renew(self, ids: Sequence[str], token: str) -> list[bool]:
+        return self._call("renew", self._store.renew, ids, token, self._lease)
 
     def eviction_policy(self) -> str | None:
         return self._call("config", self._store.eviction_policy)

@@ -49,6 +49,10 @@ CLAIM_WAIT_INTERVAL = 0.05
 DELIVERY_TIMEOUT = 60.0
 
 
+class LeaseLost(Exception):
+    """Another replica took the message's claim while this one ran the handler."""
+
+
 @dataclass(slots=True)
 class _Item:
     record: KafkaMessage
@@ -202,7 +206,7 @@ class Worker:
                 # wait could leave two replicas waiting for each other until a lease
                 # expires: let them go, and claim them again after the wait.
                 later = held()
-                self._release(later, token, "undo")
+                self._release(later, token, "keep")
                 claim = self._acquire(item, token)
                 claims.update(self._claim(later, token))
             self._handle(item, claim, token)
@@ -286,7 +290,7 @@ class Worker:
         if claim.status is ClaimStatus.COMPLETED:
             self._skip(item, claim)
         else:
-            self._run(item, claim, token)
+            self._run(item, token)
 
     def _skip(self, item: _Item, claim: Claim) -> None:
         assert item.message is not None
@@ -306,12 +310,18 @@ class Worker:
         self._log_outcome(item, "duplicate", reason=reason, first_seen=claim.origin)
         self._finish(item)
 
-    def _run(self, item: _Item, claim: Claim, token: str) -> None:
+    def _run(self, item: _Item, token: str) -> None:
         message = item.message
         assert message is not None
         settings = self._settings
-        attempt = claim.attempts
         while True:
+            attempt = self._store.begin(message.id, token)
+            if attempt == 0:
+                # The claim expired before the run (a long wait on Redis): claim afresh.
+                token = self._new_token()
+                if not self._reclaim(item, token):
+                    return
+                continue
             if attempt > settings.retry.max_attempts:
                 # Earlier runs started and never finished: their worker died or timed out.
                 detail = f"{attempt - 1} runs started and none finished (crash or timeout?)"
@@ -321,12 +331,14 @@ class Worker:
                 self._give_up(item, token, letter)
                 return
             started = time.perf_counter()
-            failure = self._attempt(item, attempt)
+            failure = self._attempt(item, attempt, token)
             elapsed = time.perf_counter() - started
-            if failure is None:
+            if failure is None or isinstance(failure, LeaseLost):
                 ttl, origin = settings.dedup.ttl_seconds, item.origin
                 self._leases.drop(token, [message.id])
-                if self._store.complete(message.id, token, ttl, origin, item.fingerprint):
+                if failure is None and self._store.complete(
+                    message.id, token, ttl, origin, item.fingerprint
+                ):
                     outcome = "success"
                     self._metrics.processed.labels(item.route.topic, outcome).inc()
                 else:
@@ -357,13 +369,16 @@ class Worker:
             if not self._sleep(self._backoff(attempt, failure)):
                 return
             token = self._new_token()
-            next_claim = self._acquire(item, token)
-            if next_claim is None:
+            if not self._reclaim(item, token):
                 return
-            if next_claim.status is ClaimStatus.COMPLETED:
-                self._skip(item, next_claim)
-                return
-            attempt = next_claim.attempts
+
+    def _reclaim(self, item: _Item, token: str) -> bool:
+        """Claim the message's id again; False if it was finished meanwhile or stopping."""
+        claim = self._acquire(item, token)
+        if claim is not None and claim.status is ClaimStatus.COMPLETED:
+            self._skip(item, claim)
+            return False
+        return claim is not None
 
     def _give_up(self, item: _Item, token: str, letter: DeadLetter) -> None:
         """Dead-letter a claimed message, then drop its claim and its attempt count."""
@@ -371,7 +386,7 @@ class Worker:
         self._dead_letter(item, letter)
         self._release([item.message.id], token, "clear")
 
-    def _attempt(self, item: _Item, attempt: int) -> Exception | None:
+    def _attempt(self, item: _Item, attempt: int, token: str) -> Exception | None:
         """Run the handler once and confirm its outputs; the exception if either failed."""
         assert item.message is not None
         route = item.route
@@ -379,7 +394,6 @@ class Worker:
             item.message,
             attempt,
             lambda: self._log.bind(**self._fields(item), attempt=attempt),
-            self._outputs,
             route.output_topic,
         )
         self._metrics.in_flight.inc()
@@ -387,7 +401,14 @@ class Worker:
         started = time.perf_counter()
         try:
             route.handler(item.message, ctx)
-            self._outputs.confirm(DELIVERY_TIMEOUT)
+            if ctx.outputs:
+                if not self._store.renew([item.message.id], token)[0]:
+                    return LeaseLost("the claim was lost while the handler ran")
+                for output in ctx.outputs:
+                    self._outputs.send(
+                        output.topic, output.value, key=output.key, headers=output.headers
+                    )
+                self._outputs.confirm(DELIVERY_TIMEOUT)
         except Exception as exc:  # a handler may raise anything: that is its way to fail
             return exc
         finally:
@@ -396,8 +417,8 @@ class Worker:
                 time.perf_counter() - started
             )
             self._metrics.in_flight.dec()
-        for topic in ctx.emitted_to:
-            self._metrics.outputs.labels(topic).inc()
+        for output in ctx.outputs:
+            self._metrics.outputs.labels(output.topic).inc()
         return None
 
     def _backoff(self, attempt: int, failure: Exception) -> float:

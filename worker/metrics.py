@@ -12,7 +12,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _HANDLER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-STORE_OPERATIONS = ("claim", "complete", "release", "renew", "ping")
+STORE_OPERATIONS = ("claim", "begin", "complete", "release", "renew", "ping")
 
 
 class Metrics:

@@ -48,3 +48,10 @@ def slow(message: Message, ctx: Context) -> None:
     """Sleeps for the number of seconds in the value, then records the run."""
     time.sleep(float(message.value or b"0"))
     _record(message)
+
+
+def crashes_on_poison(message: Message, ctx: Context) -> None:
+    """Records the run, then kills the whole process if the id is ``POISON_ID``."""
+    _record(message)
+    if message.id == os.environ.get("POISON_ID"):
+        os._exit(70)

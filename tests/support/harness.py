@@ -25,7 +25,7 @@ def make_settings(
     retry.update(sections.pop("retry", {}))
     return Settings(
         kafka=kafka,
-        redis={"url": redis_url},
+        redis={"url": redis_url, "socket_timeout_seconds": 0.5},
         routes=routes,
         retry=retry,
         dedup={"key_prefix": f"test:{group}", **sections.pop("dedup", {})},

@@ -37,9 +37,11 @@ def produce(bootstrap: str, topic: str, records: Iterable[Record]) -> int:
     return count
 
 
-def with_id(id: str, partition: int = 0, **headers: str) -> Record:
+def with_id(
+    id: str, partition: int = 0, value: str | bytes | None = None, **headers: str
+) -> Record:
     return Record(
-        value=f'{{"id": "{id}"}}',
+        value=f'{{"id": "{id}"}}' if value is None else value,
         key=id,
         headers={"message-id": id, **headers},
         partition=partition,

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-Attempts = Literal["undo", "keep", "clear"]
-"""What a release does to the id's attempt count: ``undo`` the claim's count (it never
-ran), ``keep`` it (a failed run, to be retried) or ``clear`` it (given up: dead-lettered)."""
+Attempts = Literal["keep", "clear"]
+"""What a release does to the id's count of runs begun: ``keep`` it (to be retried, or
+never run) or ``clear`` it (given up: dead-lettered)."""
 
 
 class State(enum.Enum):
@@ -43,13 +43,11 @@ class Claim:
     status: ClaimStatus
     origin: str | None = None
     """For COMPLETED: ``topic/partition/offset`` of the record whose processing completed it."""
-    attempts: int = 0
-    """For CLAIMED: the runs of this id begun under claims so far, this one included, over
-    every replica (a run whose worker died still counts)."""
     fingerprint: str | None = None
     """For COMPLETED: the fingerprint of the payload that was processed."""
 
 
+CLAIMED = Claim(ClaimStatus.CLAIMED)
 BUSY = Claim(ClaimStatus.BUSY)
 
 
@@ -58,6 +56,12 @@ class DedupStore(Protocol):
 
     def claim(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[Claim]:
         """Claim every id in one atomic step; one :class:`Claim` per id, in order."""
+
+    def begin(self, id: str, token: str) -> int:
+        """Count a run of ``id``'s handler about to start under ``token``'s claim.
+
+        Returns the number of this run over every replica and restart (a run whose worker
+        died counts), or 0 if ``token`` no longer holds the claim."""
 
     def complete(
         self, id: str, token: str, ttl_seconds: int, origin: str, fingerprint: str = ""
@@ -71,7 +75,7 @@ class DedupStore(Protocol):
         on it). False if another token holds or completed the id: the lease was lost.
         """
 
-    def release(self, ids: Sequence[str], token: str, attempts: Attempts = "undo") -> int:
+    def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:
         """Delete each claim that ``token`` still holds, in one step; how many it deleted."""
 
     def renew(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[bool]:

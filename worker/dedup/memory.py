@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from worker.dedup.base import BUSY, Attempts, Claim, ClaimStatus, State
+from worker.dedup.base import BUSY, CLAIMED, Attempts, Claim, ClaimStatus, State
 
 
 @dataclass(slots=True)
@@ -44,13 +44,11 @@ class MemoryDedupStore:
             for id in ids:
                 record = self._live(id)
                 if record is None or (record.state is State.IN_PROGRESS and record.token == token):
-                    if record is None:
-                        self._attempts[id] = self._attempts.get(id, 0) + 1
                     self._records[id] = _Record(State.IN_PROGRESS, token, now + lease_seconds)
-                    claims.append(Claim(ClaimStatus.CLAIMED, attempts=self._attempts[id]))
+                    claims.append(CLAIMED)
                 elif record.state is State.COMPLETED:
                     fingerprint = record.fingerprint or None
-                    claims.append(Claim(ClaimStatus.COMPLETED, record.origin, 0, fingerprint))
+                    claims.append(Claim(ClaimStatus.COMPLETED, record.origin, fingerprint))
                 else:
                     claims.append(BUSY)
             return claims
@@ -68,7 +66,15 @@ class MemoryDedupStore:
                 self._attempts.pop(id, None)
             return True
 
-    def release(self, ids: Sequence[str], token: str, attempts: Attempts = "undo") -> int:
+    def begin(self, id: str, token: str) -> int:
+        with self._lock:
+            record = self._live(id)
+            if not (record and record.state is State.IN_PROGRESS and record.token == token):
+                return 0
+            self._attempts[id] = self._attempts.get(id, 0) + 1
+            return self._attempts[id]
+
+    def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:
         with self._lock:
             released = 0
             for id in ids:
@@ -76,8 +82,6 @@ class MemoryDedupStore:
                 if record and record.state is State.IN_PROGRESS and record.token == token:
                     del self._records[id]
                     released += 1
-                    if attempts == "undo" and self._attempts.get(id, 0) > 0:
-                        self._attempts[id] -= 1
                 if attempts == "clear":
                     self._attempts.pop(id, None)
             return released

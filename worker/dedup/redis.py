@@ -2,8 +2,8 @@
 
 A record is a string value: ``p|<token>`` while in progress (with a millisecond
 expiry, the lease) and ``c|<token>|<origin>|<fingerprint>`` once completed (with the
-TTL). Beside it, ``<prefix>#attempts:<id>`` counts the claims that started a run, so a
-message that crashes its worker is noticed by whichever replica claims it next.
+TTL). Beside it, ``<prefix>#attempts:<id>`` counts the runs begun, so a message that
+crashes its worker is noticed by whichever replica claims it next.
 A whole poll batch is claimed in one script call, so dedup costs one round trip
 per batch rather than one per message.
 """
@@ -15,32 +15,40 @@ from typing import Any, TypeVar
 
 import redis
 
-from worker.dedup.base import BUSY, Attempts, Claim, ClaimStatus, State
+from worker.dedup.base import BUSY, CLAIMED, Attempts, Claim, ClaimStatus, State
 from worker.errors import StoreUnavailable
 
-# KEYS: the ids' record keys, then their attempt-count keys. ARGV: token, lease in ms,
-# attempt-count TTL in s. Returns, per id, "+<attempts>" when the caller holds the claim
-# now (a new claim counts one more attempt), or the record that stops it.
+# KEYS: the ids' keys. ARGV: token, lease in ms. Returns, per key, "" when the caller
+# holds the claim now, or the record that stops it.
 _CLAIM = """
 local mine = 'p|' .. ARGV[1]
-local n = #KEYS / 2
 local out = {}
-for i = 1, n do
-  local key, attempts = KEYS[i], KEYS[n + i]
+for i, key in ipairs(KEYS) do
   if redis.call('SET', key, mine, 'NX', 'PX', ARGV[2]) then
-    out[i] = '+' .. redis.call('INCR', attempts)
-    redis.call('EXPIRE', attempts, ARGV[3])
+    out[i] = ''
   else
     local value = redis.call('GET', key)
     if value == mine then
       redis.call('PEXPIRE', key, ARGV[2])
-      out[i] = '+' .. (redis.call('GET', attempts) or '1')
+      out[i] = ''
     else
       out[i] = value
     end
   end
 end
 return out
+"""
+
+# KEYS: the id's record key, its attempt-count key. ARGV: token, attempt-count TTL in s.
+# The number of this run (1 for the first, over every replica) if the caller holds the
+# claim, else 0.
+_BEGIN = """
+if redis.call('GET', KEYS[1]) ~= 'p|' .. ARGV[1] then
+  return 0
+end
+local count = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return count
 """
 
 # KEYS: the id's record key, its attempt-count key. ARGV: token, ttl in s, origin,
@@ -59,17 +67,14 @@ end
 return 0
 """
 
-# KEYS: the ids' record keys, then their attempt-count keys. ARGV: token, what to do with
-# the attempt counts (undo: the claim never ran; keep; clear). How many claims it deleted.
+# KEYS: the ids' record keys, then their attempt-count keys. ARGV: token, "clear" to
+# forget the attempt counts too. Returns how many of the caller's claims it deleted.
 _RELEASE = """
 local n = #KEYS / 2
 local released = 0
 for i = 1, n do
   if redis.call('GET', KEYS[i]) == 'p|' .. ARGV[1] then
     released = released + redis.call('DEL', KEYS[i])
-    if ARGV[2] == 'undo' and tonumber(redis.call('GET', KEYS[n + i]) or '0') > 0 then
-      redis.call('DECR', KEYS[n + i])
-    end
   end
   if ARGV[2] == 'clear' then
     redis.call('DEL', KEYS[n + i])
@@ -107,6 +112,7 @@ class RedisDedupStore:
         self._complete = client.register_script(_COMPLETE)
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
+        self._begin = client.register_script(_BEGIN)
 
     @classmethod
     def from_url(
@@ -135,9 +141,14 @@ class RedisDedupStore:
     def claim(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[Claim]:
         if not ids:
             return []
-        args: list[Any] = [token, _ms(lease_seconds), ATTEMPTS_TTL_SECONDS]
-        replies: list[str] = self._call(lambda: self._claim(keys=self._keys(ids), args=args))
+        keys = [self._prefix + id for id in ids]
+        args: list[Any] = [token, _ms(lease_seconds)]
+        replies: list[str] = self._call(lambda: self._claim(keys=keys, args=args))
         return [_parse_claim(reply) for reply in replies]
+
+    def begin(self, id: str, token: str) -> int:
+        args: list[Any] = [token, ATTEMPTS_TTL_SECONDS]
+        return int(self._call(lambda: self._begin(keys=self._keys([id]), args=args)))
 
     def complete(
         self, id: str, token: str, ttl_seconds: int, origin: str, fingerprint: str = ""
@@ -145,7 +156,7 @@ class RedisDedupStore:
         args: list[Any] = [token, ttl_seconds, origin, fingerprint]
         return bool(self._call(lambda: self._complete(keys=self._keys([id]), args=args)))
 
-    def release(self, ids: Sequence[str], token: str, attempts: Attempts = "undo") -> int:
+    def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:
         if not ids:
             return 0
         keys = self._keys(ids)
@@ -185,8 +196,8 @@ def _ms(seconds: float) -> int:
 
 
 def _parse_claim(reply: str) -> Claim:
-    if reply.startswith("+"):
-        return Claim(ClaimStatus.CLAIMED, attempts=int(reply[1:]))
+    if reply == "":
+        return CLAIMED
     if reply.startswith("c|"):
         _, _, origin, fingerprint = [*reply.split("|", 3), "", ""][:4]
         return Claim(ClaimStatus.COMPLETED, origin or None, fingerprint=fingerprint or None)
