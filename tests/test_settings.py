@@ -104,6 +104,25 @@ def test_config_path_from_environment(config, monkeypatch):
             "routes",
             "more than one route",
         ),
+        (
+            MINIMAL.replace(
+                'handler = "handlers.orders:handle"', 'handler = "a:b"\ntimeout_seconds = 300'
+            ),
+            "routes[0].timeout_seconds",
+            "polling thread",
+        ),
+        (
+            MINIMAL + "\n[dedup]\nlease_seconds = 5\n",
+            "dedup.lease_seconds",
+            "3 x redis.socket_timeout_seconds",
+        ),
+        (
+            MINIMAL.replace(
+                'group_id = "orders"', 'group_id = "orders"\nmax_payload_bytes = 990000'
+            ),
+            "kafka.max_payload_bytes",
+            "message.max.bytes",
+        ),
         (MINIMAL.split("[[routes]]")[0], "routes", "missing"),
         (MINIMAL + "[[[", "config", "not valid TOML"),
     ],
