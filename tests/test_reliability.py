@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.harness import Run
+from tests.support.harness import Run, make_settings
 from tests.support.kafka import Record, group_lag, produce, with_id
 from worker import embedded
 from worker.dedup import ClaimStatus, State
@@ -32,8 +32,6 @@ def dlq_reasons(env):
 
 @pytest.fixture
 def env(kafka_bootstrap, redis_url, unique_name, make_topics, ledger):
-    from tests.support.harness import make_settings
-
     topic = unique_name("in")
 
     class Env:
@@ -156,18 +154,18 @@ def test_a_crash_looping_message_is_dead_lettered_after_k_attempts(env, tmp_path
     env.produce([with_id("poison", partition=1)])
     env.produce([with_id(f"n-{n}", partition=n % 3) for n in range(10)])
     port = embedded.free_port()
-    replica_env_ = replica_env(env, port, POISON_ID="poison")
+    environment = replica_env(env, port, POISON_ID="poison")
     normal = {f"{prefix}-{n}" for prefix in "mn" for n in range(10)}
     exits = []
     deadline = time.monotonic() + 120
-    process = spawn_worker(replica_env_, tmp_path / "replica-0.log", cwd=REPO)
+    process = spawn_worker(environment, tmp_path / "replica-0.log", cwd=REPO)
     # A supervisor, as an orchestrator would be: restart the replica whenever it dies.
     while not (normal <= env.runs().keys() and "poison" in dlq_reasons(env)):
         assert time.monotonic() < deadline, f"exits so far: {exits}"
         if (code := process.poll()) is not None:
             exits.append(code)
             log = tmp_path / f"replica-{len(exits)}.log"
-            process = spawn_worker(replica_env_, log, cwd=REPO)
+            process = spawn_worker(environment, log, cwd=REPO)
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     exits.append(process.wait(30))
@@ -205,9 +203,7 @@ def test_a_handler_past_its_timeout_ends_the_process(env, tmp_path):
 
 @pytest.mark.parametrize("allow", [False, True])
 def test_an_evicting_redis_is_refused_unless_allowed(env, tmp_path, allow):
-    server = embedded.redis(tmp_path, eviction_policy="allkeys-lru")
-    server.start()
-    try:
+    with embedded.redis(tmp_path, eviction_policy="allkeys-lru") as server:
         routes = [{"topic": env.input, "handler": "tests.support.handlers:ledger"}]
         port = embedded.free_port()
         environment = worker_env(
@@ -233,5 +229,3 @@ def test_an_evicting_redis_is_refused_unless_allowed(env, tmp_path, allow):
                 time.sleep(0.1)
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=30) == 0
-    finally:
-        server.stop()

@@ -54,6 +54,13 @@ class LocalService:
         self.stop()
         raise ServiceError(f"{self.name} did not listen on port {self.port} in {timeout:g} s")
 
+    def __enter__(self) -> LocalService:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
@@ -31,11 +30,12 @@ from worker.metrics import Metrics
 EXIT_HANDLER_TIMEOUT = 3
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Running:
     started: float
     timeout: float
-    fields: dict[str, Any]
+    origin: str
+    id: str
 
 
 class LeaseKeeper:
@@ -79,8 +79,8 @@ class LeaseKeeper:
                 if not held:
                     del self._held[token]
 
-    def handler_started(self, timeout: float, **fields: Any) -> None:
-        self._running = _Running(time.monotonic(), timeout, fields)
+    def handler_started(self, timeout: float, origin: str, id: str) -> None:
+        self._running = _Running(time.monotonic(), timeout, origin, id)
 
     def handler_finished(self) -> None:
         self._running = None
@@ -94,15 +94,16 @@ class LeaseKeeper:
                     "handler timed out; exiting so that the message is retried elsewhere",
                     timeout_seconds=running.timeout,
                     exit_code=EXIT_HANDLER_TIMEOUT,
-                    **running.fields,
+                    origin=running.origin,
+                    id=running.id,
                 )
                 self._on_timeout()
                 return
             if time.monotonic() >= next_renewal:
-                self.renew_now()
+                self._renew()
                 next_renewal = time.monotonic() + self._interval
 
-    def renew_now(self) -> None:
+    def _renew(self) -> None:
         with self._lock:
             held = [(token, sorted(ids)) for token, ids in self._held.items()]
         for token, ids in held:

@@ -397,7 +397,7 @@ class Worker:
             route.output_topic,
         )
         self._metrics.in_flight.inc()
-        self._leases.handler_started(route.timeout_seconds, **self._fields(item))
+        self._leases.handler_started(route.timeout_seconds, item.origin, item.message.id)
         started = time.perf_counter()
         try:
             route.handler(item.message, ctx)

@@ -42,12 +42,8 @@ def kafka_bootstrap(workdir: Path) -> Iterator[str]:
         with KafkaContainer(KAFKA_IMAGE).with_kraft() as kafka:
             yield kafka.get_bootstrap_server()
     else:
-        broker = embedded.broker(workdir)
-        broker.start()
-        try:
+        with embedded.broker(workdir) as broker:
             yield f"127.0.0.1:{broker.port}"
-        finally:
-            broker.stop()
 
 
 @contextlib.contextmanager
@@ -61,9 +57,5 @@ def redis_url(workdir: Path) -> Iterator[str]:
             host, port = redis.get_container_host_ip(), redis.get_exposed_port(6379)
             yield f"redis://{host}:{port}/0"
     else:
-        server = embedded.redis(workdir)
-        server.start()
-        try:
+        with embedded.redis(workdir) as server:
             yield f"redis://127.0.0.1:{server.port}/0"
-        finally:
-            server.stop()

@@ -135,13 +135,17 @@ class RedisDedupStore:
         except redis.RedisError as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
+    def _record_keys(self, ids: Sequence[str]) -> list[str]:
+        return [self._prefix + id for id in ids]
+
     def _keys(self, ids: Sequence[str]) -> list[str]:
-        return [self._prefix + id for id in ids] + [self._attempts_prefix + id for id in ids]
+        """The record keys, then the attempt-count keys."""
+        return self._record_keys(ids) + [self._attempts_prefix + id for id in ids]
 
     def claim(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[Claim]:
         if not ids:
             return []
-        keys = [self._prefix + id for id in ids]
+        keys = self._record_keys(ids)
         args: list[Any] = [token, _ms(lease_seconds)]
         replies: list[str] = self._call(lambda: self._claim(keys=keys, args=args))
         return [_parse_claim(reply) for reply in replies]
@@ -165,7 +169,7 @@ class RedisDedupStore:
     def renew(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[bool]:
         if not ids:
             return []
-        keys = [self._prefix + id for id in ids]
+        keys = self._record_keys(ids)
         replies = self._call(lambda: self._renew(keys=keys, args=[token, _ms(lease_seconds)]))
         return [bool(reply) for reply in replies]
 
@@ -176,13 +180,14 @@ class RedisDedupStore:
         return State.COMPLETED if str(value).startswith("c|") else State.IN_PROGRESS
 
     def eviction_policy(self) -> str | None:
-        try:
-            reply = self._client.config_get("maxmemory-policy")
-        except redis.ResponseError:
-            return None  # CONFIG is disabled or not granted to this user (managed Redis)
-        except redis.RedisError as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
-        return str(reply.get("maxmemory-policy")) if reply else None
+        def read() -> Any:
+            try:
+                return self._client.config_get("maxmemory-policy")
+            except redis.ResponseError:
+                return {}  # CONFIG is disabled or not granted to this user (managed Redis)
+
+        policy = self._call(read).get("maxmemory-policy")
+        return None if policy is None else str(policy)
 
     def ping(self) -> None:
         self._call(self._client.ping)
