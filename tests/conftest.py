@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support import services
+from tests.support import chaos, services
 from worker.demo import create_topics
 
 
@@ -69,3 +69,10 @@ def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ledger:
     path = tmp_path / "ledger.txt"
     monkeypatch.setenv("LEDGER_PATH", str(path))
     return Ledger(path)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if chaos.REPORT:
+        terminalreporter.section("fault scenarios")
+        for line in chaos.report_table():
+            terminalreporter.write_line(line)

@@ -4,6 +4,7 @@ import time
 import uuid
 
 import pytest
+import redis
 
 from worker.dedup import ClaimStatus, State
 from worker.dedup.memory import MemoryDedupStore
@@ -35,6 +36,26 @@ def store_and_wait(request):
         url = request.getfixturevalue("redis_url")
         store = RedisDedupStore.from_url(url, f"contract-{uuid.uuid4().hex}")
         yield store, time.sleep
+        store.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_and_flush(request):
+    """(store, flush): flush() empties the store as FLUSHALL would."""
+    if request.param == "memory":
+        store = MemoryDedupStore()
+        yield store, store.flush
+    else:
+        url = request.getfixturevalue("redis_url")
+        prefix = f"contract-{uuid.uuid4().hex}"
+        store = RedisDedupStore.from_url(url, prefix)
+        client = redis.Redis.from_url(url)
+
+        def flush():  # only this test's keys: the server is shared with other tests
+            client.delete(*client.keys(f"{prefix}*"))
+
+        yield store, flush
+        client.close()
         store.close()
 
 
@@ -194,3 +215,14 @@ def test_renew_extends_only_the_callers_live_claims(store_and_wait):
         ]
     assert statuses(store.claim(["mine"], "t3", LEASE)) == [ClaimStatus.BUSY]
     assert store.state("released") is State.ABSENT  # a renewal never resurrects a claim
+
+
+def test_epoch_is_set_once_and_changes_when_the_store_is_emptied(store_and_flush):
+    store, flush = store_and_flush
+    assert store.epoch("first") == "first"
+    assert store.epoch("second") == "first"
+    store.claim(["a"], "t1", 30)
+    assert store.complete("a", "t1", 60, "t/0/0")
+    flush()
+    assert store.state("a") is State.ABSENT
+    assert store.epoch("third") == "third"

@@ -121,6 +121,8 @@ def redis(
         "",
         "--appendonly",
         "yes" if appendonly else "no",
+        "--appendfsync",
+        "always",  # with appendonly: a record acknowledged is a record on disk
         "--dir",
         str(data),
         "--maxmemory-policy",

@@ -6,6 +6,11 @@ as it runs. Renewal never takes an id: a claim lost meanwhile (the lease ran out
 a Redis outage and another replica claimed the id) stays lost, is logged and counted,
 and the store refuses this replica's completion (fencing).
 
+The same thread watches the store's epoch marker (see ``DedupStore.epoch``): if it
+changes, the store lost its records, so completed ids can run again. The worker cannot
+undo that and keeps running, but it says so: an error log line and
+``idempotent_worker_dedup_store_resets_total``.
+
 A Python thread cannot be killed, so a handler past its route's timeout ends the
 process: the thread logs it and exits with ``EXIT_HANDLER_TIMEOUT``. The message's
 offset was not committed and its claim is no longer renewed, so after the lease another
@@ -18,6 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -55,6 +61,7 @@ class LeaseKeeper:
         self._on_timeout = on_timeout
         self._held: dict[str, set[str]] = {}  # token -> ids
         self._running: _Running | None = None
+        self._epoch: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
@@ -101,7 +108,25 @@ class LeaseKeeper:
                 return
             if time.monotonic() >= next_renewal:
                 self._renew()
+                self._check_epoch()
                 next_renewal = time.monotonic() + self._interval
+
+    def _check_epoch(self) -> None:
+        started = time.perf_counter()
+        try:
+            epoch = self._store.epoch(uuid.uuid4().hex)
+        except StoreUnavailable as exc:
+            self._metrics.store_errors.labels("epoch").inc()
+            self._log.warning("epoch check failed", error=str(exc))
+            return
+        self._metrics.store_duration.labels("epoch").observe(time.perf_counter() - started)
+        if self._epoch is not None and epoch != self._epoch:
+            self._metrics.store_resets.inc()
+            self._log.error(
+                "the dedup store lost its records (FLUSHALL, or a restart without "
+                "persistence): ids completed before now can run again if redelivered"
+            )
+        self._epoch = epoch
 
     def _renew(self) -> None:
         with self._lock:

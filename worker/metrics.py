@@ -12,7 +12,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _HANDLER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-STORE_OPERATIONS = ("claim", "begin", "complete", "release", "renew", "ping")
+STORE_OPERATIONS = ("claim", "begin", "complete", "release", "renew", "epoch", "ping")
 
 
 class Metrics:
@@ -57,6 +57,13 @@ class Metrics:
             "Latency of dedup store operations (one claim covers a whole poll batch).",
             ["operation"],
             buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.store_resets = Counter(
+            PREFIX + "dedup_store_resets",
+            "Times this replica found the dedup store emptied under it (FLUSHALL, a restart "
+            "without persistence, a failover to an empty replica). Ids completed before a "
+            "reset can run again when they are redelivered or duplicated.",
             registry=registry,
         )
         self.claim_waits = Counter(

@@ -50,6 +50,12 @@ def slow(message: Message, ctx: Context) -> None:
     _record(message)
 
 
+def slow_then_emit(message: Message, ctx: Context) -> None:
+    """Sleeps for the number of seconds in the value, records the run, emits the value."""
+    slow(message, ctx)
+    ctx.emit(message.value, key=message.key)
+
+
 def crashes_on_poison(message: Message, ctx: Context) -> None:
     """Records the run, then kills the whole process if the id is ``POISON_ID``."""
     _record(message)

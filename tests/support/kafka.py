@@ -48,8 +48,8 @@ def with_id(
     )
 
 
-def group_lag(bootstrap: str, group: str, topic: str) -> int:
-    """Records at or past ``group``'s committed offsets, counted by reading them."""
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """``group``'s committed offset per partition of ``topic`` (0 where none is)."""
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
     )
@@ -58,5 +58,9 @@ def group_lag(bootstrap: str, group: str, topic: str) -> int:
         committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
     finally:
         consumer.close()
-    start = {tp.partition: max(tp.offset, 0) for tp in committed}
-    return len(read_all(bootstrap, topic, start))
+    return {tp.partition: max(tp.offset, 0) for tp in committed}
+
+
+def group_lag(bootstrap: str, group: str, topic: str) -> int:
+    """Records at or past ``group``'s committed offsets, counted by reading them."""
+    return len(read_all(bootstrap, topic, committed_offsets(bootstrap, group, topic)))

@@ -84,6 +84,13 @@ class DedupStore(Protocol):
         Unlike ``claim`` it never takes an id, so a renewal racing a release cannot
         resurrect the released claim."""
 
+    def epoch(self, candidate: str) -> str:
+        """The store's epoch marker, first set to ``candidate`` if it is missing.
+
+        The marker lives as long as the records do, so a marker that changed under a
+        replica means the store lost its records (FLUSHALL, a restart without
+        persistence, a failover to an empty replica)."""
+
     def state(self, id: str) -> State:
         """The current state of ``id`` (for tests and diagnostics)."""
 

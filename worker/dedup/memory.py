@@ -28,6 +28,7 @@ class MemoryDedupStore:
         self._clock = clock
         self._records: dict[str, _Record] = {}
         self._attempts: dict[str, int] = {}
+        self._epoch: str | None = None
         self._lock = threading.Lock()
 
     def _live(self, id: str) -> _Record | None:
@@ -96,6 +97,19 @@ class MemoryDedupStore:
                     record.expires_at = self._clock() + lease_seconds
                 renewed.append(held)
             return renewed
+
+    def epoch(self, candidate: str) -> str:
+        with self._lock:
+            if self._epoch is None:
+                self._epoch = candidate
+            return self._epoch
+
+    def flush(self) -> None:
+        """Forget everything, as FLUSHALL does to Redis."""
+        with self._lock:
+            self._records.clear()
+            self._attempts.clear()
+            self._epoch = None
 
     def state(self, id: str) -> State:
         with self._lock:

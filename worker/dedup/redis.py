@@ -97,6 +97,16 @@ end
 return out
 """
 
+# KEYS: the epoch marker's key. ARGV: a new epoch. The marker, set to ARGV[1] if missing.
+_EPOCH = """
+local value = redis.call('GET', KEYS[1])
+if value then
+  return value
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+"""
+
 ATTEMPTS_TTL_SECONDS = 24 * 3600
 """How long a message id's attempt count outlives its last claim."""
 
@@ -108,11 +118,13 @@ class RedisDedupStore:
         self._client = client
         self._prefix = key_prefix + ":"
         self._attempts_prefix = key_prefix + "#attempts:"  # never equal to a record key
+        self._epoch_key = key_prefix + "#epoch"
         self._claim = client.register_script(_CLAIM)
         self._complete = client.register_script(_COMPLETE)
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
         self._begin = client.register_script(_BEGIN)
+        self._epoch = client.register_script(_EPOCH)
 
     @classmethod
     def from_url(
@@ -172,6 +184,9 @@ class RedisDedupStore:
         keys = self._record_keys(ids)
         replies = self._call(lambda: self._renew(keys=keys, args=[token, _ms(lease_seconds)]))
         return [bool(reply) for reply in replies]
+
+    def epoch(self, candidate: str) -> str:
+        return str(self._call(lambda: self._epoch(keys=[self._epoch_key], args=[candidate])))
 
     def state(self, id: str) -> State:
         value = self._call(lambda: self._client.get(self._prefix + id))

@@ -1,0 +1,159 @@
+"""Worker replicas as real processes that a test can kill, stop and restart, and the
+ground truth the fault scenarios check against: what was published, what ran, what
+came out."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker import embedded
+from worker.demo import generate_traffic, metric_sum, read_all, scrape, spawn_worker
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+@dataclass
+class Row:
+    """One line of the fault table printed at the end of the session."""
+
+    scenario: str
+    messages: int
+    faults: str
+    lost: int
+    run_twice: int
+    dead_lettered: int
+
+
+REPORT: list[Row] = []
+
+
+def report_table() -> list[str]:
+    header = "| scenario | messages | faults injected | lost | run twice | dead-lettered |"
+    lines = [header, "|---|---:|---|---:|---:|---:|"]
+    for row in REPORT:
+        lines.append(
+            f"| {row.scenario} | {row.messages} | {row.faults} | {row.lost} "
+            f"| {row.run_twice} | {row.dead_lettered} |"
+        )
+    return lines
+
+
+class Replicas:
+    """``count`` slots, each running at most one ``idempotent-worker run`` process."""
+
+    def __init__(self, count: int, env_for: Callable[[int], dict[str, str]], logdir: Path):
+        self.ports = [embedded.free_port() for _ in range(count)]
+        self._env_for = env_for
+        self._logdir = logdir
+        self._processes: list[subprocess.Popen[bytes] | None] = [None] * count
+        self._starts = [0] * count
+        self.exit_codes: list[int] = []  # of every process that ended, in order
+
+    def __enter__(self) -> Replicas:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for process in self._processes:
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+
+    def start(self, slot: int) -> None:
+        self._starts[slot] += 1
+        log = self._logdir / f"replica-{slot}-{self._starts[slot]}.log"
+        self._processes[slot] = spawn_worker(self._env_for(self.ports[slot]), log, cwd=REPO)
+
+    def start_all(self) -> None:
+        for slot in range(len(self.ports)):
+            self.start(slot)
+
+    def running(self) -> list[int]:
+        return [s for s, p in enumerate(self._processes) if p is not None and p.poll() is None]
+
+    def send(self, slot: int, sig: signal.Signals) -> None:
+        process = self._processes[slot]
+        assert process is not None
+        process.send_signal(sig)
+
+    def end(self, slot: int, sig: signal.Signals = signal.SIGTERM, timeout: float = 60) -> int:
+        """Send ``sig`` to the slot's process and wait for it to exit; its exit code."""
+        process = self._processes[slot]
+        assert process is not None
+        process.send_signal(sig)
+        code = process.wait(timeout)
+        self.exit_codes.append(code)
+        self._processes[slot] = None
+        return code
+
+    def end_all(self) -> list[int]:
+        return [self.end(slot) for slot in self.running()]
+
+    def logs(self) -> str:
+        return "".join(path.read_text() for path in sorted(self._logdir.glob("replica-*.log")))
+
+    def metric(self, name: str, **labels: str) -> float:
+        """``name`` summed over the running replicas."""
+        ports = [self.ports[slot] for slot in self.running()]
+        return metric_sum([scrape(port) for port in ports], name, **labels)
+
+
+def message_ids(bootstrap: str, topic: str) -> Counter[str]:
+    """How many records of ``topic`` carry each ``message-id`` header."""
+    return Counter(
+        headers["message-id"].decode()
+        for headers, _ in read_all(bootstrap, topic)
+        if "message-id" in headers
+    )
+
+
+class Traffic:
+    """Orders published in the background: ``batch`` every ``interval`` s, ``rounds`` times,
+    with ``duplicate_share`` of them repeating an earlier id of their round."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        *,
+        batch: int,
+        rounds: int,
+        interval: float,
+        partitions: int,
+        duplicate_share: float = 0.3,
+    ) -> None:
+        self.messages = batch * rounds
+        self._thread = threading.Thread(
+            target=generate_traffic,
+            args=(bootstrap, topic, batch, duplicate_share, partitions, interval, rounds),
+            daemon=True,
+        )
+        self._thread.start()
+
+    def flowing(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float = 120) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the publisher did not finish"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def during(seconds: float, step: float = 0.5) -> Iterator[float]:
+    """Yield every ``step`` s for ``seconds``: the time left."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        yield left
+        time.sleep(min(step, left))

@@ -1,0 +1,343 @@
+"""The fault suite: real worker processes, the real broker and real ``redis-server``
+processes, and faults injected into them while messages flow.
+
+Each scenario checks its invariant against the ground truth: the ids read back from
+the input topic (what was published), the ledger the handler appends every run to
+(what ran), and the output and dead-letter topics (what came out). Each adds a row to
+the table printed at the end of the session.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+
+import pytest
+import redis
+
+from tests.support.chaos import REPORT, Replicas, Row, Traffic, during, message_ids, wait_until
+from tests.support.kafka import committed_offsets, group_lag, produce, with_id
+from worker import embedded
+from worker.dedup import State
+from worker.dedup.redis import RedisDedupStore
+from worker.demo import probe, wait_for_group, worker_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.chaos]
+
+PARTITIONS = 6
+
+
+class Scenario:
+    """Topics, group and replica environment of one scenario, and its final accounting."""
+
+    def __init__(self, kafka_bootstrap, redis_url, unique_name, make_topics, ledger, tmp_path):
+        self.bootstrap = kafka_bootstrap
+        self.redis_url = redis_url
+        self.input = unique_name("in")
+        self.output = f"{self.input}.out"
+        self.dlq = f"{self.input}.dlq"
+        self.group = unique_name("group")
+        self.ledger = ledger
+        self.logdir = tmp_path
+        self.handler = "ledger_and_emit"
+        self.extra: dict[str, str] = {
+            "WORKER_DEDUP__LEASE_SECONDS": "3",
+            "WORKER_REDIS__SOCKET_TIMEOUT_SECONDS": "0.5",
+            "WORKER_LOG__LEVEL": "WARNING",
+        }
+        make_topics({self.input: PARTITIONS, self.output: PARTITIONS, self.dlq: 1})
+
+    def env_for(self, port: int) -> dict[str, str]:
+        route = {
+            "topic": self.input,
+            "handler": f"tests.support.handlers:{self.handler}",
+            "output_topic": self.output,
+        }
+        return worker_env(
+            self.bootstrap,
+            self.redis_url,
+            self.group,
+            port,
+            [route],
+            LEDGER_PATH=str(self.ledger.path),
+            **self.extra,
+        )
+
+    def replicas(self, count: int) -> Replicas:
+        return Replicas(count, self.env_for, self.logdir)
+
+    def published(self) -> set[str]:
+        return set(message_ids(self.bootstrap, self.input))
+
+    def finished(self) -> bool:
+        """Every published id ran and the group committed everything."""
+        return self.published() <= self.ledger.runs().keys() and self.lag() == 0
+
+    def lag(self) -> int:
+        return group_lag(self.bootstrap, self.group, self.input)
+
+    def account(self, scenario: str, messages: int, faults: str) -> tuple[int, int, int]:
+        """(lost, ids run more than once, dead-lettered), recorded in the report."""
+        runs = self.ledger.runs()
+        lost = len(self.published() - runs.keys())
+        twice = sum(1 for count in runs.values() if count > 1)
+        dead = sum(message_ids(self.bootstrap, self.dlq).values())
+        REPORT.append(Row(scenario, messages, faults, lost, twice, dead))
+        return lost, twice, dead
+
+    def outputs(self) -> tuple[set[str], int]:
+        """(distinct output message ids, output records repeating one already seen)."""
+        outputs = message_ids(self.bootstrap, self.output)
+        return set(outputs), sum(outputs.values()) - len(outputs)
+
+
+@pytest.fixture
+def scenario(kafka_bootstrap, redis_url, unique_name, make_topics, ledger, tmp_path):
+    return Scenario(kafka_bootstrap, redis_url, unique_name, make_topics, ledger, tmp_path)
+
+
+def test_sigkill_storm_loses_nothing_and_reruns_only_the_crash_window(scenario):
+    rng = random.Random(11)
+    kills = 0
+    with scenario.replicas(3) as replicas:
+        replicas.start_all()
+        wait_for_group(replicas.ports, PARTITIONS)
+        traffic = Traffic(
+            scenario.bootstrap, scenario.input, batch=1000, rounds=20, interval=1.0,
+            partitions=PARTITIONS,
+        )  # fmt: skip
+        while kills < 10 or traffic.flowing():
+            time.sleep(rng.uniform(1.5, 2.5))
+            slot = rng.randrange(3)
+            assert replicas.end(slot, signal.SIGKILL) == -signal.SIGKILL
+            replicas.start(slot)
+            kills += 1
+        traffic.join()
+        wait_until(scenario.finished, 240, "every id to run and be committed")
+        codes = replicas.end_all()
+    lost, twice, dead = scenario.account("SIGKILL storm, 3 replicas", 20_000, f"{kills} SIGKILL")
+    assert codes == [0, 0, 0]
+    assert lost == 0 and dead == 0
+    assert twice <= kills  # at most the message in hand when a replica died
+    distinct, repeated = scenario.outputs()
+    assert distinct == {f"{id}:0" for id in scenario.published()}  # downstream dedup sees one
+    assert repeated <= kills
+
+
+def test_sigterm_under_load_exits_cleanly_and_reruns_nothing(scenario):
+    with scenario.replicas(2) as replicas:
+        replicas.start_all()
+        wait_for_group(replicas.ports, PARTITIONS)
+        traffic = Traffic(
+            scenario.bootstrap, scenario.input, batch=1000, rounds=8, interval=0.5,
+            partitions=PARTITIONS,
+        )  # fmt: skip
+        codes = []
+        for slot in (0, 1, 0):
+            time.sleep(1.5)
+            codes.append(replicas.end(slot, signal.SIGTERM))
+            replicas.start(slot)
+        traffic.join()
+        wait_until(scenario.finished, 180, "every id to run and be committed")
+        codes += replicas.end_all()
+    lost, twice, dead = scenario.account("SIGTERM under load, 2 replicas", 8_000, "3 SIGTERM")
+    assert codes == [0] * 5
+    assert (lost, twice, dead) == (0, 0, 0)
+    assert scenario.outputs()[1] == 0
+
+
+@pytest.fixture
+def own_redis(tmp_path, scenario):
+    """A redis-server of the scenario's own, persisted to an append-only file fsynced at
+    every write, so that it can be killed and restarted without losing a record."""
+    with embedded.redis(tmp_path, appendonly=True) as server:
+        scenario.redis_url = f"redis://127.0.0.1:{server.port}/0"
+        yield server
+
+
+def hold_still(scenario, replicas, seconds):
+    """Assert that, for ``seconds``, no handler starts, no offset is committed and no
+    replica is ready; one second of grace first for what was already under way."""
+    time.sleep(1)
+    ran = sum(scenario.ledger.runs().values())
+    committed = committed_offsets(scenario.bootstrap, scenario.group, scenario.input)
+    for _ in during(seconds - 2, step=1):
+        assert sum(scenario.ledger.runs().values()) == ran, "a handler ran without Redis"
+        assert not any(probe(port, "/readyz") for port in replicas.ports)
+        assert replicas.running() == [0, 1], "a replica died instead of holding still"
+        assert committed_offsets(scenario.bootstrap, scenario.group, scenario.input) == committed
+
+
+def fault_under_traffic(scenario, inject, seconds, name, faults):
+    with scenario.replicas(2) as replicas:
+        replicas.start_all()
+        wait_for_group(replicas.ports, PARTITIONS)
+        traffic = Traffic(
+            scenario.bootstrap, scenario.input, batch=250, rounds=16, interval=0.5,
+            partitions=PARTITIONS,
+        )  # fmt: skip
+        wait_until(lambda: len(scenario.ledger.runs()) > 500, 60, "the first runs")
+        with inject():
+            hold_still(scenario, replicas, seconds)
+        traffic.join()
+        wait_until(scenario.finished, 120, "every id to run and be committed")
+        errors = replicas.metric("idempotent_worker_dedup_store_errors_total")
+        codes = replicas.end_all()
+    lost, twice, dead = scenario.account(name, 4_000, faults)
+    assert codes == [0, 0]
+    assert (lost, twice, dead) == (0, 0, 0)
+    assert errors > 0  # the outage was seen, and counted
+    assert scenario.outputs()[1] == 0
+
+
+def test_redis_killed_then_restarted_holds_still_and_resumes(scenario, own_redis):
+    scenario.extra["WORKER_DEDUP__LEASE_SECONDS"] = "30"  # longer than the outage
+
+    class Killed:
+        def __enter__(self):
+            own_redis.process.kill()
+            own_redis.process.wait()
+
+        def __exit__(self, *exc_info):
+            own_redis.start()
+
+    name = "redis-server killed, restarted with AOF"
+    fault_under_traffic(scenario, Killed, 10, name, "SIGKILL, down 10 s")
+
+
+@pytest.mark.parametrize("how", ["SIGSTOP", "CLIENT PAUSE"])
+def test_redis_paused_past_the_client_timeout_holds_still(scenario, own_redis, how):
+    scenario.extra["WORKER_DEDUP__LEASE_SECONDS"] = "30"
+    seconds = 5
+
+    class Paused:
+        def __enter__(self):
+            if how == "SIGSTOP":
+                own_redis.process.send_signal(signal.SIGSTOP)
+            else:
+                with redis.Redis(port=own_redis.port) as client:
+                    client.execute_command("CLIENT", "PAUSE", seconds * 1000, "ALL")
+
+        def __exit__(self, *exc_info):
+            if how == "SIGSTOP":
+                own_redis.process.send_signal(signal.SIGCONT)
+
+    name = f"Redis paused ({how}), client timeout 0.5 s"
+    fault_under_traffic(scenario, Paused, seconds, name, f"{how} {seconds} s")
+
+
+def test_flushall_is_survived_and_counted(scenario, own_redis):
+    with scenario.replicas(2) as replicas:
+        replicas.start_all()
+        wait_for_group(replicas.ports, PARTITIONS)
+        ids = [f"f-{n}" for n in range(300)]
+        produce(scenario.bootstrap, scenario.input, (with_id(i, n % 6) for n, i in enumerate(ids)))
+        wait_until(scenario.finished, 60, "the first pass")
+        with redis.Redis(port=own_redis.port) as client:
+            client.flushall()
+        # A replay of the same records: with the completed records gone they run again.
+        produce(scenario.bootstrap, scenario.input, (with_id(i, n % 6) for n, i in enumerate(ids)))
+        wait_until(lambda: scenario.lag() == 0, 60, "the replay")
+        wait_until(
+            lambda: replicas.metric("idempotent_worker_dedup_store_resets_total") == 2,
+            30,
+            "both replicas to notice the reset",
+        )
+        codes = replicas.end_all()
+    lost, twice, dead = scenario.account("FLUSHALL, then a replay", 600, "1 FLUSHALL")
+    assert codes == [0, 0]
+    assert lost == 0 and dead == 0
+    assert twice == 300  # let through, as the reset metric and the log warn
+    assert replicas.logs().count("the dedup store lost its records") == 2
+
+
+@pytest.mark.parametrize(
+    "membership",
+    [
+        pytest.param({}, id="eager"),
+        pytest.param(
+            {"partition.assignment.strategy": "cooperative-sticky"}, id="cooperative-sticky"
+        ),
+    ],
+)
+def test_rebalance_storm_loses_nothing_and_runs_nothing_twice(scenario, membership):
+    consumer = {
+        "session.timeout.ms": 2000,
+        "heartbeat.interval.ms": 500,
+        "fetch.wait.max.ms": 10,
+        **membership,
+    }
+    scenario.extra["WORKER_KAFKA__CONSUMER"] = json.dumps(consumer)
+    rng = random.Random(5)
+    changes = 0
+    with scenario.replicas(4) as replicas:
+        replicas.start(0)
+        traffic = Traffic(
+            scenario.bootstrap, scenario.input, batch=200, rounds=60, interval=1.0,
+            partitions=PARTITIONS,
+        )  # fmt: skip
+        codes = []
+        while traffic.flowing():
+            time.sleep(rng.uniform(1.0, 3.0))
+            slot = rng.randrange(4)
+            if slot not in replicas.running():
+                replicas.start(slot)
+            elif len(replicas.running()) > 1:
+                codes.append(replicas.end(slot))
+            changes += 1
+        wait_until(scenario.finished, 180, "every id to run and be committed")
+        codes += replicas.end_all()
+    name = f"rebalance storm, 1 to 4 replicas, {membership or 'eager'}"
+    lost, twice, dead = scenario.account(name, 12_000, f"{changes} starts/stops in 60 s")
+    assert set(codes) == {0}
+    assert (lost, twice, dead) == (0, 0, 0)
+    assert scenario.outputs()[1] == 0
+
+
+def test_duplicate_storm_runs_the_handler_once(scenario):
+    with scenario.replicas(3) as replicas:
+        replicas.start_all()
+        wait_for_group(replicas.ports, PARTITIONS)
+        produce(scenario.bootstrap, scenario.input, (with_id("hot", n % 6) for n in range(1000)))
+        wait_until(lambda: scenario.lag() == 0, 60, "the storm to be consumed")
+        skipped = replicas.metric("idempotent_worker_duplicates_skipped_total")
+        codes = replicas.end_all()
+    assert scenario.account("duplicate storm, 1 id x 1000", 1000, "-") == (0, 0, 0)
+    assert codes == [0, 0, 0]
+    assert scenario.ledger.runs() == {"hot": 1}
+    assert skipped == 999
+    assert scenario.outputs() == ({"hot:0"}, 0)
+
+
+def test_a_zombie_replica_cannot_complete_or_publish(scenario):
+    scenario.handler = "slow_then_emit"
+    scenario.extra["WORKER_DEDUP__LEASE_SECONDS"] = "2"
+    with scenario.replicas(2) as replicas:
+        replicas.start(0)
+        wait_for_group(replicas.ports[:1], PARTITIONS)
+        produce(scenario.bootstrap, scenario.input, [with_id("z", value=b"4")])
+        store = RedisDedupStore.from_url(scenario.redis_url, f"idempotent-worker:{scenario.group}")
+        try:
+            wait_until(lambda: store.state("z") is State.IN_PROGRESS, 30, "the handler to start")
+            replicas.send(0, signal.SIGSTOP)  # the zombie: frozen mid-handler
+            replicas.start(1)  # its successor takes the partition, then the id
+            wait_until(lambda: store.state("z") is State.COMPLETED, 60, "the successor's run")
+        finally:
+            store.close()
+        replicas.send(0, signal.SIGCONT)
+        wait_until(
+            lambda: replicas.metric("idempotent_worker_lease_lost_total") == 1,
+            30,
+            "the zombie's completion to be refused",
+        )
+        wait_until(lambda: scenario.lag() == 0, 60, "the group to commit")
+        codes = replicas.end_all()
+    lost, _, dead = scenario.account("zombie (SIGSTOP past the lease)", 1, "SIGSTOP+SIGCONT")
+    assert codes == [0, 0]
+    # The handler itself ran twice (the zombie's run cannot be stopped), but only the
+    # successor's run published its output and completed the id.
+    assert scenario.ledger.runs() == {"z": 2}
+    assert scenario.outputs() == ({"z:0"}, 0)
+    assert (lost, dead) == (0, 0)
