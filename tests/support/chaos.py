@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker import embedded
-from worker.demo import generate_traffic, metric_sum, read_all, scrape, spawn_worker
+from worker.demo import (
+    generate_traffic,
+    metric_sum,
+    read_all,
+    scrape,
+    spawn_worker,
+    wait_for_group,
+)
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -94,6 +101,14 @@ class Replicas:
 
     def end_all(self) -> list[int]:
         return [self.end(slot) for slot in self.running()]
+
+    def settle(self, partitions: int, timeout: float = 60) -> None:
+        """Wait until the running replicas are ready and own every partition between them.
+
+        The scenarios change membership only in a settled group: Tansu 0.6 (the local
+        broker) loses a LeaveGroup sent while the group is rebalancing, keeps the
+        departed member as its leader, and never completes a rebalance again."""
+        wait_for_group([self.ports[slot] for slot in self.running()], partitions, timeout)
 
     def logs(self) -> str:
         return "".join(path.read_text() for path in sorted(self._logdir.glob("replica-*.log")))
