@@ -22,7 +22,7 @@ from tests.support.kafka import committed_offsets, group_lag, produce, with_id
 from worker import embedded
 from worker.dedup import State
 from worker.dedup.redis import RedisDedupStore
-from worker.demo import FAST_CONSUMER, probe, wait_for_group, worker_env
+from worker.demo import FAST_CONSUMER, metric_sum, probe, scrape, wait_for_group, worker_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.chaos]
 
@@ -283,6 +283,45 @@ def test_rebalance_storm_loses_nothing_and_runs_nothing_twice(scenario, strategy
     assert set(codes) == {0}
     assert (lost, twice, dead) == (0, 0, 0)
     assert scenario.outputs()[1] == 0
+
+
+def test_static_members_restart_without_a_rebalance(scenario):
+    """With ``group.instance.id`` a replica that restarts within the session timeout gets
+    its partitions back and the others never notice: no rebalance."""
+    env_for = scenario.env_for
+
+    def static_env(port):
+        consumer = {**FAST_CONSUMER, "session.timeout.ms": 10000, "group.instance.id": f"w-{port}"}
+        return {**env_for(port), "WORKER_KAFKA__CONSUMER": json.dumps(consumer)}
+
+    scenario.env_for = static_env
+    with scenario.replicas(2) as replicas:
+        replicas.start_all()
+        replicas.settle(PARTITIONS)
+        traffic = Traffic(
+            scenario.bootstrap, scenario.input, batch=300, rounds=10, interval=0.5,
+            partitions=PARTITIONS,
+        )  # fmt: skip
+
+        def rebalances_seen_by_the_other():
+            return metric_sum([scrape(replicas.ports[1])], "idempotent_worker_rebalances_total")
+
+        before = rebalances_seen_by_the_other()
+        time.sleep(1)
+        codes = [replicas.end(0)]
+        replicas.start(0)
+        traffic.join()
+        wait_until(scenario.finished, 120, "every id to run and be committed")
+        rebalances = rebalances_seen_by_the_other() - before
+        assigned = [metric_sum([scrape(port)], "idempotent_worker_assigned_partitions")
+                    for port in replicas.ports]  # fmt: skip
+        codes += replicas.end_all()
+    faults = "1 SIGTERM + restart"
+    lost, twice, dead = scenario.account("static membership restart", 3_000, faults)
+    assert codes == [0, 0, 0]
+    assert (lost, twice, dead) == (0, 0, 0)
+    assert rebalances == 0
+    assert assigned == [3, 3]
 
 
 def test_duplicate_storm_runs_the_handler_once(scenario):
