@@ -6,6 +6,7 @@ import uuid
 import pytest
 import redis
 
+from tests.support.harness import complete
 from worker.dedup import ClaimStatus, State
 from worker.dedup.memory import MemoryDedupStore
 from worker.dedup.redis import RedisDedupStore
@@ -86,7 +87,7 @@ def test_claim_again_with_same_token_refreshes(store_and_wait):
 def test_batch_claim_reports_each_id_in_order(store):
     store.claim(["busy"], "other", LEASE)
     store.claim(["done"], "other", LEASE)
-    assert store.complete("done", "other", 60, "t/0/5")
+    assert complete(store, "done", "other", 60, "t/0/5")
     claims = store.claim(["new", "busy", "done"], "me", LEASE)
     assert statuses(claims) == [ClaimStatus.CLAIMED, ClaimStatus.BUSY, ClaimStatus.COMPLETED]
     assert claims[2].origin == "t/0/5"
@@ -94,17 +95,17 @@ def test_batch_claim_reports_each_id_in_order(store):
 
 def test_complete_only_by_owner_and_repeatable(store):
     store.claim(["a"], "t1", LEASE)
-    assert not store.complete("a", "t2", 60, "t/0/1")
+    assert not complete(store, "a", "t2", 60, "t/0/1")
     assert store.state("a") is State.IN_PROGRESS
-    assert store.complete("a", "t1", 60, "t/0/1")
-    assert store.complete("a", "t1", 60, "t/0/1")  # an ambiguous first attempt may be repeated
-    assert not store.complete("a", "t2", 60, "t/0/1")
+    assert complete(store, "a", "t1", 60, "t/0/1")
+    assert complete(store, "a", "t1", 60, "t/0/1")  # an ambiguous first attempt may be repeated
+    assert not complete(store, "a", "t2", 60, "t/0/1")
     assert store.state("a") is State.COMPLETED
 
 
 def test_completed_id_is_a_duplicate_for_everyone(store):
     store.claim(["a"], "t1", LEASE)
-    store.complete("a", "t1", 60, "t/2/9")
+    complete(store, "a", "t1", 60, "t/2/9")
     for token in ("t1", "t2"):
         [claim] = store.claim(["a"], token, LEASE)
         assert claim.status is ClaimStatus.COMPLETED
@@ -125,7 +126,7 @@ def test_release_only_by_owner(store):
 
 def test_completed_record_cannot_be_released(store):
     store.claim(["a"], "t1", LEASE)
-    store.complete("a", "t1", 60, "t/0/1")
+    complete(store, "a", "t1", 60, "t/0/1")
     assert store.release(["a"], "t1") == 0
     assert store.state("a") is State.COMPLETED
 
@@ -136,24 +137,24 @@ def test_expired_lease_lets_another_claim_and_fences_the_first(store_and_wait):
     wait(LEASE * 1.5)
     assert store.state("a") is State.ABSENT
     assert statuses(store.claim(["a"], "t2", LEASE)) == [ClaimStatus.CLAIMED]
-    assert not store.complete("a", "t1", 60, "t/0/1")
+    assert not complete(store, "a", "t1", 60, "t/0/1")
     assert store.release(["a"], "t1") == 0
-    assert store.complete("a", "t2", 60, "t/0/1")
-    assert not store.complete("a", "t1", 60, "t/0/1")  # completed by another: still refused
+    assert complete(store, "a", "t2", 60, "t/0/1")
+    assert not complete(store, "a", "t1", 60, "t/0/1")  # completed by another: still refused
 
 
 def test_expired_lease_nobody_took_over_still_completes(store_and_wait):
     store, wait = store_and_wait
     store.claim(["a"], "t1", LEASE)
     wait(LEASE * 1.5)
-    assert store.complete("a", "t1", 60, "t/0/1")
+    assert complete(store, "a", "t1", 60, "t/0/1")
     assert store.state("a") is State.COMPLETED
 
 
 def test_completed_record_expires_after_ttl(store_and_wait):
     store, wait = store_and_wait
     store.claim(["a"], "t1", LEASE)
-    store.complete("a", "t1", 1, "t/0/1")
+    complete(store, "a", "t1", 1, "t/0/1")
     wait(1.3)
     assert store.state("a") is State.ABSENT
 
@@ -170,31 +171,35 @@ def test_redis_store_wraps_connection_errors():
         store.ping()
 
 
-def test_runs_are_counted_across_claims_and_owners(store):
-    store.claim(["a"], "t1", LEASE)
-    assert store.begin("a", "t1") == 1
+def test_a_first_claim_counts_the_first_run(store):
+    assert store.claim(["a"], "t1", LEASE)[0].attempt == 1  # no begin needed
     assert store.begin("a", "t2") == 0  # not its claim: nothing to count
     store.release(["a"], "t1")  # a failed run: the count stays
-    store.claim(["a"], "t2", LEASE)
+    [claim] = store.claim(["a"], "t2", LEASE)
+    assert (claim.status, claim.attempt) == (ClaimStatus.CLAIMED, 0)  # runs were counted
     assert store.begin("a", "t2") == 2
     store.release(["a"], "t2", "clear")  # given up: forgotten
-    store.claim(["a"], "t3", LEASE)
-    assert store.begin("a", "t3") == 1
+    assert store.claim(["a"], "t3", LEASE)[0].attempt == 1
+
+
+def test_an_unstarted_claim_released_with_clear_leaves_no_count(store):
+    store.claim(["a", "b"], "t1", LEASE)
+    store.release(["a", "b"], "t1", "clear")  # e.g. revoked before they ran
+    assert [c.attempt for c in store.claim(["a", "b"], "t2", LEASE)] == [1, 1]
 
 
 def test_runs_survive_an_expired_lease(store_and_wait):
     store, wait = store_and_wait
-    store.claim(["a"], "crashed", LEASE)
-    store.begin("a", "crashed")
-    wait(LEASE + 0.2)  # its worker died mid-run
-    store.claim(["a"], "next", LEASE)
+    store.claim(["a"], "crashed", LEASE)  # counts run 1; its worker dies mid-run
+    wait(LEASE + 0.2)
+    [claim] = store.claim(["a"], "next", LEASE)
+    assert claim.attempt == 0
     assert store.begin("a", "next") == 2
 
 
 def test_completion_forgets_runs_and_remembers_the_fingerprint(store):
     store.claim(["a"], "t1", LEASE)
-    store.begin("a", "t1")
-    assert store.complete("a", "t1", 60, "t/0/1", "f1")
+    assert complete(store, "a", "t1", 60, "t/0/1", "f1")
     [claim] = store.claim(["a"], "t2", LEASE)
     assert (claim.status, claim.origin, claim.fingerprint) == (ClaimStatus.COMPLETED, "t/0/1", "f1")
     assert store.release(["a"], "t2", "clear") == 0
@@ -222,7 +227,7 @@ def test_epoch_is_set_once_and_changes_when_the_store_is_emptied(store_and_flush
     assert store.epoch("first") == "first"
     assert store.epoch("second") == "first"
     store.claim(["a"], "t1", 30)
-    assert store.complete("a", "t1", 60, "t/0/0")
+    assert complete(store, "a", "t1", 60, "t/0/0")
     flush()
     assert store.state("a") is State.ABSENT
     assert store.epoch("third") == "third"

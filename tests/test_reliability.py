@@ -172,10 +172,12 @@ def test_a_crash_looping_message_is_dead_lettered_after_k_attempts(env, tmp_path
     runs = env.runs()
     assert runs["poison"] == 3  # K attempts, each killed the process
     assert exits[:3] == [70, 70, 70] and exits[-1] == 0
-    assert {id: n for id, n in runs.items() if id != "poison"} == {
-        **{f"m-{n}": 1 for n in range(10)},
-        **{f"n-{n}": 1 for n in range(10)},
-    }
+    others = {id: n for id, n in runs.items() if id != "poison"}
+    assert others.keys() == {f"{prefix}-{n}" for prefix in "mn" for n in range(10)}
+    # Handled within dedup.complete_linger_ms before the first crash, and not completed
+    # yet: those run once more. Later crashes re-run nothing: a message whose runs
+    # began before (the poison) runs only after everything handled is completed.
+    assert set(others.values()) <= {1, 2}
     assert dlq_reasons(env) == {"poison": "attempts_exhausted"}
     assert group_lag(env.bootstrap, env.group, env.input) == 0
 

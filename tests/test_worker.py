@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from tests.support.harness import Run, make_settings, run_worker
+from tests.support.harness import Run, complete, make_settings, run_worker
 from tests.support.kafka import Record, group_lag, produce, with_id
 from worker import embedded
 from worker.dedup import State
@@ -131,7 +131,7 @@ def test_failures_end_in_the_dead_letter_topic_and_release_the_id(
 def test_completed_ids_are_skipped_and_busy_claims_are_waited_for(env):
     store = env.store()
     store.claim(["done", "busy"], "another-worker", 60)
-    store.complete("done", "another-worker", 60, "elsewhere/0/0")
+    complete(store, "done", "another-worker", 60, "elsewhere/0/0")
     store.claim(["busy"], "another-worker", 8)  # its worker died: the lease runs out
     env.produce([with_id("done"), with_id("busy"), with_id("fresh")])
 
@@ -149,7 +149,7 @@ def test_completed_ids_are_skipped_and_busy_claims_are_waited_for(env):
 def test_redelivered_record_is_counted_as_redelivery(env):
     store = env.store()
     store.claim(["again"], "crashed-worker", 60)
-    store.complete("again", "crashed-worker", 60, f"{env.input}/0/0")  # completed, never committed
+    complete(store, "again", "crashed-worker", 60, f"{env.input}/0/0")  # completed, never committed
     env.produce([with_id("again")])
 
     run = run_worker(env.settings(), max_messages=1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -76,16 +76,37 @@ class GroupConsumer:
 
     # -- offsets -----------------------------------------------------------------------
 
-    def finish(self, record: KafkaMessage) -> bool:
-        """Store the offset past ``record``; False if its partition is no longer ours."""
-        try:
-            self._consumer.store_offsets(message=record)
-        except KafkaException as exc:
-            # Revoked meanwhile: the new owner reads the record again and finds its id done.
-            self._log.warning("offset not stored", origin=coordinates(record), error=str(exc))
-            return False
-        self._dirty = True
-        return True
+    def store_offsets(
+        self, finished: Iterable[KafkaMessage], unfinished: Iterable[KafkaMessage]
+    ) -> int:
+        """Store each partition's offset past its finished records, but never past an
+        unfinished one; how many finished records were in partitions still ours."""
+        ends: dict[tuple[str, int], int] = {}
+        counts: dict[tuple[str, int], int] = {}
+        for record in finished:
+            topic, partition, offset = coordinates(record)
+            tp = (topic, partition)
+            ends[tp] = max(ends.get(tp, 0), offset + 1)
+            counts[tp] = counts.get(tp, 0) + 1
+        for record in unfinished:
+            topic, partition, offset = coordinates(record)
+            tp = (topic, partition)
+            if tp in ends:
+                ends[tp] = min(ends[tp], offset)
+        stored = 0
+        for (topic, partition), end in ends.items():
+            try:
+                self._consumer.store_offsets(offsets=[TopicPartition(topic, partition, end)])
+            except KafkaException as exc:
+                # Revoked meanwhile: the new owner reads the records again and finds
+                # their ids done.
+                self._log.warning(
+                    "offset not stored", topic=topic, partition=partition, error=str(exc)
+                )
+                continue
+            stored += counts[(topic, partition)]
+            self._dirty = True
+        return stored
 
     def commit_if_due(self) -> None:
         if self._dirty and time.monotonic() - self._last_commit >= self._commit_interval:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from structlog.typing import FilteringBoundLogger
 
 from worker.consumer import GroupConsumer
-from worker.dedup.base import Attempts, Claim, DedupStore
+from worker.dedup.base import Attempts, Claim, Completion, DedupStore
 from worker.errors import StoreUnavailable
 from worker.metrics import Metrics
 from worker.server import Health
@@ -34,6 +34,7 @@ class GuardedStore:
         log: FilteringBoundLogger,
         stopping: Callable[[], bool],
         lease_seconds: float,
+        on_loop_thread: Callable[[], bool],
     ) -> None:
         self._store = store
         self._consumer = consumer
@@ -42,18 +43,16 @@ class GuardedStore:
         self._log = log
         self._stopping = stopping
         self._lease = lease_seconds
+        self._on_loop_thread = on_loop_thread
 
     def claim(self, ids: Sequence[str], token: str) -> dict[str, Claim]:
         claims = self._call("claim", self._store.claim, ids, token, self._lease)
         return dict(zip(ids, claims, strict=True))
 
-    def complete(
-        self, id: str, token: str, ttl_seconds: int, origin: str, fingerprint: str
-    ) -> bool:
+    def complete(self, completions: Sequence[Completion], ttl_seconds: int) -> list[bool]:
         """An ambiguous failure (e.g. a timeout after Redis applied it) is retried: the
-        script re-reads the record and answers True if it is completed under ``token``."""
-        args = (id, token, ttl_seconds, origin, fingerprint)
-        return self._call("complete", self._store.complete, *args)
+        script re-reads each record and answers True if it is completed under its token."""
+        return self._call("complete", self._store.complete, completions, ttl_seconds)
 
     def begin(self, id: str, token: str) -> int:
         return self._call("begin", self._store.begin, id, token)
@@ -67,10 +66,14 @@ class GuardedStore:
     def eviction_policy(self) -> str | None:
         return self._call("config", self._store.eviction_policy)
 
-    def release_if_reachable(self, ids: Sequence[str], token: str) -> None:
+    def release_if_reachable(
+        self, ids: Sequence[str], token: str, attempts: Attempts = "keep"
+    ) -> None:
         """Release without waiting out an outage: the leases expire by themselves."""
+        if not ids:
+            return
         try:
-            self._store.release(ids, token)
+            self._store.release(ids, token, attempts)
         except StoreUnavailable as exc:
             self._log.info("claims left to expire", count=len(ids), error=str(exc))
 
@@ -86,6 +89,19 @@ class GuardedStore:
                 result = call(*args)
             except StoreUnavailable as exc:
                 self._metrics.store_errors.labels(operation).inc()
+                if not self._on_loop_thread():
+                    # A handler lane: only the loop's thread touches the consumer; it
+                    # holds the partitions while it waits for the lanes.
+                    if self._health.store_ok:
+                        self._log.error(
+                            "dedup store unavailable; holding", operation=operation, error=str(exc)
+                        )
+                        self._health.store_ok = False
+                    if self._stopping():
+                        raise
+                    time.sleep(delay)
+                    delay = min(delay * 2, MAX_BACKOFF)
+                    continue
                 if not self._consumer.paused:
                     self._log.error(
                         "dedup store unavailable; holding", operation=operation, error=str(exc)
@@ -100,7 +116,7 @@ class GuardedStore:
             self._metrics.store_duration.labels(operation).observe(time.perf_counter() - started)
             if not self._health.store_ok:
                 self._health.store_ok = True
-                if self._consumer.paused:
+                if self._consumer.paused and self._on_loop_thread():
                     self._log.info("dedup store reachable again; resuming")
                     self._consumer.resume()
             return result

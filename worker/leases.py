@@ -20,6 +20,7 @@ count sends it to the dead-letter topic if it keeps timing out.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -60,7 +61,8 @@ class LeaseKeeper:
         self._log = log
         self._on_timeout = on_timeout
         self._held: dict[str, set[str]] = {}  # token -> ids
-        self._running: _Running | None = None
+        self._running: dict[int, _Running] = {}  # handlers running now, by handle
+        self._handles = itertools.count()
         self._epoch: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -86,23 +88,31 @@ class LeaseKeeper:
                 if not held:
                     del self._held[token]
 
-    def handler_started(self, timeout: float, origin: str, id: str) -> None:
-        self._running = _Running(time.monotonic(), timeout, origin, id)
+    def handler_started(self, timeout: float, origin: str, id: str) -> int:
+        """Watch a handler starting now; the handle to pass to ``handler_finished``."""
+        handle = next(self._handles)
+        with self._lock:
+            self._running[handle] = _Running(time.monotonic(), timeout, origin, id)
+        return handle
 
-    def handler_finished(self) -> None:
-        self._running = None
+    def handler_finished(self, handle: int) -> None:
+        with self._lock:
+            del self._running[handle]
 
     def _loop(self) -> None:
         next_renewal = time.monotonic() + self._interval
         while not self._stop.wait(min(0.2, self._interval)):
-            running = self._running
-            if running is not None and time.monotonic() - running.started > running.timeout:
+            with self._lock:
+                running = list(self._running.values())
+            now = time.monotonic()
+            late = [r for r in running if now - r.started > r.timeout]
+            if late:
                 self._log.error(
                     "handler timed out; exiting so that the message is retried elsewhere",
-                    timeout_seconds=running.timeout,
+                    timeout_seconds=late[0].timeout,
                     exit_code=EXIT_HANDLER_TIMEOUT,
-                    origin=running.origin,
-                    id=running.id,
+                    origin=late[0].origin,
+                    id=late[0].id,
                 )
                 self._on_timeout()
                 return

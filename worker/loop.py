@@ -1,10 +1,23 @@
 """The consumer loop: poll a batch, claim its ids, handle, complete, store offsets, commit.
 
-It reads like SPEC section 5. Everything runs on one thread, so a rebalance
-callback (which librdkafka runs inside ``consume``/``poll``) never races a handler.
-Offsets are stored one message at a time, in partition order, only once the
-message is finished (processed, skipped as a duplicate or dead-lettered), and
-committed on an interval, on revoke and at shutdown.
+It reads like SPEC section 5, a poll batch at a time:
+
+1. every id of the batch is claimed in one Redis round trip (ids this replica completed
+   recently are skipped without one, from a bounded local cache);
+2. the batch's messages are split into lanes: messages sharing a Kafka key (or an id)
+   are one lane and run in order; a route with ``max_in_flight`` above 1 runs that many
+   lanes at once on a thread pool (``async def`` handlers on an event loop), otherwise
+   the route's messages run one at a time, in partition order, on the loop's thread;
+3. handled messages are completed together, in one round trip, once the oldest has
+   waited ``dedup.complete_linger_ms`` (a handler that itself takes that long completes
+   its predecessors first), and at the end of the batch;
+4. once every lane is done and every completion written, each partition's offset is
+   stored up to its first unfinished message, and committed on an interval, on revoke
+   and at shutdown.
+
+Only the loop's thread touches the consumer, so rebalance callbacks (which librdkafka
+runs inside ``consume``/``poll``) never race the loop; handlers on other threads check
+that their partition is still owned before each message.
 """
 
 from __future__ import annotations
@@ -13,19 +26,23 @@ import hashlib
 import itertools
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import KafkaError
 from confluent_kafka import Message as KafkaMessage
 
+from worker.aio import EventLoopThread
+from worker.cache import CompletedIds
 from worker.consumer import GroupConsumer
 from worker.context import HandlerContext
 from worker.deadletter import DeadLetter, dead_letter_headers
-from worker.dedup.base import Attempts, Claim, ClaimStatus, DedupStore
+from worker.dedup.base import Claim, ClaimStatus, Completion, DedupStore
 from worker.errors import (
     ConfigError,
     KafkaOperationError,
@@ -64,6 +81,18 @@ class _Item:
     """Of the value: a completed id remembers it, to tell a true duplicate from a conflict."""
     rejection: DeadLetter | None = None
     """Why the record goes straight to the dead-letter topic (no usable id, too large)."""
+    done: bool = False
+    """Finished (completed, skipped or dead-lettered): its offset may be committed."""
+
+
+@dataclass(slots=True)
+class _Handled:
+    """A message whose handler succeeded and whose completion is not written yet."""
+
+    item: _Item
+    token: str
+    attempt: int
+    seconds: float
 
 
 class Worker:
@@ -89,11 +118,13 @@ class Worker:
         self._worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._tokens = itertools.count()
         self._log = get_logger(group=settings.kafka.group_id, worker=self._worker_id)
+        self._debug = settings.log.level == "DEBUG"
         self._consumer = GroupConsumer(settings, metrics, health, self._log, self._on_kafka_error)
         self._outputs = Outputs(
             client_config(settings, {**settings.kafka.producer, "error_cb": self._on_kafka_error})
         )
         self._stopping = False
+        self._loop_thread: int | None = None
         self._store = GuardedStore(
             store,
             self._consumer,
@@ -102,18 +133,32 @@ class Worker:
             self._log,
             lambda: self._stopping,
             settings.dedup.lease_seconds,
+            lambda: threading.get_ident() == self._loop_thread,
         )
         self._leases = LeaseKeeper(store, settings.dedup.lease_seconds, metrics, self._log)
+        self._completed = CompletedIds(settings.dedup.local_cache_size, settings.dedup.ttl_seconds)
+        self._linger = settings.dedup.complete_linger_ms / 1000
+        self._handled: list[_Handled] = []
+        self._handled_since = 0.0
+        self._handled_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._pools = {
+            topic: ThreadPoolExecutor(route.max_in_flight, thread_name_prefix=f"lanes-{topic}")
+            for topic, route in routes.items()
+            if route.max_in_flight > 1
+        }
+        self._event_loop = EventLoopThread() if any(r.is_async for r in routes.values()) else None
         self.finished = 0
         self.fatal_error: KafkaError | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Ask the loop to stop after the message in hand. Safe to call from a signal handler."""
+        """Ask the loop to stop after the messages in hand. Safe from a signal handler."""
         self._stopping = True
 
     def run(self) -> None:
+        self._loop_thread = threading.get_ident()
         idle_since = time.monotonic()
         try:
             self._store.ping()
@@ -159,6 +204,11 @@ class Worker:
             )
 
     def _close(self) -> None:
+        self._stopping = True
+        for pool in self._pools.values():
+            pool.shutdown(wait=True)
+        if self._event_loop is not None:
+            self._event_loop.close()
         self._leases.close()
         self._health.joined = False
         undelivered = self._outputs.close(DELIVERY_TIMEOUT)
@@ -172,54 +222,104 @@ class Worker:
     def _process_batch(self, records: Sequence[KafkaMessage]) -> None:
         items = [item for record in records if (item := self._prepare(record)) is not None]
         token = self._new_token()
-        ids = list(dict.fromkeys(i.message.id for i in items if i.message is not None))
+        ids = list(
+            dict.fromkeys(
+                i.message.id
+                for i in items
+                if i.message is not None and i.message.id not in self._completed
+            )
+        )
         claims = self._claim(ids, token)
+        lanes = [
+            pool.submit(self._run_lane, lane, claims, token)
+            for topic, pool in self._pools.items()
+            for lane in _lanes([item for item in items if item.route.topic == topic])
+        ]
+        # Routes with max_in_flight 1 run here, one message at a time, in batch order.
+        self._run_lane([i for i in items if i.route.topic not in self._pools], claims, token)
+        self._wait_for(lanes)
+        self._flush()
+        self.finished += self._consumer.store_offsets(
+            (item.record for item in items if item.done),
+            (item.record for item in items if not item.done),
+        )
+
+    def _wait_for(self, lanes: Sequence[Future[None]]) -> None:
+        """Wait for the lanes on other threads, serving the group protocol meanwhile and
+        holding the partitions still while the dedup store is away."""
+        pending = set(lanes)
+        while pending:
+            finished, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            for lane in finished:
+                lane.result()  # a lane's exception (a bug, or stopping in an outage) is ours
+            self._health.beat()
+            if not self._health.store_ok:
+                if not self._consumer.paused:
+                    self._consumer.hold()
+                self._consumer.poll_while_holding(0.2, lambda: self._stopping)
+        if self._health.store_ok and self._consumer.paused:
+            self._log.info("dedup store reachable again; resuming")
+            self._consumer.resume()
+
+    def _run_lane(self, lane: Sequence[_Item], claims: dict[str, Claim], token: str) -> None:
+        """Handle ``lane``'s messages in order; ``claims`` are the batch's claims."""
         seen: set[str] = set()
-
-        def held() -> list[str]:
-            """The ids of this batch we hold and have not started yet."""
-            return [i for i in ids if i not in seen and claims[i].status is ClaimStatus.CLAIMED]
-
-        for index, item in enumerate(items):
+        claim: Claim | None
+        for index, item in enumerate(lane):
             if self._stopping:
-                self._release_unstarted(items[index:], claims, token, seen)
+                self._release_unstarted(lane[index:], claims, token, seen)
                 return
             if not self._consumer.owns(item.record):
                 # Revoked while the batch was in hand: the new owner reads it again.
                 self._release_unstarted([item], claims, token, seen)
                 continue
-            if item.message is None:
+            message = item.message
+            if message is None:
                 assert item.rejection is not None
                 self._dead_letter(item, item.rejection)
                 continue
-            id = item.message.id
-            if id in seen:
-                # An earlier record of this batch carried the same id and is finished by
-                # now: claim again to learn whether it completed or was released.
+            id = message.id
+            if id in seen or id not in claims:
+                # An earlier record carried the same id and is finished by now, or this
+                # replica completed the id lately: claim afresh to learn how it ended.
                 own_token = self._new_token()
-                self._handle(item, self._acquire(item, own_token), own_token)
+                cached = self._completed.get(id)
+                claim = cached or self._acquire(item, own_token)
+                self._handle(item, claim, own_token)
                 continue
             seen.add(id)
-            claim: Claim | None = claims[id]
-            if claims[id].status is ClaimStatus.BUSY:
-                # Another replica holds this id. Keeping our claims on later ids while we
-                # wait could leave two replicas waiting for each other until a lease
-                # expires: let them go, and claim them again after the wait.
-                later = held()
-                self._release(later, token, "keep")
+            claim = claims[id]
+            if claim.status is ClaimStatus.BUSY:
+                # Another replica holds this id. Keeping our claims on this lane's later
+                # ids while we wait could leave two replicas waiting for each other:
+                # let them go, and claim them again after the wait.
+                later = [
+                    i.message.id
+                    for i in lane[index + 1 :]
+                    if i.message is not None
+                    and i.message.id not in seen
+                    and i.message.id in claims
+                    and claims[i.message.id].status is ClaimStatus.CLAIMED
+                ]
+                self._release_claims(later, claims, token)
                 claim = self._acquire(item, token)
                 claims.update(self._claim(later, token))
             self._handle(item, claim, token)
 
     def _claim(self, ids: Sequence[str], token: str) -> dict[str, Claim]:
         """Claim ``ids``; the lease keeper renews those we got until they are finished."""
+        if not ids:
+            return {}
         claims = self._store.claim(ids, token)
         self._leases.hold(token, (i for i, c in claims.items() if c.status is ClaimStatus.CLAIMED))
         return claims
 
-    def _release(self, ids: Sequence[str], token: str, attempts: Attempts) -> None:
+    def _release_claims(self, ids: Sequence[str], claims: Mapping[str, Claim], token: str) -> None:
+        """Give up unstarted claims: a run counted at claim time is uncounted again."""
         self._leases.drop(token, ids)
-        self._store.release(ids, token, attempts)
+        counted = [id for id in ids if claims[id].attempt]
+        self._store.release(counted, token, "clear")
+        self._store.release([id for id in ids if not claims[id].attempt], token, "keep")
 
     def _prepare(self, record: KafkaMessage) -> _Item | None:
         error = record.error()
@@ -260,11 +360,13 @@ class Worker:
             for item in items
             if item.message is not None
             and item.message.id not in seen
+            and item.message.id in claims
             and claims[item.message.id].status is ClaimStatus.CLAIMED
         }
         seen.update(ids)
         self._leases.drop(token, ids)
-        self._store.release_if_reachable(list(ids), token)
+        self._store.release_if_reachable([id for id in ids if claims[id].attempt], token, "clear")
+        self._store.release_if_reachable([id for id in ids if not claims[id].attempt], token)
 
     # -- one message: the state machine ------------------------------------------------
 
@@ -273,6 +375,10 @@ class Worker:
         assert item.message is not None
         id = item.message.id
         claim = self._store.claim([id], token)[id]
+        if claim.status is ClaimStatus.BUSY:
+            # Perhaps our own completion, not written yet: write it, then look again.
+            self._flush()
+            claim = self._store.claim([id], token)[id]
         if claim.status is ClaimStatus.BUSY:
             self._metrics.claim_waits.labels(item.route.topic).inc()
             self._log.info("waiting for another claim", id=item.message.id, origin=item.origin)
@@ -290,12 +396,13 @@ class Worker:
         if claim.status is ClaimStatus.COMPLETED:
             self._skip(item, claim)
         else:
-            self._run(item, token)
+            self._run(item, token, claim.attempt)
 
     def _skip(self, item: _Item, claim: Claim) -> None:
         assert item.message is not None
         if claim.fingerprint is None or claim.fingerprint == item.fingerprint:
             reason = "redelivery" if claim.origin == item.origin else "duplicate"
+            self._completed.put(item.message.id, claim)
         elif self._settings.dedup.on_payload_conflict == "dead_letter":
             detail = (
                 f"id {item.message.id!r} was already processed from {claim.origin} "
@@ -307,20 +414,32 @@ class Worker:
         else:
             reason = "conflict"
         self._metrics.duplicates.labels(item.route.topic, reason).inc()
-        self._log_outcome(item, "duplicate", reason=reason, first_seen=claim.origin)
-        self._finish(item)
+        if self._debug:
+            self._log_outcome(item, "duplicate", reason=reason, first_seen=claim.origin)
+        item.done = True
 
-    def _run(self, item: _Item, token: str) -> None:
+    def _run(self, item: _Item, token: str, attempt: int) -> None:
+        """Run the handler until it succeeds or the message is given up.
+
+        ``attempt`` is the run number the claim already counted (a fresh claim counts
+        run 1), or 0 when the run must be counted first: earlier runs began and did
+        not finish (a crash, a timeout) or failed."""
         message = item.message
         assert message is not None
         settings = self._settings
         while True:
-            attempt = self._store.begin(message.id, token)
+            if attempt == 0:
+                # Runs of this id began before and did not finish: it may be the message
+                # that kills its worker. Complete what was handled before it runs.
+                self._flush()
+                attempt = self._store.begin(message.id, token)
             if attempt == 0:
                 # The claim expired before the run (a long wait on Redis): claim afresh.
                 token = self._new_token()
-                if not self._reclaim(item, token):
+                claim = self._reclaim(item, token)
+                if claim is None:
                     return
+                attempt = claim.attempt
                 continue
             if attempt > settings.retry.max_attempts:
                 # Earlier runs started and never finished: their worker died or timed out.
@@ -330,24 +449,16 @@ class Worker:
                 )
                 self._give_up(item, token, letter)
                 return
+            self._flush_if_lingered()
             started = time.perf_counter()
             failure = self._attempt(item, attempt, token)
             elapsed = time.perf_counter() - started
-            if failure is None or isinstance(failure, LeaseLost):
-                ttl, origin = settings.dedup.ttl_seconds, item.origin
+            if failure is None:
+                self._handled_ok(_Handled(item, token, attempt, elapsed))
+                return
+            if isinstance(failure, LeaseLost):
                 self._leases.drop(token, [message.id])
-                if failure is None and self._store.complete(
-                    message.id, token, ttl, origin, item.fingerprint
-                ):
-                    outcome = "success"
-                    self._metrics.processed.labels(item.route.topic, outcome).inc()
-                else:
-                    outcome = "lease_lost"
-                    self._metrics.lease_lost.labels(item.route.topic).inc()
-                self._log_outcome(
-                    item, outcome, attempt=attempt, duration_seconds=round(elapsed, 6)
-                )
-                self._finish(item)
+                self._lease_lost(item, attempt, elapsed)
                 return
             self._metrics.processed.labels(item.route.topic, "failed").inc()
             self._log.warning(
@@ -365,26 +476,31 @@ class Worker:
                 )
                 self._give_up(item, token, letter)
                 return
-            self._release([message.id], token, "keep")
+            self._leases.drop(token, [message.id])
+            self._store.release([message.id], token, "keep")
             if not self._sleep(self._backoff(attempt, failure)):
                 return
             token = self._new_token()
-            if not self._reclaim(item, token):
+            claim = self._reclaim(item, token)
+            if claim is None:
                 return
+            attempt = claim.attempt
 
-    def _reclaim(self, item: _Item, token: str) -> bool:
-        """Claim the message's id again; False if it was finished meanwhile or stopping."""
+    def _reclaim(self, item: _Item, token: str) -> Claim | None:
+        """Claim the message's id again: the claim, or None if it was finished meanwhile
+        (then handled here) or the worker is stopping."""
         claim = self._acquire(item, token)
         if claim is not None and claim.status is ClaimStatus.COMPLETED:
             self._skip(item, claim)
-            return False
-        return claim is not None
+            return None
+        return claim
 
     def _give_up(self, item: _Item, token: str, letter: DeadLetter) -> None:
         """Dead-letter a claimed message, then drop its claim and its attempt count."""
         assert item.message is not None
         self._dead_letter(item, letter)
-        self._release([item.message.id], token, "clear")
+        self._leases.drop(token, [item.message.id])
+        self._store.release([item.message.id], token, "clear")
 
     def _attempt(self, item: _Item, attempt: int, token: str) -> Exception | None:
         """Run the handler once and confirm its outputs; the exception if either failed."""
@@ -397,22 +513,25 @@ class Worker:
             route.output_topic,
         )
         self._metrics.in_flight.inc()
-        self._leases.handler_started(route.timeout_seconds, item.origin, item.message.id)
+        running = self._leases.handler_started(route.timeout_seconds, item.origin, item.message.id)
         started = time.perf_counter()
         try:
-            route.handler(item.message, ctx)
+            result = route.handler(item.message, ctx)
+            if result is not None:  # an async def handler's coroutine
+                assert self._event_loop is not None
+                self._event_loop.run(result)
             if ctx.outputs:
                 if not self._store.renew([item.message.id], token)[0]:
                     return LeaseLost("the claim was lost while the handler ran")
-                for output in ctx.outputs:
-                    self._outputs.send(
-                        output.topic, output.value, key=output.key, headers=output.headers
-                    )
-                self._outputs.confirm(DELIVERY_TIMEOUT)
+                deliveries = [
+                    self._outputs.send(o.topic, o.value, key=o.key, headers=o.headers)
+                    for o in ctx.outputs
+                ]
+                self._outputs.confirm(deliveries, DELIVERY_TIMEOUT)
         except Exception as exc:  # a handler may raise anything: that is its way to fail
             return exc
         finally:
-            self._leases.handler_finished()
+            self._leases.handler_finished(running)
             self._metrics.handler_duration.labels(route.topic).observe(
                 time.perf_counter() - started
             )
@@ -420,6 +539,54 @@ class Worker:
         for output in ctx.outputs:
             self._metrics.outputs.labels(output.topic).inc()
         return None
+
+    def _lease_lost(self, item: _Item, attempt: int, seconds: float) -> None:
+        self._metrics.lease_lost.labels(item.route.topic).inc()
+        self._log_outcome(item, "lease_lost", attempt=attempt, duration_seconds=round(seconds, 6))
+        item.done = True
+
+    # -- completions, written in groups ----------------------------------------------
+
+    def _handled_ok(self, handled: _Handled) -> None:
+        with self._handled_lock:
+            if not self._handled:
+                self._handled_since = time.monotonic()
+            self._handled.append(handled)
+        if handled.seconds >= self._linger:
+            self._flush()  # a slow handler: no company to wait for
+
+    def _flush_if_lingered(self) -> None:
+        if self._handled and time.monotonic() - self._handled_since >= self._linger:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the completions of every message handled so far, in one round trip."""
+        with self._flush_lock:
+            with self._handled_lock:
+                handled, self._handled = self._handled, []
+            if not handled:
+                return
+            ttl = self._settings.dedup.ttl_seconds
+            completions = [
+                Completion(h.item.message.id, h.token, h.item.origin, h.item.fingerprint)
+                for h in handled
+                if h.item.message is not None
+            ]
+            results = self._store.complete(completions, ttl)
+            for h, completion, completed in zip(handled, completions, results, strict=True):
+                self._leases.drop(h.token, [completion.id])
+                if not completed:
+                    self._lease_lost(h.item, h.attempt, h.seconds)
+                    continue
+                self._completed.put(completion.id, Claim(
+                    ClaimStatus.COMPLETED, completion.origin, completion.fingerprint
+                ))  # fmt: skip
+                self._metrics.processed.labels(h.item.route.topic, "success").inc()
+                if self._debug:
+                    self._log_outcome(
+                        h.item, "success", attempt=h.attempt, duration_seconds=round(h.seconds, 6)
+                    )
+                h.item.done = True
 
     def _backoff(self, attempt: int, failure: Exception) -> float:
         retry = self._settings.retry
@@ -435,13 +602,13 @@ class Worker:
         delay = self._settings.retry.backoff_initial_seconds
         while True:
             try:
-                self._outputs.send(
+                delivery = self._outputs.send(
                     item.route.dlq_topic,
                     None if letter.drop_value else item.record.value(),
                     key=item.record.key(),
                     headers=headers,
                 )
-                self._outputs.confirm(DELIVERY_TIMEOUT)
+                self._outputs.confirm([delivery], DELIVERY_TIMEOUT)
                 break
             except KafkaOperationError as exc:
                 self._log.error(
@@ -463,12 +630,7 @@ class Worker:
             error=letter.error_message,
             attempts=letter.attempts,
         )
-        self._finish(item)
-
-    def _finish(self, item: _Item) -> None:
-        """The message is done: store its offset so the next commit moves past it."""
-        if self._consumer.finish(item.record):
-            self.finished += 1
+        item.done = True
 
     def _on_kafka_error(self, error: KafkaError) -> None:
         self._log.warning("kafka client error", code=error.name(), reason=error.str())
@@ -509,3 +671,33 @@ class Worker:
 
     def _log_outcome(self, item: _Item, outcome: str, **fields: Any) -> None:
         self._log.info("message", **self._fields(item), outcome=outcome, **fields)
+
+
+def _lanes(items: Sequence[_Item]) -> list[list[_Item]]:
+    """Split ``items`` into lanes that may run concurrently, each in its original order:
+    two messages with the same Kafka key, or the same id, share a lane."""
+    parent: dict[object, object] = {}
+
+    def root(node: object) -> object:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    def marks(item: _Item) -> list[object]:
+        record = item.record
+        found: list[object] = [("partition", record.topic(), record.partition(), record.offset())]
+        if record.key() is not None:
+            found.append(("key", record.topic(), record.key()))
+        if item.message is not None:
+            found.append(("id", item.message.id))
+        return found
+
+    for item in items:
+        first, *others = marks(item)
+        for other in others:
+            parent[root(other)] = root(first)
+    lanes: dict[object, list[_Item]] = {}
+    for item in items:
+        lanes.setdefault(root(marks(item)[0]), []).append(item)
+    return list(lanes.values())

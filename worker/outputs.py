@@ -1,13 +1,16 @@
 """The worker's one idempotent producer, for handler outputs and dead letters.
 
-Produce calls are asynchronous; :meth:`Outputs.confirm` waits until everything
-produced so far is acknowledged by the broker and raises if any delivery failed.
-The worker calls it before it completes a message id or stores its offset.
+Produce calls are asynchronous: :meth:`Outputs.send` returns a :class:`Delivery`, and
+:meth:`Outputs.confirm` waits until the given deliveries are acknowledged by the
+broker and raises if any failed. The worker confirms a message's outputs before it
+completes the message's id or stores its offset. Handlers running concurrently share
+the producer; each confirms only its own deliveries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
@@ -18,18 +21,25 @@ HeaderValue = bytes | str
 Headers = Sequence[tuple[str, HeaderValue]]
 
 
+class Delivery:
+    """One produced message: ``done`` once the broker answered, ``error`` if it refused."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: KafkaError | None = None
+
+    def __call__(self, error: KafkaError | None, message: Message) -> None:
+        self.error = error
+        self.done = True
+
+
 class Outputs:
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any]) -> None:
         self._producer = Producer(
             {**config, "enable.idempotence": True, "acks": "all", "linger.ms": 2}
         )
-        self._failures: list[KafkaError] = []
-        self.pending = 0
-
-    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
-        self.pending -= 1
-        if error is not None:
-            self._failures.append(error)
 
     def send(
         self,
@@ -38,10 +48,12 @@ class Outputs:
         *,
         key: bytes | str | None = None,
         headers: Headers = (),
-    ) -> None:
+    ) -> Delivery:
+        delivery = Delivery()
+
         def produce() -> None:
             self._producer.produce(
-                topic, value=value, key=key, headers=list(headers), on_delivery=self._on_delivery
+                topic, value=value, key=key, headers=list(headers), on_delivery=delivery
             )
 
         try:
@@ -53,18 +65,20 @@ class Outputs:
                 produce()
         except Exception as exc:
             raise _wrap("produce", exc) from exc
-        self.pending += 1
+        return delivery
 
-    def confirm(self, timeout: float) -> None:
-        """Wait for every produced message to be acknowledged; raise if any was not."""
-        if self.pending:
-            self._producer.flush(timeout)
-        failures, self._failures = self._failures, []
-        if failures:
-            first = failures[0]
-            raise KafkaOperationError("produce", first.str(), first.code())
-        if self.pending:
-            raise KafkaOperationError("produce", f"{self.pending} deliveries not confirmed in time")
+    def confirm(self, deliveries: Iterable[Delivery], timeout: float) -> None:
+        """Wait for ``deliveries`` to be acknowledged; raise if any was not."""
+        waiting = [delivery for delivery in deliveries if not delivery.done]
+        deadline = time.monotonic() + timeout
+        while waiting and (remaining := deadline - time.monotonic()) > 0:
+            self._producer.flush(remaining)
+            waiting = [delivery for delivery in waiting if not delivery.done]
+        if waiting:
+            raise KafkaOperationError("produce", f"{len(waiting)} deliveries not confirmed in time")
+        for delivery in deliveries:
+            if delivery.error is not None:
+                raise KafkaOperationError("produce", delivery.error.str(), delivery.error.code())
 
     def poll(self) -> None:
         """Serve delivery callbacks without waiting."""

@@ -21,6 +21,8 @@ class ResolvedRoute:
     output_topic: str | None
     dlq_topic: str
     timeout_seconds: float
+    max_in_flight: int
+    is_async: bool
 
 
 def import_handler(path: str, key: str) -> Handler:
@@ -55,12 +57,15 @@ def resolve_routes(settings: Settings) -> dict[str, ResolvedRoute]:
 
 
 def _resolve(index: int, route: Route, timeout_seconds: float) -> ResolvedRoute:
+    handler = import_handler(route.handler, f"routes[{index}].handler")
     return ResolvedRoute(
         topic=route.topic,
         handler_path=route.handler,
-        handler=import_handler(route.handler, f"routes[{index}].handler"),
+        handler=handler,
         extract_id=parse_id_spec(route.id),
         output_topic=route.output_topic,
         dlq_topic=route.dead_letter_topic,
         timeout_seconds=timeout_seconds,
+        max_in_flight=route.max_in_flight,
+        is_async=inspect.iscoroutinefunction(handler),
     )

@@ -130,6 +130,12 @@ class DedupSettings(_Section):
     """Namespace of dedup keys; derived from the group id when unset."""
     ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
     lease_seconds: float = Field(default=30.0, ge=1)
+    complete_linger_ms: float = Field(default=5.0, ge=0, le=1000)
+    """Handled messages are marked completed together, in one round trip, once the
+    oldest has waited this long (and at the end of each poll batch). 0: each on its
+    own. A replica that dies runs again at most what it handled in this window."""
+    local_cache_size: int = Field(default=100_000, ge=0)
+    """Completed ids remembered in the replica, to skip redeliveries without Redis."""
     on_payload_conflict: Literal["dead_letter", "skip"] = "dead_letter"
     """A completed id seen again with a different payload: dead-letter it (reason
     id_conflict) or skip it as a duplicate (counted with reason conflict)."""
@@ -165,6 +171,9 @@ class Route(_Section):
     id: str = "header:message-id"
     output_topic: TopicName | None = None
     dlq_topic: TopicName | None = None
+    max_in_flight: int = Field(default=1, ge=1, le=1024)
+    """Messages of this route handled at once. Messages with the same Kafka key (or id)
+    still run one after another, in order."""
     timeout_seconds: float | None = Field(default=None, gt=0)
     """A handler running longer ends the process (see worker/leases.py); default: 90% of
     max.poll.interval.ms."""

@@ -7,7 +7,7 @@ configuration by its import path, e.g. ``"handlers.orders:handle"``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -63,5 +63,5 @@ class Context(Protocol):
         """
 
 
-Handler = Callable[[Message, Context], None]
-"""The type of a handler function."""
+Handler = Callable[[Message, Context], Awaitable[None] | None]
+"""The type of a handler function: a plain function, or an ``async def`` one."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from worker.dedup.base import Completion, DedupStore
 from worker.dedup.redis import RedisDedupStore
 from worker.demo import FAST_CONSUMER
 from worker.loop import Worker
@@ -76,3 +77,10 @@ class Run:
 
 def run_worker(settings: Settings, **bounds: Any) -> Run:
     return Run(settings, **bounds).run()
+
+
+def complete(
+    store: DedupStore, id: str, token: str, ttl: int, origin: str, fingerprint: str = ""
+) -> bool:
+    """Complete one id, as the loop completes many in one call."""
+    return store.complete([Completion(id, token, origin, fingerprint)], ttl)[0]

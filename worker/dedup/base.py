@@ -45,17 +45,36 @@ class Claim:
     """For COMPLETED: ``topic/partition/offset`` of the record whose processing completed it."""
     fingerprint: str | None = None
     """For COMPLETED: the fingerprint of the payload that was processed."""
+    attempt: int = 0
+    """For CLAIMED: 1 when the id had no runs counted and this claim counted its first;
+    0 when runs were counted before (they crashed, timed out or failed), so the caller
+    counts its run with ``begin`` just before it starts."""
 
 
+FIRST_CLAIM = Claim(ClaimStatus.CLAIMED, attempt=1)
 CLAIMED = Claim(ClaimStatus.CLAIMED)
 BUSY = Claim(ClaimStatus.BUSY)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What ``complete`` records for one id handled under ``token``'s claim."""
+
+    id: str
+    token: str
+    origin: str
+    fingerprint: str = ""
 
 
 class DedupStore(Protocol):
     """What the worker needs from a dedup store. Failures raise ``StoreUnavailable``."""
 
     def claim(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[Claim]:
-        """Claim every id in one atomic step; one :class:`Claim` per id, in order."""
+        """Claim every id in one atomic step; one :class:`Claim` per id, in order.
+
+        An id claimed with no runs counted gets its first run counted at once
+        (``attempt`` 1), so the common case costs no ``begin`` round trip. Releasing such
+        a claim unstarted should clear the count again (``attempts="clear"``)."""
 
     def begin(self, id: str, token: str) -> int:
         """Count a run of ``id``'s handler about to start under ``token``'s claim.
@@ -63,16 +82,15 @@ class DedupStore(Protocol):
         Returns the number of this run over every replica and restart (a run whose worker
         died counts), or 0 if ``token`` no longer holds the claim."""
 
-    def complete(
-        self, id: str, token: str, ttl_seconds: int, origin: str, fingerprint: str = ""
-    ) -> bool:
-        """Mark a claimed id completed for ``ttl_seconds``, remembering ``origin`` and
-        ``fingerprint``, and forget its attempt count.
+    def complete(self, completions: Sequence[Completion], ttl_seconds: int) -> list[bool]:
+        """Mark each claimed id completed for ``ttl_seconds``, remembering its origin and
+        fingerprint, and forget its attempt count; all in one step. Per id:
 
-        True if the record is now completed under ``token``: also when it already was
-        (an ambiguous earlier attempt can simply be repeated), and when the claim
-        expired without anyone else claiming the id (the work is done; nobody else is
-        on it). False if another token holds or completed the id: the lease was lost.
+        True if the record is now completed under the completion's token: also when it
+        already was (an ambiguous earlier attempt can simply be repeated), and when the
+        claim expired without anyone else claiming the id (the work is done; nobody
+        else is on it). False if another token holds or completed the id: the lease
+        was lost.
         """
 
     def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:

@@ -11,7 +11,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from worker.dedup.base import BUSY, CLAIMED, Attempts, Claim, ClaimStatus, State
+from worker.dedup.base import (
+    BUSY,
+    CLAIMED,
+    FIRST_CLAIM,
+    Attempts,
+    Claim,
+    ClaimStatus,
+    Completion,
+    State,
+)
 
 
 @dataclass(slots=True)
@@ -46,7 +55,11 @@ class MemoryDedupStore:
                 record = self._live(id)
                 if record is None or (record.state is State.IN_PROGRESS and record.token == token):
                     self._records[id] = _Record(State.IN_PROGRESS, token, now + lease_seconds)
-                    claims.append(CLAIMED)
+                    if id in self._attempts:
+                        claims.append(CLAIMED)
+                    else:
+                        self._attempts[id] = 1
+                        claims.append(FIRST_CLAIM)
                 elif record.state is State.COMPLETED:
                     fingerprint = record.fingerprint or None
                     claims.append(Claim(ClaimStatus.COMPLETED, record.origin, fingerprint))
@@ -54,18 +67,22 @@ class MemoryDedupStore:
                     claims.append(BUSY)
             return claims
 
-    def complete(
-        self, id: str, token: str, ttl_seconds: int, origin: str, fingerprint: str = ""
-    ) -> bool:
+    def complete(self, completions: Sequence[Completion], ttl_seconds: int) -> list[bool]:
         with self._lock:
-            record = self._live(id)
-            if record is not None and record.token != token:
-                return False
-            if record is None or record.state is State.IN_PROGRESS:
-                expires_at = self._clock() + ttl_seconds
-                self._records[id] = _Record(State.COMPLETED, token, expires_at, origin, fingerprint)
-                self._attempts.pop(id, None)
-            return True
+            return [self._complete(c, ttl_seconds) for c in completions]
+
+    def _complete(self, completion: Completion, ttl_seconds: int) -> bool:
+        record = self._live(completion.id)
+        if record is not None and record.token != completion.token:
+            return False
+        if record is None or record.state is State.IN_PROGRESS:
+            expires_at = self._clock() + ttl_seconds
+            self._records[completion.id] = _Record(
+                State.COMPLETED, completion.token, expires_at, completion.origin,
+                completion.fingerprint,
+            )  # fmt: skip
+            self._attempts.pop(completion.id, None)
+        return True
 
     def begin(self, id: str, token: str) -> int:
         with self._lock:

@@ -4,8 +4,8 @@ A record is a string value: ``p|<token>`` while in progress (with a millisecond
 expiry, the lease) and ``c|<token>|<origin>|<fingerprint>`` once completed (with the
 TTL). Beside it, ``<prefix>#attempts:<id>`` counts the runs begun, so a message that
 crashes its worker is noticed by whichever replica claims it next.
-A whole poll batch is claimed in one script call, so dedup costs one round trip
-per batch rather than one per message.
+A whole poll batch is claimed in one script call, and completions are written in
+groups, so dedup costs two round trips per group of messages rather than per message.
 """
 
 from __future__ import annotations
@@ -15,24 +15,43 @@ from typing import Any, TypeVar
 
 import redis
 
-from worker.dedup.base import BUSY, CLAIMED, Attempts, Claim, ClaimStatus, State
+from worker.dedup.base import (
+    BUSY,
+    CLAIMED,
+    FIRST_CLAIM,
+    Attempts,
+    Claim,
+    ClaimStatus,
+    Completion,
+    State,
+)
 from worker.errors import StoreUnavailable
 
-# KEYS: the ids' keys. ARGV: token, lease in ms. Returns, per key, "" when the caller
-# holds the claim now, or the record that stops it.
+# KEYS: the ids' record keys, then their attempt-count keys. ARGV: token, lease in ms,
+# attempt-count TTL in s. Per id: "+1" when the caller holds the claim now and this
+# claim counted the id's first run; "?" when it holds the claim and runs were counted
+# before; else the record that stops it.
 _CLAIM = """
 local mine = 'p|' .. ARGV[1]
+local n = #KEYS / 2
 local out = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, mine, 'NX', 'PX', ARGV[2]) then
-    out[i] = ''
-  else
+for i = 1, n do
+  local key = KEYS[i]
+  local held = redis.call('SET', key, mine, 'NX', 'PX', ARGV[2])
+  if not held then
     local value = redis.call('GET', key)
     if value == mine then
       redis.call('PEXPIRE', key, ARGV[2])
-      out[i] = ''
+      held = true
     else
       out[i] = value
+    end
+  end
+  if held then
+    if redis.call('SET', KEYS[n + i], 1, 'NX', 'EX', ARGV[3]) then
+      out[i] = '+1'
+    else
+      out[i] = '?'
     end
   end
 end
@@ -51,20 +70,27 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return count
 """
 
-# KEYS: the id's record key, its attempt-count key. ARGV: token, ttl in s, origin,
-# fingerprint. 1 if completed under token; an absent record (our lease expired, nobody
-# else claimed the id) is completed too.
+# KEYS: the ids' record keys, then their attempt-count keys. ARGV: ttl in s, then per id
+# its token, origin and fingerprint. Per id, 1 if completed under its token; an absent
+# record (our lease expired, nobody else claimed the id) is completed too.
 _COMPLETE = """
-local value = redis.call('GET', KEYS[1])
-if not value or value == 'p|' .. ARGV[1] then
-  redis.call('SET', KEYS[1], 'c|' .. ARGV[1] .. '|' .. ARGV[3] .. '|' .. ARGV[4], 'EX', ARGV[2])
-  redis.call('DEL', KEYS[2])
-  return 1
+local n = #KEYS / 2
+local out = {}
+for i = 1, n do
+  local token = ARGV[3 * i - 1]
+  local done = 'c|' .. token .. '|'
+  local value = redis.call('GET', KEYS[i])
+  if not value or value == 'p|' .. token then
+    redis.call('SET', KEYS[i], done .. ARGV[3 * i] .. '|' .. ARGV[3 * i + 1], 'EX', ARGV[1])
+    redis.call('DEL', KEYS[n + i])
+    out[i] = 1
+  elseif string.sub(value, 1, string.len(done)) == done then
+    out[i] = 1
+  else
+    out[i] = 0
+  end
 end
-if string.sub(value, 1, string.len(ARGV[1]) + 3) == 'c|' .. ARGV[1] .. '|' then
-  return 1
-end
-return 0
+return out
 """
 
 # KEYS: the ids' record keys, then their attempt-count keys. ARGV: token, "clear" to
@@ -157,8 +183,8 @@ class RedisDedupStore:
     def claim(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[Claim]:
         if not ids:
             return []
-        keys = self._record_keys(ids)
-        args: list[Any] = [token, _ms(lease_seconds)]
+        keys = self._keys(ids)
+        args: list[Any] = [token, _ms(lease_seconds), ATTEMPTS_TTL_SECONDS]
         replies: list[str] = self._call(lambda: self._claim(keys=keys, args=args))
         return [_parse_claim(reply) for reply in replies]
 
@@ -166,11 +192,15 @@ class RedisDedupStore:
         args: list[Any] = [token, ATTEMPTS_TTL_SECONDS]
         return int(self._call(lambda: self._begin(keys=self._keys([id]), args=args)))
 
-    def complete(
-        self, id: str, token: str, ttl_seconds: int, origin: str, fingerprint: str = ""
-    ) -> bool:
-        args: list[Any] = [token, ttl_seconds, origin, fingerprint]
-        return bool(self._call(lambda: self._complete(keys=self._keys([id]), args=args)))
+    def complete(self, completions: Sequence[Completion], ttl_seconds: int) -> list[bool]:
+        if not completions:
+            return []
+        keys = self._keys([c.id for c in completions])
+        args: list[Any] = [ttl_seconds]
+        for c in completions:
+            args += [c.token, c.origin, c.fingerprint]
+        replies = self._call(lambda: self._complete(keys=keys, args=args))
+        return [bool(reply) for reply in replies]
 
     def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:
         if not ids:
@@ -216,7 +246,9 @@ def _ms(seconds: float) -> int:
 
 
 def _parse_claim(reply: str) -> Claim:
-    if reply == "":
+    if reply == "+1":
+        return FIRST_CLAIM
+    if reply == "?":
         return CLAIMED
     if reply.startswith("c|"):
         _, _, origin, fingerprint = [*reply.split("|", 3), "", ""][:4]

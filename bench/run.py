@@ -1,0 +1,348 @@
+"""Throughput of the worker against hand-written consumers, in one run on one broker and
+one Redis, so that the ratios hold on a shared, noisy machine.
+
+    python bench/run.py            # 100,000 messages; RSS over 1,000,000
+    python bench/run.py --quick    # 20,000 messages; RSS over 100,000 (what CI runs)
+
+Every variant reads the same topic of ``--messages`` records of 200 B with unique ids
+(6 partitions), under its own consumer group and key prefix, and is timed from its
+first record to its last:
+
+    a  raw confluent-kafka consume + one synchronous commit per batch (no dedup)
+    b  the same with one Redis SET NX round trip per message (what people write by hand)
+    c  the same with one Lua script claiming a whole batch (the best case)
+    d  the worker with a no-op handler
+    e  the worker with a handler that sleeps 10 ms, at max_in_flight 1 and 64
+
+Then a worker subprocess handles ``--rss-messages`` records and reports its peak RSS and
+its growth between the first and the last tenth of the run. The benchmark fails (exit
+1) if any variant handled an id other than exactly once; the targets are reported, not
+enforced, because absolute speed depends on the machine.
+
+Kafka and Redis: ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` if set, else the local
+Tansu broker and ``redis-server`` that the tests and the demo use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import redis
+from confluent_kafka import Consumer, Producer
+from confluent_kafka import Message as KafkaMessage
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import handlers  # noqa: E402
+from worker import embedded  # noqa: E402
+from worker.cli import run_worker  # noqa: E402
+from worker.demo import FAST_CONSUMER, create_topics  # noqa: E402
+from worker.registry import resolve_routes  # noqa: E402
+from worker.settings import Settings  # noqa: E402
+
+PARTITIONS = 6
+BATCH = 1000
+TARGETS = {"d/c": 0.75, "d/b": 5.0, "e64/e1": 40.0}
+RSS_GROWTH_LIMIT_MB = 50.0
+
+# One Lua call claims a whole batch: SET NX per key, 1 if it was free.
+CLAIM_BATCH = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('SET', key, '1', 'NX', 'EX', ARGV[1]) and 1 or 0
+end
+return out
+"""
+
+
+@contextlib.contextmanager
+def services(workdir: Path) -> Iterator[tuple[str, str]]:
+    bootstrap, url = os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("REDIS_URL")
+    with contextlib.ExitStack() as stack:
+        if not bootstrap:
+            broker = stack.enter_context(embedded.broker(workdir))
+            bootstrap = f"127.0.0.1:{broker.port}"
+        if not url:
+            server = stack.enter_context(embedded.redis(workdir))
+            url = f"redis://127.0.0.1:{server.port}/0"
+        yield bootstrap, url
+
+
+def publish(bootstrap: str, topic: str, count: int) -> None:
+    create_topics(bootstrap, {topic: PARTITIONS})
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000}
+    )
+    padding = "x" * 170
+    for n in range(count):
+        id = f"b-{n:09d}"
+        value = f'{{"id":"{id}","p":"{padding}"}}'[:200]
+        while True:
+            try:
+                producer.produce(
+                    topic, value=value, key=id, partition=n % PARTITIONS,
+                    headers=[("message-id", id)],
+                )  # fmt: skip
+                break
+            except BufferError:
+                producer.poll(0.1)
+        if n % 10000 == 0:
+            producer.poll(0)
+    if producer.flush(120):
+        raise RuntimeError("publishing did not finish")
+
+
+def expect_once(name: str, seen: Counter[str], count: int) -> None:
+    wrong = [id for id, n in seen.items() if n != 1]
+    if len(seen) != count or wrong:
+        raise AssertionError(
+            f"{name}: {len(seen)} distinct ids for {count} messages, "
+            f"{len(wrong)} handled more than once"
+        )
+
+
+# -- hand-written baselines -------------------------------------------------------------
+
+
+def hand_written(
+    bootstrap: str, topic: str, count: int, per_batch: Callable[[list[str]], None]
+) -> float:
+    """Consume ``count`` records, call ``per_batch`` with their ids, commit per batch."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            **FAST_CONSUMER,
+        }
+    )
+    consumer.subscribe([topic])
+    seen: Counter[str] = Counter()
+    started = 0.0
+    try:
+        while sum(seen.values()) < count:
+            records = consumer.consume(BATCH, 1.0)
+            if not records:
+                continue
+            started = started or time.perf_counter()
+            ids = [message_id(record) for record in records if record.error() is None]
+            per_batch(ids)
+            seen.update(ids)
+            consumer.commit(asynchronous=False)
+        elapsed = time.perf_counter() - started
+    finally:
+        consumer.close()
+    expect_once("hand-written loop", seen, count)
+    return count / elapsed
+
+
+def message_id(record: KafkaMessage) -> str:
+    for name, value in record.headers() or ():
+        if name == "message-id":
+            return bytes(value).decode()
+    raise ValueError("no message-id")
+
+
+def set_nx_per_message(client: redis.Redis) -> Callable[[list[str]], None]:
+    prefix = f"bench-b-{uuid.uuid4().hex}:"
+
+    def per_batch(ids: list[str]) -> None:
+        for id in ids:
+            if not client.set(prefix + id, "1", nx=True, ex=86400):
+                raise AssertionError(f"{id} claimed twice")
+
+    return per_batch
+
+
+def lua_per_batch(client: redis.Redis) -> Callable[[list[str]], None]:
+    prefix = f"bench-c-{uuid.uuid4().hex}:"
+    claim = client.register_script(CLAIM_BATCH)
+
+    def per_batch(ids: list[str]) -> None:
+        if not all(claim(keys=[prefix + id for id in ids], args=[86400])):
+            raise AssertionError("an id was claimed twice")
+
+    return per_batch
+
+
+# -- the worker -------------------------------------------------------------------------
+
+
+def worker_settings(
+    bootstrap: str, url: str, topic: str, handler: str, max_in_flight: int
+) -> Settings:
+    return Settings(
+        kafka={
+            "bootstrap_servers": bootstrap,
+            "group_id": f"bench-{uuid.uuid4().hex}",
+            "consumer": FAST_CONSUMER,
+        },
+        redis={"url": url},
+        routes=[
+            {"topic": topic, "handler": f"bench.handlers:{handler}", "max_in_flight": max_in_flight}
+        ],
+        http={"port": 0},
+    )
+
+
+def the_worker(
+    bootstrap: str, url: str, topic: str, count: int, handler: str, max_in_flight: int = 1
+) -> float:
+    settings = worker_settings(bootstrap, url, topic, handler, max_in_flight)
+    handlers.reset()
+    code = run_worker(settings, resolve_routes(settings), max_messages=count)
+    if code != 0:
+        raise RuntimeError(f"the worker exited {code}")
+    expect_once(f"worker ({handler}, max_in_flight {max_in_flight})", handlers.runs, count)
+    return count / (handlers.last_run - handlers.first_run)
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def rss_child(bootstrap: str, url: str, topic: str, count: int) -> None:
+    """In a fresh process: handle ``count`` records with the no-op handler, sampling RSS."""
+    samples: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            samples.append((len(handlers.runs), rss_kib()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rate = the_worker(bootstrap, url, topic, count, "noop")
+    done.set()
+    sampler.join()
+    tenth = count // 10
+    first = [rss for n, rss in samples if 0 < n <= tenth]
+    last = [rss for n, rss in samples if n >= count - tenth]
+    result = {
+        "rate": rate,
+        "peak_mb": max(rss for _, rss in samples) / 1024,
+        "first_tenth_mb": max(first or [0]) / 1024,
+        "last_tenth_mb": max(last or [0]) / 1024,
+    }
+    print(json.dumps(result))
+
+
+def measure_rss(bootstrap: str, url: str, count: int) -> dict[str, float]:
+    topic = f"bench-rss-{uuid.uuid4().hex[:8]}"
+    publish(bootstrap, topic, count)
+    args = ["--rss-child", "--bootstrap", bootstrap, "--redis", url, "--topic", topic]
+    output = subprocess.run(
+        [sys.executable, __file__, *args, "--messages", str(count)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout
+    result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
+    return result
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the short run CI does")
+    parser.add_argument("--messages", type=int)
+    parser.add_argument("--slow-messages", type=int, help="for e at max_in_flight 64")
+    parser.add_argument("--rss-messages", type=int)
+    parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
+    parser.add_argument("--redis", help=argparse.SUPPRESS)
+    parser.add_argument("--topic", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        rss_child(args.bootstrap, args.redis, args.topic, args.messages)
+        return 0
+    messages = args.messages or (20_000 if args.quick else 100_000)
+    slow = args.slow_messages or (2_000 if args.quick else 6_400)
+    rss_messages = args.rss_messages or (100_000 if args.quick else 1_000_000)
+
+    with tempfile.TemporaryDirectory() as workdir, services(Path(workdir)) as (bootstrap, url):
+        client = redis.Redis.from_url(url)
+        topic = f"bench-{uuid.uuid4().hex[:8]}"
+        publish(bootstrap, topic, messages)
+        slow_topic = f"bench-slow-{uuid.uuid4().hex[:8]}"
+        publish(bootstrap, slow_topic, slow)
+        rates: dict[str, float] = {}
+        runs: list[tuple[str, str, Callable[[], float]]] = [
+            ("a", "raw consume + commit per batch", lambda: hand_written(
+                bootstrap, topic, messages, lambda ids: None)),
+            ("b", "SET NX round trip per message", lambda: hand_written(
+                bootstrap, topic, messages, set_nx_per_message(client))),
+            ("c", "one Lua claim per batch", lambda: hand_written(
+                bootstrap, topic, messages, lua_per_batch(client))),
+            ("d", "worker, no-op handler", lambda: the_worker(
+                bootstrap, url, topic, messages, "noop")),
+            ("e1", "worker, 10 ms handler, max_in_flight 1", lambda: the_worker(
+                bootstrap, url, slow_topic, slow // 16, "sleeps_10ms", 1)),
+            ("e64", "worker, 10 ms handler, max_in_flight 64", lambda: the_worker(
+                bootstrap, url, slow_topic, slow, "sleeps_10ms", 64)),
+        ]  # fmt: skip
+        for name, what, run in runs:
+            rates[name] = run()
+            print(f"{name:>4}  {what:<42} {rates[name]:>10,.0f} msg/s", flush=True)
+        rss = measure_rss(bootstrap, url, rss_messages)
+        client.close()
+
+    ratios = {
+        "d/a": rates["d"] / rates["a"],
+        "d/b": rates["d"] / rates["b"],
+        "d/c": rates["d"] / rates["c"],
+        "e64/e1": rates["e64"] / rates["e1"],
+    }
+    growth = rss["last_tenth_mb"] - rss["first_tenth_mb"]
+    print()
+    for name, ratio in ratios.items():
+        target = TARGETS.get(name)
+        verdict = (
+            ""
+            if target is None
+            else f"  target >= {target:g}: " + ("met" if ratio >= target else "MISSED")
+        )
+        print(f"{name:>7} = {ratio:6.2f}{verdict}")
+    print(
+        f"    RSS over {rss_messages:,} messages ({rss['rate']:,.0f} msg/s): peak "
+        f"{rss['peak_mb']:.1f} MB, growth from the first to the last tenth {growth:+.1f} MB"
+        f"  target < {RSS_GROWTH_LIMIT_MB:g} MB: "
+        + ("met" if growth < RSS_GROWTH_LIMIT_MB else "MISSED")
+    )
+    print(f"    every variant handled every id exactly once; {describe_machine()}")
+    return 0
+
+
+def describe_machine() -> str:
+    import confluent_kafka
+
+    return (
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"confluent-kafka {confluent_kafka.version()[0]}, librdkafka "
+        f"{confluent_kafka.libversion()[0]}, redis-py {redis.__version__}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
