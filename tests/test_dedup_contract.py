@@ -8,6 +8,7 @@ import redis
 
 from tests.support.harness import complete
 from worker.dedup import ClaimStatus, State
+from worker.dedup.base import Completion
 from worker.dedup.memory import MemoryDedupStore
 from worker.dedup.redis import RedisDedupStore
 from worker.errors import StoreUnavailable
@@ -231,3 +232,18 @@ def test_epoch_is_set_once_and_changes_when_the_store_is_emptied(store_and_flush
     flush()
     assert store.state("a") is State.ABSENT
     assert store.epoch("third") == "third"
+
+
+def test_one_complete_call_settles_each_id_on_its_own(store):
+    store.claim(["a", "b"], "t1", LEASE)
+    store.claim(["c"], "t2", LEASE)
+    results = store.complete(
+        [Completion("a", "t1", "t/0/1"), Completion("c", "t1", "t/0/2"), Completion("b", "t1", "")],
+        60,
+    )
+    assert results == [True, False, True]  # c is t2's claim
+    assert [store.state(id) for id in "abc"] == [
+        State.COMPLETED,
+        State.COMPLETED,
+        State.IN_PROGRESS,
+    ]

@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -221,6 +222,8 @@ class Worker:
 
     def _process_batch(self, records: Sequence[KafkaMessage]) -> None:
         items = [item for record in records if (item := self._prepare(record)) is not None]
+        for topic, count in Counter(item.route.topic for item in items).items():
+            self._metrics.topic(topic).consumed.inc(count)
         token = self._new_token()
         ids = list(
             dict.fromkeys(
@@ -328,7 +331,6 @@ class Worker:
             return None
         topic, partition, offset = coordinates(record)
         route = self._routes[topic]
-        self._metrics.consumed.labels(topic).inc()
         headers = dict(header_pairs(record))
         key, value = record.key(), record.value()
         origin = f"{topic}/{partition}/{offset}"
@@ -532,9 +534,7 @@ class Worker:
             return exc
         finally:
             self._leases.handler_finished(running)
-            self._metrics.handler_duration.labels(route.topic).observe(
-                time.perf_counter() - started
-            )
+            self._metrics.topic(route.topic).handler_duration.observe(time.perf_counter() - started)
             self._metrics.in_flight.dec()
         for output in ctx.outputs:
             self._metrics.outputs.labels(output.topic).inc()
@@ -552,8 +552,10 @@ class Worker:
             if not self._handled:
                 self._handled_since = time.monotonic()
             self._handled.append(handled)
-        if handled.seconds >= self._linger:
-            self._flush()  # a slow handler: no company to wait for
+        if handled.seconds >= self._linger and threading.get_ident() == self._loop_thread:
+            # One at a time and slow: no company worth waiting for. (Lanes running
+            # concurrently share one write every linger instead.)
+            self._flush()
 
     def _flush_if_lingered(self) -> None:
         if self._handled and time.monotonic() - self._handled_since >= self._linger:
@@ -581,7 +583,7 @@ class Worker:
                 self._completed.put(completion.id, Claim(
                     ClaimStatus.COMPLETED, completion.origin, completion.fingerprint
                 ))  # fmt: skip
-                self._metrics.processed.labels(h.item.route.topic, "success").inc()
+                self._metrics.topic(h.item.route.topic).succeeded.inc()
                 if self._debug:
                     self._log_outcome(
                         h.item, "success", attempt=h.attempt, duration_seconds=round(h.seconds, 6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -13,6 +14,15 @@ _HANDLER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 
 
 STORE_OPERATIONS = ("claim", "begin", "complete", "release", "renew", "epoch", "ping")
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSeries:
+    """The series the hot path touches for every message of one topic, resolved once."""
+
+    consumed: Counter
+    succeeded: Counter
+    handler_duration: Histogram
 
 
 class Metrics:
@@ -123,7 +133,18 @@ class Metrics:
             "1 when the replica has joined its group and the dedup store answers.",
             registry=registry,
         )
+        self._topics: dict[str, TopicSeries] = {}
         self._export_zeros(topics)
+
+    def topic(self, topic: str) -> TopicSeries:
+        series = self._topics.get(topic)
+        if series is None:
+            series = self._topics[topic] = TopicSeries(
+                self.consumed.labels(topic),
+                self.processed.labels(topic, "success"),
+                self.handler_duration.labels(topic),
+            )
+        return series
 
     def _export_zeros(self, topics: Iterable[str]) -> None:
         """Export the series every dashboard and alert reads before their first event.

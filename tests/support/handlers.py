@@ -5,8 +5,11 @@ whether the handler ran in this process or in a worker subprocess.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 import time
+from typing import ClassVar
 
 from worker import Context, Message, PermanentFailure
 
@@ -61,3 +64,45 @@ def crashes_on_poison(message: Message, ctx: Context) -> None:
     _record(message)
     if message.id == os.environ.get("POISON_ID"):
         os._exit(70)
+
+
+class Lanes:
+    """What ``in_lanes`` handlers saw, in this process: the order per Kafka key, and the
+    most handlers running at once."""
+
+    lock = threading.Lock()
+    order: ClassVar[dict[bytes, list[str]]] = {}
+    running = 0
+    most = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        with cls.lock:
+            cls.order.clear()
+            cls.running = cls.most = 0
+
+    @classmethod
+    def enter(cls, message: Message) -> None:
+        with cls.lock:
+            cls.order.setdefault(message.key or b"", []).append(message.id)
+            cls.running += 1
+            cls.most = max(cls.most, cls.running)
+
+    @classmethod
+    def leave(cls) -> None:
+        with cls.lock:
+            cls.running -= 1
+
+
+def in_lanes(message: Message, ctx: Context) -> None:
+    Lanes.enter(message)
+    time.sleep(0.02)
+    _record(message)
+    Lanes.leave()
+
+
+async def in_lanes_async(message: Message, ctx: Context) -> None:
+    Lanes.enter(message)
+    await asyncio.sleep(0.02)
+    _record(message)
+    Lanes.leave()

@@ -27,28 +27,46 @@ from worker.dedup.base import (
 )
 from worker.errors import StoreUnavailable
 
-# KEYS: the ids' record keys, then their attempt-count keys. ARGV: token, lease in ms,
-# attempt-count TTL in s. Per id: "+1" when the caller holds the claim now and this
-# claim counted the id's first run; "?" when it holds the claim and runs were counted
-# before; else the record that stops it.
-_CLAIM = """
-local mine = 'p|' .. ARGV[1]
-local n = #KEYS / 2
+# The batch scripts take their ids (and per-id fields) packed into one argument as
+# "<byte length>:<field>" repeated: one argument instead of thousands is most of what
+# a batch costs on the client. They build the keys from the prefixes they are given,
+# which is fine on a standalone Redis (or a primary with replicas), not on a Cluster.
+_UNPACK = """
+local function unpack(packed)
+  local out, pos = {}, 1
+  while pos <= #packed do
+    local colon = string.find(packed, ':', pos, true)
+    local length = tonumber(string.sub(packed, pos, colon - 1))
+    out[#out + 1] = string.sub(packed, colon + 1, colon + length)
+    pos = colon + length + 1
+  end
+  return out
+end
+"""
+
+# ARGV: record-key prefix, attempt-count-key prefix, token, lease in ms, attempt-count
+# TTL in s, packed ids. Per id: "+1" when the caller holds the claim now and this claim
+# counted the id's first run; "?" when it holds the claim and runs were counted before;
+# else the record that stops it.
+_CLAIM = (
+    _UNPACK
+    + """
+local mine = 'p|' .. ARGV[3]
 local out = {}
-for i = 1, n do
-  local key = KEYS[i]
-  local held = redis.call('SET', key, mine, 'NX', 'PX', ARGV[2])
+for i, id in ipairs(unpack(ARGV[6])) do
+  local key = ARGV[1] .. id
+  local held = redis.call('SET', key, mine, 'NX', 'PX', ARGV[4])
   if not held then
     local value = redis.call('GET', key)
     if value == mine then
-      redis.call('PEXPIRE', key, ARGV[2])
+      redis.call('PEXPIRE', key, ARGV[4])
       held = true
     else
       out[i] = value
     end
   end
   if held then
-    if redis.call('SET', KEYS[n + i], 1, 'NX', 'EX', ARGV[3]) then
+    if redis.call('SET', ARGV[2] .. id, 1, 'NX', 'EX', ARGV[5]) then
       out[i] = '+1'
     else
       out[i] = '?'
@@ -57,6 +75,7 @@ for i = 1, n do
 end
 return out
 """
+)
 
 # KEYS: the id's record key, its attempt-count key. ARGV: token, attempt-count TTL in s.
 # The number of this run (1 for the first, over every replica) if the caller holds the
@@ -70,19 +89,22 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return count
 """
 
-# KEYS: the ids' record keys, then their attempt-count keys. ARGV: ttl in s, then per id
-# its token, origin and fingerprint. Per id, 1 if completed under its token; an absent
-# record (our lease expired, nobody else claimed the id) is completed too.
-_COMPLETE = """
-local n = #KEYS / 2
+# ARGV: record-key prefix, attempt-count-key prefix, ttl in s, then packed per id: the
+# id, its token, origin and fingerprint. Per id, 1 if completed under its token; an
+# absent record (our lease expired, nobody else claimed the id) is completed too.
+_COMPLETE = (
+    _UNPACK
+    + """
+local fields = unpack(ARGV[4])
 local out = {}
-for i = 1, n do
-  local token = ARGV[3 * i - 1]
+for i = 1, #fields / 4 do
+  local id, token = fields[4 * i - 3], fields[4 * i - 2]
+  local key = ARGV[1] .. id
   local done = 'c|' .. token .. '|'
-  local value = redis.call('GET', KEYS[i])
+  local value = redis.call('GET', key)
   if not value or value == 'p|' .. token then
-    redis.call('SET', KEYS[i], done .. ARGV[3 * i] .. '|' .. ARGV[3 * i + 1], 'EX', ARGV[1])
-    redis.call('DEL', KEYS[n + i])
+    redis.call('SET', key, done .. fields[4 * i - 1] .. '|' .. fields[4 * i], 'EX', ARGV[3])
+    redis.call('DEL', ARGV[2] .. id)
     out[i] = 1
   elseif string.sub(value, 1, string.len(done)) == done then
     out[i] = 1
@@ -92,6 +114,7 @@ for i = 1, n do
 end
 return out
 """
+)
 
 # KEYS: the ids' record keys, then their attempt-count keys. ARGV: token, "clear" to
 # forget the attempt counts too. Returns how many of the caller's claims it deleted.
@@ -183,9 +206,11 @@ class RedisDedupStore:
     def claim(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[Claim]:
         if not ids:
             return []
-        keys = self._keys(ids)
-        args: list[Any] = [token, _ms(lease_seconds), ATTEMPTS_TTL_SECONDS]
-        replies: list[str] = self._call(lambda: self._claim(keys=keys, args=args))
+        args: list[Any] = [
+            self._prefix, self._attempts_prefix, token, _ms(lease_seconds),
+            ATTEMPTS_TTL_SECONDS, _pack(ids),
+        ]  # fmt: skip
+        replies: list[str] = self._call(lambda: self._claim(args=args))
         return [_parse_claim(reply) for reply in replies]
 
     def begin(self, id: str, token: str) -> int:
@@ -195,11 +220,9 @@ class RedisDedupStore:
     def complete(self, completions: Sequence[Completion], ttl_seconds: int) -> list[bool]:
         if not completions:
             return []
-        keys = self._keys([c.id for c in completions])
-        args: list[Any] = [ttl_seconds]
-        for c in completions:
-            args += [c.token, c.origin, c.fingerprint]
-        replies = self._call(lambda: self._complete(keys=keys, args=args))
+        fields = [f for c in completions for f in (c.id, c.token, c.origin, c.fingerprint)]
+        args: list[Any] = [self._prefix, self._attempts_prefix, ttl_seconds, _pack(fields)]
+        replies = self._call(lambda: self._complete(args=args))
         return [bool(reply) for reply in replies]
 
     def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:
@@ -239,6 +262,12 @@ class RedisDedupStore:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _pack(fields: Sequence[str]) -> bytes:
+    """``fields`` as one argument for the batch scripts: ``<byte length>:<field>`` each."""
+    encoded = [field.encode() for field in fields]
+    return b"".join(b"%d:%s" % (len(field), field) for field in encoded)
 
 
 def _ms(seconds: float) -> int:
