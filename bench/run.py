@@ -342,7 +342,7 @@ def describe_machine() -> str:
 
     return (
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"confluent-kafka {confluent_kafka.version()[0]}, librdkafka "
+        f"confluent-kafka {confluent_kafka.version()}, librdkafka "
         f"{confluent_kafka.libversion()[0]}, redis-py {redis.__version__}"
     )
 

@@ -22,7 +22,7 @@ from tests.support.kafka import committed_offsets, group_lag, produce, with_id
 from worker import embedded
 from worker.dedup import State
 from worker.dedup.redis import RedisDedupStore
-from worker.demo import FAST_CONSUMER, metric_sum, probe, scrape, wait_for_group, worker_env
+from worker.demo import FAST_CONSUMER, metric_sum, probe, scrape, worker_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.chaos]
 
@@ -68,6 +68,13 @@ class Scenario:
     def replicas(self, count: int) -> Replicas:
         return Replicas(count, self.env_for, self.logdir)
 
+    def traffic(self, batch: int, rounds: int, interval: float) -> Traffic:
+        """Orders with 30% duplicate ids, published to the input in the background."""
+        return Traffic(
+            self.bootstrap, self.input, batch=batch, rounds=rounds, interval=interval,
+            partitions=PARTITIONS,
+        )  # fmt: skip
+
     def published(self) -> set[str]:
         return set(message_ids(self.bootstrap, self.input))
 
@@ -106,12 +113,8 @@ def test_sigkill_storm_loses_nothing_and_reruns_only_the_crash_window(scenario):
     rng = random.Random(11)
     kills = 0
     with scenario.replicas(3) as replicas:
-        replicas.start_all()
-        wait_for_group(replicas.ports, PARTITIONS)
-        traffic = Traffic(
-            scenario.bootstrap, scenario.input, batch=1000, rounds=20, interval=1.0,
-            partitions=PARTITIONS,
-        )  # fmt: skip
+        replicas.start_all(PARTITIONS)
+        traffic = scenario.traffic(batch=1000, rounds=20, interval=1.0)
         while kills < 10 or traffic.flowing():
             time.sleep(rng.uniform(1.5, 2.5))
             slot = rng.randrange(3)
@@ -132,12 +135,8 @@ def test_sigkill_storm_loses_nothing_and_reruns_only_the_crash_window(scenario):
 
 def test_sigterm_under_load_exits_cleanly_and_reruns_nothing(scenario):
     with scenario.replicas(2) as replicas:
-        replicas.start_all()
-        wait_for_group(replicas.ports, PARTITIONS)
-        traffic = Traffic(
-            scenario.bootstrap, scenario.input, batch=1000, rounds=8, interval=0.5,
-            partitions=PARTITIONS,
-        )  # fmt: skip
+        replicas.start_all(PARTITIONS)
+        traffic = scenario.traffic(batch=1000, rounds=8, interval=0.5)
         codes = []
         for slot in (0, 1, 0):
             time.sleep(1)
@@ -177,12 +176,8 @@ def hold_still(scenario, replicas, seconds):
 
 def fault_under_traffic(scenario, inject, seconds, name, faults):
     with scenario.replicas(2) as replicas:
-        replicas.start_all()
-        wait_for_group(replicas.ports, PARTITIONS)
-        traffic = Traffic(
-            scenario.bootstrap, scenario.input, batch=250, rounds=16, interval=0.5,
-            partitions=PARTITIONS,
-        )  # fmt: skip
+        replicas.start_all(PARTITIONS)
+        traffic = scenario.traffic(batch=250, rounds=16, interval=0.5)
         wait_until(lambda: len(scenario.ledger.runs()) > 500, 60, "the first runs")
         with inject():
             hold_still(scenario, replicas, seconds)
@@ -237,8 +232,7 @@ def test_flushall_is_survived_and_counted(scenario, own_redis):
     # Without the local cache of completed ids, which would hide part of the damage.
     scenario.extra["WORKER_DEDUP__LOCAL_CACHE_SIZE"] = "0"
     with scenario.replicas(2) as replicas:
-        replicas.start_all()
-        wait_for_group(replicas.ports, PARTITIONS)
+        replicas.start_all(PARTITIONS)
         ids = [f"f-{n}" for n in range(300)]
         produce(scenario.bootstrap, scenario.input, (with_id(i, n % 6) for n, i in enumerate(ids)))
         wait_until(scenario.finished, 60, "the first pass")
@@ -268,10 +262,7 @@ def test_rebalance_storm_loses_nothing_and_runs_nothing_twice(scenario, strategy
     changes = 0
     with scenario.replicas(4) as replicas:
         replicas.start(0)
-        traffic = Traffic(
-            scenario.bootstrap, scenario.input, batch=200, rounds=60, interval=1.0,
-            partitions=PARTITIONS,
-        )  # fmt: skip
+        traffic = scenario.traffic(batch=200, rounds=60, interval=1.0)
         codes = []
         while traffic.flowing():
             replicas.settle(PARTITIONS)
@@ -302,12 +293,8 @@ def test_static_members_restart_without_a_rebalance(scenario):
 
     scenario.env_for = static_env
     with scenario.replicas(2) as replicas:
-        replicas.start_all()
-        replicas.settle(PARTITIONS)
-        traffic = Traffic(
-            scenario.bootstrap, scenario.input, batch=300, rounds=10, interval=0.5,
-            partitions=PARTITIONS,
-        )  # fmt: skip
+        replicas.start_all(PARTITIONS)
+        traffic = scenario.traffic(batch=300, rounds=10, interval=0.5)
 
         def rebalances_seen_by_the_other():
             return metric_sum([scrape(replicas.ports[1])], "idempotent_worker_rebalances_total")
@@ -332,8 +319,7 @@ def test_static_members_restart_without_a_rebalance(scenario):
 
 def test_duplicate_storm_runs_the_handler_once(scenario):
     with scenario.replicas(3) as replicas:
-        replicas.start_all()
-        wait_for_group(replicas.ports, PARTITIONS)
+        replicas.start_all(PARTITIONS)
         produce(scenario.bootstrap, scenario.input, (with_id("hot", n % 6) for n in range(1000)))
         wait_until(lambda: scenario.lag() == 0, 60, "the storm to be consumed")
         skipped = replicas.metric("idempotent_worker_duplicates_skipped_total")
@@ -350,7 +336,7 @@ def test_a_zombie_replica_cannot_complete_or_publish(scenario):
     scenario.extra["WORKER_DEDUP__LEASE_SECONDS"] = "2"
     with scenario.replicas(2) as replicas:
         replicas.start(0)
-        wait_for_group(replicas.ports[:1], PARTITIONS)
+        replicas.settle(PARTITIONS)
         produce(scenario.bootstrap, scenario.input, [with_id("z", value=b"4")])
         store = RedisDedupStore.from_url(scenario.redis_url, f"idempotent-worker:{scenario.group}")
         try:

@@ -26,9 +26,6 @@ class CompletedIds:
         self._entries: OrderedDict[str, tuple[float, Claim]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def __contains__(self, id: str) -> bool:
-        return self.get(id) is not None
-
     def get(self, id: str) -> Claim | None:
         """The completed record seen for ``id``, if it is remembered and not expired."""
         with self._lock:
@@ -50,6 +47,3 @@ class CompletedIds:
             self._entries.move_to_end(id)
             while len(self._entries) > self._size:
                 self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)

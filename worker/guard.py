@@ -80,6 +80,17 @@ class GuardedStore:
     def ping(self) -> None:
         self._call("ping", self._store.ping)
 
+    def hold_still(self, seconds: float) -> None:
+        """Pause the owned partitions and serve the group protocol for ``seconds``."""
+        if not self._consumer.paused:
+            self._consumer.hold()
+        self._consumer.poll_while_holding(seconds, self._stopping)
+
+    def resume_if_held(self) -> None:
+        if self._consumer.paused and self._health.store_ok:
+            self._log.info("dedup store reachable again; resuming")
+            self._consumer.resume()
+
     def _call(self, operation: str, call: Callable[..., T], *args: Any) -> T:
         """Raises StoreUnavailable only when the worker is asked to stop during an outage."""
         delay = 0.1
@@ -89,34 +100,23 @@ class GuardedStore:
                 result = call(*args)
             except StoreUnavailable as exc:
                 self._metrics.store_errors.labels(operation).inc()
-                if not self._on_loop_thread():
-                    # A handler lane: only the loop's thread touches the consumer; it
-                    # holds the partitions while it waits for the lanes.
-                    if self._health.store_ok:
-                        self._log.error(
-                            "dedup store unavailable; holding", operation=operation, error=str(exc)
-                        )
-                        self._health.store_ok = False
-                    if self._stopping():
-                        raise
-                    time.sleep(delay)
-                    delay = min(delay * 2, MAX_BACKOFF)
-                    continue
-                if not self._consumer.paused:
+                if self._health.store_ok:
                     self._log.error(
                         "dedup store unavailable; holding", operation=operation, error=str(exc)
                     )
                     self._health.store_ok = False
-                    self._consumer.hold()
                 if self._stopping():
                     raise
-                self._consumer.poll_while_holding(delay, self._stopping)
+                if self._on_loop_thread():
+                    self.hold_still(delay)
+                else:
+                    # A handler lane: only the loop's thread touches the consumer; it
+                    # holds the partitions while it waits for the lanes.
+                    time.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF)
                 continue
             self._metrics.store_duration.labels(operation).observe(time.perf_counter() - started)
-            if not self._health.store_ok:
-                self._health.store_ok = True
-                if self._consumer.paused and self._on_loop_thread():
-                    self._log.info("dedup store reachable again; resuming")
-                    self._consumer.resume()
+            self._health.store_ok = True
+            if self._on_loop_thread():
+                self.resume_if_held()
             return result

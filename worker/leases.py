@@ -105,14 +105,14 @@ class LeaseKeeper:
             with self._lock:
                 running = list(self._running.values())
             now = time.monotonic()
-            late = [r for r in running if now - r.started > r.timeout]
-            if late:
+            late = next((r for r in running if now - r.started > r.timeout), None)
+            if late is not None:
                 self._log.error(
                     "handler timed out; exiting so that the message is retried elsewhere",
-                    timeout_seconds=late[0].timeout,
+                    timeout_seconds=late.timeout,
                     exit_code=EXIT_HANDLER_TIMEOUT,
-                    origin=late[0].origin,
-                    id=late[0].id,
+                    origin=late.origin,
+                    id=late.id,
                 )
                 self._on_timeout()
                 return

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -91,7 +91,7 @@ class _Handled:
     """A message whose handler succeeded and whose completion is not written yet."""
 
     item: _Item
-    token: str
+    completion: Completion
     attempt: int
     seconds: float
 
@@ -134,7 +134,7 @@ class Worker:
             self._log,
             lambda: self._stopping,
             settings.dedup.lease_seconds,
-            lambda: threading.get_ident() == self._loop_thread,
+            self._on_loop_thread,
         )
         self._leases = LeaseKeeper(store, settings.dedup.lease_seconds, metrics, self._log)
         self._completed = CompletedIds(settings.dedup.local_cache_size, settings.dedup.ttl_seconds)
@@ -225,14 +225,10 @@ class Worker:
         for topic, count in Counter(item.route.topic for item in items).items():
             self._metrics.topic(topic).consumed.inc(count)
         token = self._new_token()
-        ids = list(
-            dict.fromkeys(
-                i.message.id
-                for i in items
-                if i.message is not None and i.message.id not in self._completed
-            )
-        )
-        claims = self._claim(ids, token)
+        ids = dict.fromkeys(i.message.id for i in items if i.message is not None)
+        # Ids this replica saw completed lately need no round trip: they are duplicates.
+        claims = {id: claim for id in ids if (claim := self._completed.get(id)) is not None}
+        claims.update(self._claim([id for id in ids if id not in claims], token))
         lanes = [
             pool.submit(self._run_lane, lane, claims, token)
             for topic, pool in self._pools.items()
@@ -257,12 +253,8 @@ class Worker:
                 lane.result()  # a lane's exception (a bug, or stopping in an outage) is ours
             self._health.beat()
             if not self._health.store_ok:
-                if not self._consumer.paused:
-                    self._consumer.hold()
-                self._consumer.poll_while_holding(0.2, lambda: self._stopping)
-        if self._health.store_ok and self._consumer.paused:
-            self._log.info("dedup store reachable again; resuming")
-            self._consumer.resume()
+                self._store.hold_still(0.2)
+        self._store.resume_if_held()
 
     def _run_lane(self, lane: Sequence[_Item], claims: dict[str, Claim], token: str) -> None:
         """Handle ``lane``'s messages in order; ``claims`` are the batch's claims."""
@@ -282,12 +274,11 @@ class Worker:
                 self._dead_letter(item, item.rejection)
                 continue
             id = message.id
-            if id in seen or id not in claims:
-                # An earlier record carried the same id and is finished by now, or this
-                # replica completed the id lately: claim afresh to learn how it ended.
+            if id in seen:
+                # An earlier record of this lane carried the same id and is finished by
+                # now: look up how it ended (locally if it completed).
                 own_token = self._new_token()
-                cached = self._completed.get(id)
-                claim = cached or self._acquire(item, own_token)
+                claim = self._completed.get(id) or self._acquire(item, own_token)
                 self._handle(item, claim, own_token)
                 continue
             seen.add(id)
@@ -296,15 +287,8 @@ class Worker:
                 # Another replica holds this id. Keeping our claims on this lane's later
                 # ids while we wait could leave two replicas waiting for each other:
                 # let them go, and claim them again after the wait.
-                later = [
-                    i.message.id
-                    for i in lane[index + 1 :]
-                    if i.message is not None
-                    and i.message.id not in seen
-                    and i.message.id in claims
-                    and claims[i.message.id].status is ClaimStatus.CLAIMED
-                ]
-                self._release_claims(later, claims, token)
+                later = _unstarted(lane[index + 1 :], claims, seen)
+                self._give_back(later, claims, token, wait_out_outage=True)
                 claim = self._acquire(item, token)
                 claims.update(self._claim(later, token))
             self._handle(item, claim, token)
@@ -317,12 +301,15 @@ class Worker:
         self._leases.hold(token, (i for i, c in claims.items() if c.status is ClaimStatus.CLAIMED))
         return claims
 
-    def _release_claims(self, ids: Sequence[str], claims: Mapping[str, Claim], token: str) -> None:
-        """Give up unstarted claims: a run counted at claim time is uncounted again."""
+    def _give_back(
+        self, ids: Sequence[str], claims: Mapping[str, Claim], token: str, *, wait_out_outage: bool
+    ) -> None:
+        """Release claims whose messages did not start; a run their claim counted is
+        uncounted again. Without ``wait_out_outage`` it is best effort: leases expire."""
         self._leases.drop(token, ids)
-        counted = [id for id in ids if claims[id].attempt]
-        self._store.release(counted, token, "clear")
-        self._store.release([id for id in ids if not claims[id].attempt], token, "keep")
+        release = self._store.release if wait_out_outage else self._store.release_if_reachable
+        release([id for id in ids if claims[id].attempt], token, "clear")
+        release([id for id in ids if not claims[id].attempt], token, "keep")
 
     def _prepare(self, record: KafkaMessage) -> _Item | None:
         error = record.error()
@@ -356,19 +343,10 @@ class Worker:
     def _release_unstarted(
         self, items: Sequence[_Item], claims: Mapping[str, Claim], token: str, seen: set[str]
     ) -> None:
-        """Give up this batch's claims of ``items`` (best effort: leases expire anyway)."""
-        ids = {
-            item.message.id
-            for item in items
-            if item.message is not None
-            and item.message.id not in seen
-            and item.message.id in claims
-            and claims[item.message.id].status is ClaimStatus.CLAIMED
-        }
+        """Give up this batch's claims of ``items``, which will not run here."""
+        ids = _unstarted(items, claims, seen)
         seen.update(ids)
-        self._leases.drop(token, ids)
-        self._store.release_if_reachable([id for id in ids if claims[id].attempt], token, "clear")
-        self._store.release_if_reachable([id for id in ids if not claims[id].attempt], token)
+        self._give_back(ids, claims, token, wait_out_outage=False)
 
     # -- one message: the state machine ------------------------------------------------
 
@@ -456,7 +434,8 @@ class Worker:
             failure = self._attempt(item, attempt, token)
             elapsed = time.perf_counter() - started
             if failure is None:
-                self._handled_ok(_Handled(item, token, attempt, elapsed))
+                completion = Completion(message.id, token, item.origin, item.fingerprint)
+                self._handled_ok(_Handled(item, completion, attempt, elapsed))
                 return
             if isinstance(failure, LeaseLost):
                 self._leases.drop(token, [message.id])
@@ -519,8 +498,8 @@ class Worker:
         started = time.perf_counter()
         try:
             result = route.handler(item.message, ctx)
-            if result is not None:  # an async def handler's coroutine
-                assert self._event_loop is not None
+            if route.is_async:
+                assert self._event_loop is not None and result is not None
                 self._event_loop.run(result)
             if ctx.outputs:
                 if not self._store.renew([item.message.id], token)[0]:
@@ -552,7 +531,7 @@ class Worker:
             if not self._handled:
                 self._handled_since = time.monotonic()
             self._handled.append(handled)
-        if handled.seconds >= self._linger and threading.get_ident() == self._loop_thread:
+        if handled.seconds >= self._linger and self._on_loop_thread():
             # One at a time and slow: no company worth waiting for. (Lanes running
             # concurrently share one write every linger instead.)
             self._flush()
@@ -568,15 +547,10 @@ class Worker:
                 handled, self._handled = self._handled, []
             if not handled:
                 return
-            ttl = self._settings.dedup.ttl_seconds
-            completions = [
-                Completion(h.item.message.id, h.token, h.item.origin, h.item.fingerprint)
-                for h in handled
-                if h.item.message is not None
-            ]
-            results = self._store.complete(completions, ttl)
+            completions = [h.completion for h in handled]
+            results = self._store.complete(completions, self._settings.dedup.ttl_seconds)
             for h, completion, completed in zip(handled, completions, results, strict=True):
-                self._leases.drop(h.token, [completion.id])
+                self._leases.drop(completion.token, [completion.id])
                 if not completed:
                     self._lease_lost(h.item, h.attempt, h.seconds)
                     continue
@@ -642,6 +616,9 @@ class Worker:
 
     # -- helpers -----------------------------------------------------------------------
 
+    def _on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._loop_thread
+
     def _new_token(self) -> str:
         return f"{self._worker_id}:{next(self._tokens)}"
 
@@ -673,6 +650,20 @@ class Worker:
 
     def _log_outcome(self, item: _Item, outcome: str, **fields: Any) -> None:
         self._log.info("message", **self._fields(item), outcome=outcome, **fields)
+
+
+def _unstarted(items: Iterable[_Item], claims: Mapping[str, Claim], seen: set[str]) -> list[str]:
+    """Ids of ``items`` that the batch claimed and that have not started."""
+    return list(
+        dict.fromkeys(
+            item.message.id
+            for item in items
+            if item.message is not None
+            and item.message.id not in seen
+            and (claim := claims.get(item.message.id)) is not None
+            and claim.status is ClaimStatus.CLAIMED
+        )
+    )
 
 
 def _lanes(items: Sequence[_Item]) -> list[list[_Item]]:

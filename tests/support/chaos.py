@@ -77,9 +77,11 @@ class Replicas:
         log = self._logdir / f"replica-{slot}-{self._starts[slot]}.log"
         self._processes[slot] = spawn_worker(self._env_for(self.ports[slot]), log, cwd=REPO)
 
-    def start_all(self) -> None:
+    def start_all(self, partitions: int) -> None:
+        """Start every slot and wait until they share the ``partitions`` between them."""
         for slot in range(len(self.ports)):
             self.start(slot)
+        self.settle(partitions)
 
     def running(self) -> list[int]:
         return [s for s, p in enumerate(self._processes) if p is not None and p.poll() is None]
