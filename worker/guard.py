@@ -44,6 +44,7 @@ class GuardedStore:
         self._stopping = stopping
         self._lease = lease_seconds
         self._on_loop_thread = on_loop_thread
+        self._failing = False
 
     def claim(self, ids: Sequence[str], token: str) -> dict[str, Claim]:
         claims = self._call("claim", self._store.claim, ids, token, self._lease)
@@ -100,11 +101,12 @@ class GuardedStore:
                 result = call(*args)
             except StoreUnavailable as exc:
                 self._metrics.store_errors.labels(operation).inc()
-                if self._health.store_ok:
+                if not self._failing:  # once an outage, from whichever thread meets it
+                    self._failing = True
                     self._log.error(
                         "dedup store unavailable; holding", operation=operation, error=str(exc)
                     )
-                    self._health.store_ok = False
+                self._health.store_ok = False
                 if self._stopping():
                     raise
                 if self._on_loop_thread():
@@ -116,6 +118,7 @@ class GuardedStore:
                 delay = min(delay * 2, MAX_BACKOFF)
                 continue
             self._metrics.store_duration.labels(operation).observe(time.perf_counter() - started)
+            self._failing = False
             self._health.store_ok = True
             if self._on_loop_thread():
                 self.resume_if_held()
