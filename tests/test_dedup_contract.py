@@ -1,5 +1,6 @@
 """One contract, every dedup store: the in-memory one and Redis (a real server)."""
 
+import signal
 import time
 import uuid
 
@@ -7,6 +8,7 @@ import pytest
 import redis
 
 from tests.support.harness import complete
+from worker import embedded
 from worker.dedup import ClaimStatus, State
 from worker.dedup.base import Completion
 from worker.dedup.memory import MemoryDedupStore
@@ -170,6 +172,21 @@ def test_redis_store_wraps_connection_errors():
         store.claim(["a"], "t1", LEASE)
     with pytest.raises(StoreUnavailable):
         store.ping()
+
+
+def test_a_stopped_redis_fails_after_one_client_timeout(tmp_path):
+    """No retries hidden in the client: the guard must learn of an outage at once."""
+    with embedded.redis(tmp_path) as server:
+        store = RedisDedupStore.from_url(f"redis://127.0.0.1:{server.port}/0", "x", timeout=0.3)
+        store.ping()
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="Timeout"):
+                store.claim(["a"], "t1", LEASE)
+            assert time.monotonic() - started < 1.0  # redis-py's default: 10 retries
+        finally:
+            server.process.send_signal(signal.SIGCONT)
 
 
 def test_a_first_claim_counts_the_first_run(store):

@@ -9,7 +9,8 @@ and the store refuses this replica's completion (fencing).
 The same thread watches the store's epoch marker (see ``DedupStore.epoch``): if it
 changes, the store lost its records, so completed ids can run again. The worker cannot
 undo that and keeps running, but it says so: an error log line and
-``idempotent_worker_dedup_store_resets_total``.
+``idempotent_worker_dedup_store_resets_total``. The check also keeps ``/readyz``
+honest on a replica with nothing to consume, which would not otherwise meet an outage.
 
 A Python thread cannot be killed, so a handler past its route's timeout ends the
 process: the thread logs it and exits with ``EXIT_HANDLER_TIMEOUT``. The message's
@@ -33,6 +34,7 @@ from structlog.typing import FilteringBoundLogger
 from worker.dedup.base import DedupStore
 from worker.errors import StoreUnavailable
 from worker.metrics import Metrics
+from worker.server import Health
 
 EXIT_HANDLER_TIMEOUT = 3
 
@@ -51,6 +53,7 @@ class LeaseKeeper:
         store: DedupStore,
         lease_seconds: float,
         metrics: Metrics,
+        health: Health,
         log: FilteringBoundLogger,
         on_timeout: Callable[[], None] = lambda: os._exit(EXIT_HANDLER_TIMEOUT),
     ) -> None:
@@ -58,6 +61,7 @@ class LeaseKeeper:
         self._lease = lease_seconds
         self._interval = lease_seconds / 3
         self._metrics = metrics
+        self._health = health
         self._log = log
         self._on_timeout = on_timeout
         self._held: dict[str, set[str]] = {}  # token -> ids
@@ -127,9 +131,11 @@ class LeaseKeeper:
             epoch = self._store.epoch(uuid.uuid4().hex)
         except StoreUnavailable as exc:
             self._metrics.store_errors.labels("epoch").inc()
+            self._health.store_ok = False
             self._log.warning("epoch check failed", error=str(exc))
             return
         self._metrics.store_duration.labels("epoch").observe(time.perf_counter() - started)
+        self._health.store_ok = True
         if self._epoch is not None and epoch != self._epoch:
             self._metrics.store_resets.inc()
             self._log.error(

@@ -136,7 +136,7 @@ class Worker:
             settings.dedup.lease_seconds,
             self._on_loop_thread,
         )
-        self._leases = LeaseKeeper(store, settings.dedup.lease_seconds, metrics, self._log)
+        self._leases = LeaseKeeper(store, settings.dedup.lease_seconds, metrics, health, self._log)
         self._completed = CompletedIds(settings.dedup.local_cache_size, settings.dedup.ttl_seconds)
         self._linger = settings.dedup.complete_linger_ms / 1000
         self._handled: list[_Handled] = []

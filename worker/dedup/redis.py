@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from worker.dedup.base import (
     BUSY,
@@ -186,6 +188,10 @@ class RedisDedupStore:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             health_check_interval=30,
+            # No retries inside the client (redis-py's defaults differ between its
+            # constructors and versions): the guard retries, counts and holds, and must
+            # learn of an outage at once.
+            retry=Retry(NoBackoff(), 0),
             **tls,
         )
         return cls(client, key_prefix)
