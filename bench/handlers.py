@@ -1,47 +1,62 @@
-"""Handlers the benchmark routes to. Each records the ids it ran, in this process, so
-the benchmark can check at the end that every id ran exactly once."""
+"""Handlers the benchmark routes to. Each records the ids it ran in ``tally``, in this
+process, so the benchmark can check at the end that every id ran exactly once."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections import Counter
 
 from worker import Context, Message
 
-_lock = threading.Lock()
-runs: Counter[str] = Counter()
-first_run = 0.0
-last_run = 0.0
+
+class Tally:
+    """How many times each id ran: one byte per id, allocated up front, so that counting
+    a million runs does not grow the process whose memory is being measured. The ids
+    are the benchmark's own, ``b-<n>`` for n in ``range(count)``."""
+
+    def __init__(self, count: int) -> None:
+        self.counts = bytearray(count)
+        self.total = 0
+        self.first = self.last = 0.0
+        self._lock = threading.Lock()
+
+    def record(self, *ids: str) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            if not self.total:
+                self.first = now
+            for id in ids:
+                self.counts[int(id[2:])] += 1
+            self.total += len(ids)
+            self.last = now
+
+    def expect_once(self, name: str) -> None:
+        never = self.counts.count(0)
+        more = len(self.counts) - never - self.counts.count(1)
+        if never or more:
+            raise AssertionError(
+                f"{name}: {never} ids never handled, {more} handled more than once"
+            )
 
 
-def _record(id: str) -> None:
-    global first_run, last_run
-    now = time.perf_counter()
-    with _lock:
-        if not runs:
-            first_run = now
-        runs[id] += 1
-        last_run = now
+tally = Tally(0)
 
 
-def reset() -> None:
-    global first_run, last_run
-    with _lock:
-        runs.clear()
-        first_run = last_run = 0.0
+def reset(count: int) -> None:
+    global tally
+    tally = Tally(count)
 
 
 def noop(message: Message, ctx: Context) -> None:
-    _record(message.id)
+    tally.record(message.id)
 
 
 def sleeps_10ms(message: Message, ctx: Context) -> None:
     time.sleep(0.01)
-    _record(message.id)
+    tally.record(message.id)
 
 
 async def sleeps_10ms_async(message: Message, ctx: Context) -> None:
     await asyncio.sleep(0.01)
-    _record(message.id)
+    tally.record(message.id)

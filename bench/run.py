@@ -36,7 +36,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -106,15 +105,6 @@ def publish(bootstrap: str, topic: str, count: int) -> None:
         raise RuntimeError("publishing did not finish")
 
 
-def expect_once(name: str, seen: Counter[str], count: int) -> None:
-    wrong = [id for id, n in seen.items() if n != 1]
-    if len(seen) != count or wrong:
-        raise AssertionError(
-            f"{name}: {len(seen)} distinct ids for {count} messages, "
-            f"{len(wrong)} handled more than once"
-        )
-
-
 # -- hand-written baselines -------------------------------------------------------------
 
 
@@ -132,22 +122,22 @@ def hand_written(
         }
     )
     consumer.subscribe([topic])
-    seen: Counter[str] = Counter()
+    seen = handlers.Tally(count)
     started = 0.0
     try:
-        while sum(seen.values()) < count:
+        while seen.total < count:
             records = consumer.consume(BATCH, 1.0)
             if not records:
                 continue
             started = started or time.perf_counter()
             ids = [message_id(record) for record in records if record.error() is None]
             per_batch(ids)
-            seen.update(ids)
+            seen.record(*ids)
             consumer.commit(asynchronous=False)
         elapsed = time.perf_counter() - started
     finally:
         consumer.close()
-    expect_once("hand-written loop", seen, count)
+    seen.expect_once("hand-written loop")
     return count / elapsed
 
 
@@ -205,12 +195,13 @@ def the_worker(
     bootstrap: str, url: str, topic: str, count: int, handler: str, max_in_flight: int = 1
 ) -> float:
     settings = worker_settings(bootstrap, url, topic, handler, max_in_flight)
-    handlers.reset()
+    handlers.reset(count)
     code = run_worker(settings, resolve_routes(settings), max_messages=count)
     if code != 0:
         raise RuntimeError(f"the worker exited {code}")
-    expect_once(f"worker ({handler}, max_in_flight {max_in_flight})", handlers.runs, count)
-    return count / (handlers.last_run - handlers.first_run)
+    tally = handlers.tally
+    tally.expect_once(f"worker ({handler}, max_in_flight {max_in_flight})")
+    return count / (tally.last - tally.first)
 
 
 def rss_kib() -> int:
@@ -227,7 +218,7 @@ def rss_child(bootstrap: str, url: str, topic: str, count: int) -> None:
 
     def sample() -> None:
         while not done.wait(0.1):
-            samples.append((len(handlers.runs), rss_kib()))
+            samples.append((handlers.tally.total, rss_kib()))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

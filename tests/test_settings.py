@@ -1,7 +1,8 @@
 import pytest
 
+from worker.consumer import CONSUMER_DEFAULTS
 from worker.errors import ConfigError
-from worker.settings import load_settings
+from worker.settings import client_config, load_settings
 
 MINIMAL = """
 [kafka]
@@ -138,3 +139,21 @@ def test_missing_file_is_reported(tmp_path):
     error = error_for(tmp_path / "nope.toml")
     assert error.key == "config"
     assert "not found" in error.problem
+
+
+def test_client_options_override_the_defaults_and_never_what_the_worker_manages(config):
+    path = config(
+        MINIMAL.replace(
+            "[redis]",
+            '[kafka.client]\n"auto.offset.reset" = "latest"\n"linger.ms" = 50\n'
+            '[kafka.consumer]\n"queued.max.messages.kbytes" = 1024\n[redis]',
+        )
+    )
+    settings = load_settings(path)
+    managed = {**settings.kafka.consumer, "group.id": "orders"}
+    consumer = client_config(settings, managed, CONSUMER_DEFAULTS)
+    assert consumer["auto.offset.reset"] == "latest"  # kafka.client over a default
+    assert consumer["queued.max.messages.kbytes"] == 1024  # kafka.consumer over both
+    assert consumer["statistics.interval.ms"] == CONSUMER_DEFAULTS["statistics.interval.ms"]
+    assert consumer["bootstrap.servers"] == "localhost:9092"
+    assert client_config(settings, {})["linger.ms"] == 50

@@ -38,7 +38,7 @@ class Delivery:
 class Outputs:
     def __init__(self, config: dict[str, Any]) -> None:
         self._producer = Producer(
-            {**config, "enable.idempotence": True, "acks": "all", "linger.ms": 2}
+            {"linger.ms": 2, **config, "enable.idempotence": True, "acks": "all"}
         )
 
     def send(

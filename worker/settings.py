@@ -347,6 +347,14 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return "".join(parts)
 
 
-def client_config(settings: Settings, extra: dict[str, Any]) -> dict[str, Any]:
-    """librdkafka configuration: the passthrough options, then what the worker manages."""
-    return {**settings.kafka.client, "bootstrap.servers": settings.kafka.bootstrap_servers, **extra}
+def client_config(
+    settings: Settings, extra: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """librdkafka configuration: the worker's defaults, the passthrough options over
+    them, then ``extra`` (per-client options, and what the worker manages)."""
+    return {
+        **(defaults or {}),
+        **settings.kafka.client,
+        "bootstrap.servers": settings.kafka.bootstrap_servers,
+        **extra,
+    }
