@@ -3,6 +3,7 @@ one Redis, so that the ratios hold on a shared, noisy machine.
 
     python bench/run.py            # 100,000 messages; RSS over 1,000,000
     python bench/run.py --quick    # 20,000 messages; RSS over 100,000 (what CI runs)
+    python bench/run.py --profile  # only d, under pyinstrument: where its time goes
 
 Every variant reads the same topic of ``--messages`` records of 200 B with unique ids
 (6 partitions), under its own consumer group and key prefix, and is timed from its
@@ -252,6 +253,17 @@ def measure_rss(bootstrap: str, url: str, count: int) -> dict[str, float]:
     return result
 
 
+def profile_worker(bootstrap: str, url: str, topic: str, count: int) -> None:
+    """Variant d under pyinstrument (the loop's thread, which runs a no-op handler)."""
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.0002)
+    with profiler:
+        rate = the_worker(bootstrap, url, topic, count, "noop")
+    print(profiler.output_text(color=False, short_mode=False))
+    print(f"d under the profiler: {rate:,.0f} msg/s")
+
+
 # -- the run ----------------------------------------------------------------------------
 
 
@@ -261,6 +273,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int)
     parser.add_argument("--slow-messages", type=int, help="for e at max_in_flight 64")
     parser.add_argument("--rss-messages", type=int)
+    parser.add_argument("--profile", action="store_true", help="profile d, print the tree")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)
@@ -277,6 +290,9 @@ def main() -> int:
         client = redis.Redis.from_url(url)
         topic = f"bench-{uuid.uuid4().hex[:8]}"
         publish(bootstrap, topic, messages)
+        if args.profile:
+            profile_worker(bootstrap, url, topic, messages)
+            return 0
         # e at max_in_flight 1 handles 100 msg/s: give it a sixteenth of the messages.
         slow_topic, slower_topic = (f"bench-slow-{uuid.uuid4().hex[:8]}" for _ in range(2))
         publish(bootstrap, slow_topic, slow)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from worker.dedup.base import Claim
 
@@ -28,22 +28,37 @@ class CompletedIds:
 
     def get(self, id: str) -> Claim | None:
         """The completed record seen for ``id``, if it is remembered and not expired."""
+        return self.get_each([id]).get(id)
+
+    def get_each(self, ids: Iterable[str]) -> dict[str, Claim]:
+        """The completed records remembered for those of ``ids`` that have one."""
+        found: dict[str, Claim] = {}
+        if self._size == 0:
+            return found
+        now = self._clock()
         with self._lock:
-            entry = self._entries.get(id)
-            if entry is None:
-                return None
-            seen, claim = entry
-            if self._clock() - seen >= self._ttl:
-                del self._entries[id]
-                return None
-            self._entries.move_to_end(id)
-            return claim
+            for id in ids:
+                entry = self._entries.get(id)
+                if entry is None:
+                    continue
+                seen, claim = entry
+                if now - seen >= self._ttl:
+                    del self._entries[id]
+                    continue
+                self._entries.move_to_end(id)
+                found[id] = claim
+        return found
 
     def put(self, id: str, claim: Claim) -> None:
+        self.put_each([(id, claim)])
+
+    def put_each(self, claims: Iterable[tuple[str, Claim]]) -> None:
         if self._size == 0:
             return
+        now = self._clock()
         with self._lock:
-            self._entries[id] = (self._clock(), claim)
-            self._entries.move_to_end(id)
+            for id, claim in claims:
+                self._entries[id] = (now, claim)
+                self._entries.move_to_end(id)
             while len(self._entries) > self._size:
                 self._entries.popitem(last=False)

@@ -85,12 +85,21 @@ class LeaseKeeper:
             self._held.setdefault(token, set()).update(ids)
 
     def drop(self, token: str, ids: Iterable[str]) -> None:
+        self.drop_each((token, id) for id in ids)
+
+    def drop_each(self, claims: Iterable[tuple[str, str]]) -> None:
+        """Stop renewing each (token, id) of ``claims``."""
         with self._lock:
-            held = self._held.get(token)
-            if held is not None:
-                held.difference_update(ids)
-                if not held:
-                    del self._held[token]
+            for token, id in claims:
+                held = self._held.get(token)
+                if held is not None:
+                    held.discard(id)
+                    if not held:
+                        del self._held[token]
+
+    def running(self) -> int:
+        """How many handlers run now."""
+        return len(self._running)
 
     def handler_started(self, timeout: float, origin: str, id: str) -> int:
         """Watch a handler starting now; the handle to pass to ``handler_finished``."""

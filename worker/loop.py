@@ -137,6 +137,7 @@ class Worker:
             self._on_loop_thread,
         )
         self._leases = LeaseKeeper(store, settings.dedup.lease_seconds, metrics, health, self._log)
+        metrics.in_flight.set_function(self._leases.running)
         self._completed = CompletedIds(settings.dedup.local_cache_size, settings.dedup.ttl_seconds)
         self._linger = settings.dedup.complete_linger_ms / 1000
         self._handled: list[_Handled] = []
@@ -227,7 +228,7 @@ class Worker:
         token = self._new_token()
         ids = dict.fromkeys(i.message.id for i in items if i.message is not None)
         # Ids this replica saw completed lately need no round trip: they are duplicates.
-        claims = {id: claim for id in ids if (claim := self._completed.get(id)) is not None}
+        claims = self._completed.get_each(ids)
         claims.update(self._claim([id for id in ids if id not in claims], token))
         lanes = [
             pool.submit(self._run_lane, lane, claims, token)
@@ -493,7 +494,6 @@ class Worker:
             lambda: self._log.bind(**self._fields(item), attempt=attempt),
             route.output_topic,
         )
-        self._metrics.in_flight.inc()
         running = self._leases.handler_started(route.timeout_seconds, item.origin, item.message.id)
         started = time.perf_counter()
         try:
@@ -514,7 +514,6 @@ class Worker:
         finally:
             self._leases.handler_finished(running)
             self._metrics.topic(route.topic).handler_duration.observe(time.perf_counter() - started)
-            self._metrics.in_flight.dec()
         for output in ctx.outputs:
             self._metrics.outputs.labels(output.topic).inc()
         return None
@@ -549,20 +548,24 @@ class Worker:
                 return
             completions = [h.completion for h in handled]
             results = self._store.complete(completions, self._settings.dedup.ttl_seconds)
+            self._leases.drop_each((c.token, c.id) for c in completions)
+            remembered: list[tuple[str, Claim]] = []
+            succeeded: Counter[str] = Counter()
             for h, completion, completed in zip(handled, completions, results, strict=True):
-                self._leases.drop(completion.token, [completion.id])
                 if not completed:
                     self._lease_lost(h.item, h.attempt, h.seconds)
                     continue
-                self._completed.put(completion.id, Claim(
-                    ClaimStatus.COMPLETED, completion.origin, completion.fingerprint
-                ))  # fmt: skip
-                self._metrics.topic(h.item.route.topic).succeeded.inc()
+                claim = Claim(ClaimStatus.COMPLETED, completion.origin, completion.fingerprint)
+                remembered.append((completion.id, claim))
+                succeeded[h.item.route.topic] += 1
                 if self._debug:
                     self._log_outcome(
                         h.item, "success", attempt=h.attempt, duration_seconds=round(h.seconds, 6)
                     )
                 h.item.done = True
+            self._completed.put_each(remembered)
+            for topic, count in succeeded.items():
+                self._metrics.topic(topic).succeeded.inc(count)
 
     def _backoff(self, attempt: int, failure: Exception) -> float:
         retry = self._settings.retry

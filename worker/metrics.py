@@ -125,7 +125,7 @@ class Metrics:
         )
         self.in_flight = Gauge(
             PREFIX + "in_flight",
-            "Messages claimed by this replica and not yet finished.",
+            "Handlers running now in this replica.",
             registry=registry,
         )
         self.ready = Gauge(
