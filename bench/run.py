@@ -12,6 +12,8 @@ first record to its last:
     a  raw confluent-kafka consume + one synchronous commit per batch (no dedup)
     b  the same with one Redis SET NX round trip per message (what people write by hand)
     c  the same with one Lua script claiming a whole batch (the best case)
+    s  the same with the worker's own two scripts per batch, claim and complete (what
+       the dedup protocol costs by itself: s/c is its share, d/s the framework's)
     d  the worker with a no-op handler
     e  the worker with a handler that sleeps 10 ms, at max_in_flight 1 and 64
 
@@ -50,6 +52,8 @@ sys.path.insert(0, str(ROOT))
 from bench import handlers  # noqa: E402
 from worker import embedded  # noqa: E402
 from worker.cli import run_worker  # noqa: E402
+from worker.dedup.base import FIRST_CLAIM, Completion  # noqa: E402
+from worker.dedup.redis import RedisDedupStore  # noqa: E402
 from worker.demo import FAST_CONSUMER, create_topics  # noqa: E402
 from worker.registry import resolve_routes  # noqa: E402
 from worker.settings import Settings  # noqa: E402
@@ -167,6 +171,22 @@ def lua_per_batch(client: redis.Redis) -> Callable[[list[str]], None]:
     def per_batch(ids: list[str]) -> None:
         if not all(claim(keys=[prefix + id for id in ids], args=[86400])):
             raise AssertionError("an id was claimed twice")
+
+    return per_batch
+
+
+def worker_scripts(url: str) -> Callable[[list[str]], None]:
+    """The worker's own claim and complete scripts, one call each per batch, and nothing
+    else of the worker: what the dedup protocol costs without the framework around it."""
+    store = RedisDedupStore.from_url(url, f"bench-s-{uuid.uuid4().hex}")
+
+    def per_batch(ids: list[str]) -> None:
+        token = uuid.uuid4().hex
+        if any(claim != FIRST_CLAIM for claim in store.claim(ids, token, 30)):
+            raise AssertionError("an id was claimed twice")
+        completions = [Completion(id, token, "bench/0/0", "0" * 16) for id in ids]
+        if not all(store.complete(completions, 86400)):
+            raise AssertionError("a completion was refused")
 
     return per_batch
 
@@ -305,6 +325,8 @@ def main() -> int:
                 bootstrap, topic, messages, set_nx_per_message(client))),
             ("c", "one Lua claim per batch", lambda: hand_written(
                 bootstrap, topic, messages, lua_per_batch(client))),
+            ("s", "the worker's claim + complete scripts", lambda: hand_written(
+                bootstrap, topic, messages, worker_scripts(url))),
             ("d", "worker, no-op handler", lambda: the_worker(
                 bootstrap, url, topic, messages, "noop")),
             ("e1", "worker, 10 ms handler, max_in_flight 1", lambda: the_worker(
@@ -322,6 +344,8 @@ def main() -> int:
         "d/a": rates["d"] / rates["a"],
         "d/b": rates["d"] / rates["b"],
         "d/c": rates["d"] / rates["c"],
+        "s/c": rates["s"] / rates["c"],
+        "d/s": rates["d"] / rates["s"],
         "e64/e1": rates["e64"] / rates["e1"],
     }
     growth = rss["last_tenth_mb"] - rss["first_tenth_mb"]

@@ -10,7 +10,7 @@ import redis
 from tests.support.harness import complete
 from worker import embedded
 from worker.dedup import ClaimStatus, State
-from worker.dedup.base import Completion
+from worker.dedup.base import FIRST_CLAIM, Completion
 from worker.dedup.memory import MemoryDedupStore
 from worker.dedup.redis import RedisDedupStore
 from worker.errors import StoreUnavailable
@@ -204,6 +204,46 @@ def test_an_unstarted_claim_released_with_clear_leaves_no_count(store):
     store.claim(["a", "b"], "t1", LEASE)
     store.release(["a", "b"], "t1", "clear")  # e.g. revoked before they ran
     assert [c.attempt for c in store.claim(["a", "b"], "t2", LEASE)] == [1, 1]
+
+
+def test_clear_never_forgets_the_runs_of_another_claim(store):
+    store.claim(["a"], "t1", LEASE)
+    store.release(["a"], "t1")  # run 1 failed
+    store.claim(["a"], "t2", LEASE)
+    assert store.begin("a", "t2") == 2
+    assert store.release(["a"], "t1", "clear") == 0  # late, from the first owner
+    store.release(["a"], "t2")
+    store.claim(["a"], "t3", LEASE)
+    assert store.begin("a", "t3") == 3
+
+
+def test_redis_keeps_one_key_per_id(redis_url):
+    prefix = f"contract-{uuid.uuid4().hex}"
+    store, client = RedisDedupStore.from_url(redis_url, prefix), redis.Redis.from_url(redis_url)
+    try:
+        store.claim(["a", "b", "c"], "t1", LEASE)
+        store.release(["b"], "t1")
+        assert complete(store, "c", "t1", 60, "t/0/3")
+        assert len(client.keys(f"{prefix}*")) == 3
+    finally:
+        client.close()
+        store.close()
+
+
+def test_redis_treats_a_claim_of_the_previous_layout_as_busy(redis_url):
+    """Records written by a version with a separate attempts key (``p|<token>`` with a
+    millisecond expiry): a rolling upgrade waits for their lease like any other."""
+    prefix = f"contract-{uuid.uuid4().hex}"
+    store, client = RedisDedupStore.from_url(redis_url, prefix), redis.Redis.from_url(redis_url)
+    try:
+        client.set(f"{prefix}:a", "p|old-token", px=int(LEASE * 1000))
+        assert statuses(store.claim(["a"], "t1", LEASE)) == [ClaimStatus.BUSY]
+        assert not complete(store, "a", "t1", 60, "t/0/1")
+        time.sleep(LEASE + 0.1)
+        assert store.claim(["a"], "t1", LEASE)[0] == FIRST_CLAIM
+    finally:
+        client.close()
+        store.close()
 
 
 def test_runs_survive_an_expired_lease(store_and_wait):

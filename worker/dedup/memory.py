@@ -97,10 +97,11 @@ class MemoryDedupStore:
             released = 0
             for id in ids:
                 record = self._live(id)
-                if record and record.state is State.IN_PROGRESS and record.token == token:
+                mine = record and record.state is State.IN_PROGRESS and record.token == token
+                if mine:
                     del self._records[id]
                     released += 1
-                if attempts == "clear":
+                if attempts == "clear" and (mine or record is None):  # never another's
                     self._attempts.pop(id, None)
             return released
 

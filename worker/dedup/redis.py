@@ -1,11 +1,15 @@
 """The Redis dedup store: one key per message id, every transition one Lua script.
 
-A record is a string value: ``p|<token>`` while in progress (with a millisecond
-expiry, the lease) and ``c|<token>|<origin>|<fingerprint>`` once completed (with the
-TTL). Beside it, ``<prefix>#attempts:<id>`` counts the runs begun, so a message that
-crashes its worker is noticed by whichever replica claims it next.
-A whole poll batch is claimed in one script call, and completions are written in
-groups, so dedup costs two round trips per group of messages rather than per message.
+A record is a string value. In progress it is ``p|<token>|<lease end>|<runs>``: the
+claim's owner, the end of its lease in Redis's own clock (milliseconds), and how many
+runs of the handler began, over every replica; the key lives ``RUNS_TTL_SECONDS``
+after its last claim, so that a message that crashes its worker is noticed by
+whichever replica claims it next. A claim whose lease ended is free to take. Completed,
+it is ``c|<token>|<origin>|<fingerprint>`` with the dedup TTL.
+
+One key and, for a message seen once, three commands: a SET NX at claim, a GET and a
+SET at completion. A whole poll batch is claimed in one script call, and completions
+are written in groups, so dedup costs two round trips per group of messages.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from worker.dedup.base import (
 )
 from worker.errors import StoreUnavailable
 
-# The batch scripts take their ids (and per-id fields) packed into one argument as
-# "<byte length>:<field>" repeated: one argument instead of thousands is most of what
-# a batch costs on the client. They build the keys from the prefixes they are given,
-# which is fine on a standalone Redis (or a primary with replicas), not on a Cluster.
-_UNPACK = """
+# Shared by every script. The batch scripts take their ids (and per-id fields) packed
+# into one argument as "<byte length>:<field>" repeated: one argument instead of
+# thousands is most of what a batch costs on the client. They build the keys from the
+# prefix they are given, which is fine on a standalone Redis (or a primary with
+# replicas), not on a Cluster.
+_COMMON = """
 local function unpack(packed)
   local out, pos = {}, 1
   while pos <= #packed do
@@ -44,34 +49,51 @@ local function unpack(packed)
   end
   return out
 end
+
+local function now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- An in-progress record's token, lease end and runs; nil for anything else.
+local function progress(value)
+  if not value then
+    return nil
+  end
+  local token, lease, runs = string.match(value, '^p|([^|]*)|(%d+)|(%d+)$')
+  if not token then
+    return nil
+  end
+  return token, tonumber(lease), tonumber(runs)
+end
+
+local function in_progress(token, lease, runs)
+  return 'p|' .. token .. '|' .. lease .. '|' .. runs
+end
 """
 
-# ARGV: record-key prefix, attempt-count-key prefix, token, lease in ms, attempt-count
-# TTL in s, packed ids. Per id: "+1" when the caller holds the claim now and this claim
-# counted the id's first run; "?" when it holds the claim and runs were counted before;
-# else the record that stops it.
+# ARGV: record-key prefix, token, lease in ms, runs TTL in s, packed ids. Per id: "+1"
+# when the caller holds the claim now and this claim counted the id's first run; "?"
+# when it holds the claim and runs were counted before; else the record that stops it.
 _CLAIM = (
-    _UNPACK
+    _COMMON
     + """
-local mine = 'p|' .. ARGV[3]
+local now = now_ms()
+local lease = now + tonumber(ARGV[3])
+local first = in_progress(ARGV[2], lease, 1)
 local out = {}
-for i, id in ipairs(unpack(ARGV[6])) do
+for i, id in ipairs(unpack(ARGV[5])) do
   local key = ARGV[1] .. id
-  local held = redis.call('SET', key, mine, 'NX', 'PX', ARGV[4])
-  if not held then
+  if redis.call('SET', key, first, 'NX', 'EX', ARGV[4]) then
+    out[i] = '+1'
+  else
     local value = redis.call('GET', key)
-    if value == mine then
-      redis.call('PEXPIRE', key, ARGV[4])
-      held = true
+    local token, ends, runs = progress(value)
+    if token and (token == ARGV[2] or ends <= now) then
+      redis.call('SET', key, in_progress(ARGV[2], lease, runs), 'EX', ARGV[4])
+      out[i] = '?'
     else
       out[i] = value
-    end
-  end
-  if held then
-    if redis.call('SET', ARGV[2] .. id, 1, 'NX', 'EX', ARGV[5]) then
-      out[i] = '+1'
-    else
-      out[i] = '?'
     end
   end
 end
@@ -79,36 +101,37 @@ return out
 """
 )
 
-# KEYS: the id's record key, its attempt-count key. ARGV: token, attempt-count TTL in s.
-# The number of this run (1 for the first, over every replica) if the caller holds the
-# claim, else 0.
-_BEGIN = """
-if redis.call('GET', KEYS[1]) ~= 'p|' .. ARGV[1] then
+# KEYS: the id's record key. ARGV: token, runs TTL in s. The number of this run (1 for
+# the first, over every replica) if the caller holds the claim, else 0.
+_BEGIN = (
+    _COMMON
+    + """
+local token, ends, runs = progress(redis.call('GET', KEYS[1]))
+if token ~= ARGV[1] or ends <= now_ms() then
   return 0
 end
-local count = redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return count
+redis.call('SET', KEYS[1], in_progress(token, ends, runs + 1), 'EX', ARGV[2])
+return runs + 1
 """
+)
 
-# ARGV: record-key prefix, attempt-count-key prefix, ttl in s, then packed per id: the
-# id, its token, origin and fingerprint. Per id, 1 if completed under its token; an
-# absent record (our lease expired, nobody else claimed the id) is completed too.
+# ARGV: record-key prefix, ttl in s, then packed per id: the id, its token, origin and
+# fingerprint. Per id, 1 if completed under its token: a claim of the token, even with
+# its lease over (nobody else claimed the id since), and an absent record are completed.
 _COMPLETE = (
-    _UNPACK
+    _COMMON
     + """
-local fields = unpack(ARGV[4])
+local fields = unpack(ARGV[3])
 local out = {}
 for i = 1, #fields / 4 do
   local id, token = fields[4 * i - 3], fields[4 * i - 2]
   local key = ARGV[1] .. id
   local done = 'c|' .. token .. '|'
   local value = redis.call('GET', key)
-  if not value or value == 'p|' .. token then
-    redis.call('SET', key, done .. fields[4 * i - 1] .. '|' .. fields[4 * i], 'EX', ARGV[3])
-    redis.call('DEL', ARGV[2] .. id)
+  if not value or progress(value) == token then
+    redis.call('SET', key, done .. fields[4 * i - 1] .. '|' .. fields[4 * i], 'EX', ARGV[2])
     out[i] = 1
-  elseif string.sub(value, 1, string.len(done)) == done then
+  elseif string.sub(value, 1, #done) == done then
     out[i] = 1
   else
     out[i] = 0
@@ -118,35 +141,69 @@ return out
 """
 )
 
-# KEYS: the ids' record keys, then their attempt-count keys. ARGV: token, "clear" to
-# forget the attempt counts too. Returns how many of the caller's claims it deleted.
-_RELEASE = """
-local n = #KEYS / 2
+# KEYS: the ids' record keys. ARGV: token, "clear" to forget the runs counted too,
+# runs TTL in s. Ends each claim the caller holds; a claim nobody holds (its lease
+# ended) is cleared too, another's is left alone. How many of the caller's it ended.
+_RELEASE = (
+    _COMMON
+    + """
+local now = now_ms()
 local released = 0
-for i = 1, n do
-  if redis.call('GET', KEYS[i]) == 'p|' .. ARGV[1] then
-    released = released + redis.call('DEL', KEYS[i])
-  end
-  if ARGV[2] == 'clear' then
-    redis.call('DEL', KEYS[n + i])
+for _, key in ipairs(KEYS) do
+  local token, ends, runs = progress(redis.call('GET', key))
+  if token then
+    local mine = token == ARGV[1] and ends > now
+    if mine then
+      released = released + 1
+    end
+    if ARGV[2] == 'clear' and (mine or ends <= now) then
+      redis.call('DEL', key)
+    elseif mine then
+      redis.call('SET', key, in_progress('', 0, runs), 'EX', ARGV[3])
+    end
   end
 end
 return released
 """
+)
 
-# KEYS: the ids' record keys. ARGV: token, lease in ms. Per id, 1 if the caller still
-# held the claim (its lease now runs from now), else 0.
-_RENEW = """
+# KEYS: the ids' record keys. ARGV: token, lease in ms, runs TTL in s. Per id, 1 if
+# the caller still held the claim (its lease now runs from now), else 0.
+_RENEW = (
+    _COMMON
+    + """
+local now = now_ms()
 local out = {}
 for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == 'p|' .. ARGV[1] then
-    out[i] = redis.call('PEXPIRE', key, ARGV[2])
+  local token, ends, runs = progress(redis.call('GET', key))
+  if token == ARGV[1] and ends > now then
+    redis.call('SET', key, in_progress(token, now + tonumber(ARGV[2]), runs), 'EX', ARGV[3])
+    out[i] = 1
   else
     out[i] = 0
   end
 end
 return out
 """
+)
+
+# KEYS: the id's record key. "absent", "in_progress" or "completed".
+_STATE = (
+    _COMMON
+    + """
+local value = redis.call('GET', KEYS[1])
+if not value then
+  return 'absent'
+elseif string.sub(value, 1, 2) == 'c|' then
+  return 'completed'
+end
+local token, ends = progress(value)
+if token and ends <= now_ms() then
+  return 'absent'
+end
+return 'in_progress'
+"""
+)
 
 # KEYS: the epoch marker's key. ARGV: a new epoch. The marker, set to ARGV[1] if missing.
 _EPOCH = """
@@ -158,8 +215,8 @@ redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
 """
 
-ATTEMPTS_TTL_SECONDS = 24 * 3600
-"""How long a message id's attempt count outlives its last claim."""
+RUNS_TTL_SECONDS = 24 * 3600
+"""How long an in-progress record, and with it the runs counted, outlives its last claim."""
 
 T = TypeVar("T")
 
@@ -168,7 +225,6 @@ class RedisDedupStore:
     def __init__(self, client: redis.Redis, key_prefix: str) -> None:
         self._client = client
         self._prefix = key_prefix + ":"
-        self._attempts_prefix = key_prefix + "#attempts:"  # never equal to a record key
         self._epoch_key = key_prefix + "#epoch"
         self._claim = client.register_script(_CLAIM)
         self._complete = client.register_script(_COMPLETE)
@@ -176,6 +232,7 @@ class RedisDedupStore:
         self._renew = client.register_script(_RENEW)
         self._begin = client.register_script(_BEGIN)
         self._epoch = client.register_script(_EPOCH)
+        self._state = client.register_script(_STATE)
 
     @classmethod
     def from_url(
@@ -205,53 +262,47 @@ class RedisDedupStore:
     def _record_keys(self, ids: Sequence[str]) -> list[str]:
         return [self._prefix + id for id in ids]
 
-    def _keys(self, ids: Sequence[str]) -> list[str]:
-        """The record keys, then the attempt-count keys."""
-        return self._record_keys(ids) + [self._attempts_prefix + id for id in ids]
-
     def claim(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[Claim]:
         if not ids:
             return []
         args: list[Any] = [
-            self._prefix, self._attempts_prefix, token, _ms(lease_seconds),
-            ATTEMPTS_TTL_SECONDS, _pack(ids),
+            self._prefix, token, _ms(lease_seconds), RUNS_TTL_SECONDS, _pack(ids),
         ]  # fmt: skip
         replies: list[str] = self._call(lambda: self._claim(args=args))
         return [_parse_claim(reply) for reply in replies]
 
     def begin(self, id: str, token: str) -> int:
-        args: list[Any] = [token, ATTEMPTS_TTL_SECONDS]
-        return int(self._call(lambda: self._begin(keys=self._keys([id]), args=args)))
+        keys, args = self._record_keys([id]), [token, str(RUNS_TTL_SECONDS)]
+        return int(self._call(lambda: self._begin(keys=keys, args=args)))
 
     def complete(self, completions: Sequence[Completion], ttl_seconds: int) -> list[bool]:
         if not completions:
             return []
         fields = [f for c in completions for f in (c.id, c.token, c.origin, c.fingerprint)]
-        args: list[Any] = [self._prefix, self._attempts_prefix, ttl_seconds, _pack(fields)]
+        args: list[Any] = [self._prefix, ttl_seconds, _pack(fields)]
         replies = self._call(lambda: self._complete(args=args))
         return [bool(reply) for reply in replies]
 
     def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:
         if not ids:
             return 0
-        keys = self._keys(ids)
-        return int(self._call(lambda: self._release(keys=keys, args=[token, attempts])))
+        keys, args = self._record_keys(ids), [token, attempts, str(RUNS_TTL_SECONDS)]
+        return int(self._call(lambda: self._release(keys=keys, args=args)))
 
     def renew(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[bool]:
         if not ids:
             return []
         keys = self._record_keys(ids)
-        replies = self._call(lambda: self._renew(keys=keys, args=[token, _ms(lease_seconds)]))
+        args: list[Any] = [token, _ms(lease_seconds), RUNS_TTL_SECONDS]
+        replies = self._call(lambda: self._renew(keys=keys, args=args))
         return [bool(reply) for reply in replies]
 
     def epoch(self, candidate: str) -> str:
         return str(self._call(lambda: self._epoch(keys=[self._epoch_key], args=[candidate])))
 
     def state(self, id: str) -> State:
-        value = self._call(lambda: self._client.get(self._prefix + id))
-        if value is None:
-            return State.ABSENT
-        return State.COMPLETED if str(value).startswith("c|") else State.IN_PROGRESS
+        name = self._call(lambda: self._state(keys=[self._prefix + id]))
+        return {"absent": State.ABSENT, "completed": State.COMPLETED}.get(name, State.IN_PROGRESS)
 
     def eviction_policy(self) -> str | None:
         def read() -> Any:
