@@ -25,7 +25,7 @@ PASSWORD = "acl-pw-4420"
 # they run, PING, and CONFIG GET for the maxmemory-policy check. No FLUSHALL, no KEYS.
 ACL = (
     f"worker on >{PASSWORD} ~idempotent-worker:* resetchannels -@all "
-    "+ping +get +set +del +incr +expire +pexpire +eval +evalsha +script|load "
+    "+ping +get +set +del +time +eval +evalsha +script|load "
     "+config|get"
 )
 
