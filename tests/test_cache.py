@@ -29,7 +29,8 @@ def test_an_entry_lives_at_most_the_ttl():
     cache = CompletedIds(10, ttl_seconds=60, clock=clock)
     cache.put("a", done("t/0/1"))
     clock.now = 59.9
-    assert cache.get("a") is not None  # seeing it does not extend its life
+    assert cache.get("a") is not None  # seeing it does not extend its life,
+    cache.put("a", done("t/0/1"))  # nor does skipping a duplicate of it
     clock.now = 60.0
     assert cache.get("a") is None
 

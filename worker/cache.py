@@ -2,7 +2,8 @@
 
 A redelivered or duplicated id found here is skipped without a Redis round trip. Only
 completed ids are kept, never claims in progress, and each for at most the store's
-TTL, so the cache can only say what Redis said before. When it is full, the id seen
+TTL from when this replica first learned it (a duplicate seen again does not extend
+it), so the cache can only say what Redis said before. When it is full, the id seen
 least recently is forgotten (and asked of Redis again next time).
 """
 
@@ -58,7 +59,9 @@ class CompletedIds:
         now = self._clock()
         with self._lock:
             for id, claim in claims:
-                self._entries[id] = (now, claim)
+                entry = self._entries.get(id)
+                # Seen again is not completed again: the entry keeps its first time.
+                self._entries[id] = (now if entry is None else entry[0], claim)
                 self._entries.move_to_end(id)
             while len(self._entries) > self._size:
                 self._entries.popitem(last=False)
