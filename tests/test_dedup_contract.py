@@ -206,6 +206,22 @@ def test_an_unstarted_claim_released_with_clear_leaves_no_count(store):
     assert [c.attempt for c in store.claim(["a", "b"], "t2", LEASE)] == [1, 1]
 
 
+def test_a_claim_nobody_holds_any_more_is_completed_by_whoever_did_the_work(
+    store_and_wait,
+):
+    store, wait = store_and_wait
+    store.claim(["a", "b"], "t1", LEASE)
+    wait(LEASE + 0.2)
+    store.claim(["a"], "t2", LEASE)  # took over a, then died too
+    store.release(["b"], "t1")
+    wait(LEASE + 0.2)
+    assert store.complete([Completion("a", "t1", "t/0/1"), Completion("b", "t3", "t/0/2")], 60) == [
+        True,
+        True,
+    ]
+    assert store.state("a") is State.COMPLETED
+
+
 def test_clear_never_forgets_the_runs_of_another_claim(store):
     store.claim(["a"], "t1", LEASE)
     store.release(["a"], "t1")  # run 1 failed

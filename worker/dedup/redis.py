@@ -116,11 +116,12 @@ return runs + 1
 )
 
 # ARGV: record-key prefix, ttl in s, then packed per id: the id, its token, origin and
-# fingerprint. Per id, 1 if completed under its token: a claim of the token, even with
-# its lease over (nobody else claimed the id since), and an absent record are completed.
+# fingerprint. Per id, 1 if completed under its token: the token's claim (even with its
+# lease over), a claim nobody holds any more and an absent record are completed.
 _COMPLETE = (
     _COMMON
     + """
+local now = now_ms()
 local fields = unpack(ARGV[3])
 local out = {}
 for i = 1, #fields / 4 do
@@ -128,7 +129,8 @@ for i = 1, #fields / 4 do
   local key = ARGV[1] .. id
   local done = 'c|' .. token .. '|'
   local value = redis.call('GET', key)
-  if not value or progress(value) == token then
+  local owner, ends = progress(value)
+  if not value or owner == token or (owner and ends <= now) then
     redis.call('SET', key, done .. fields[4 * i - 1] .. '|' .. fields[4 * i], 'EX', ARGV[2])
     out[i] = 1
   elseif string.sub(value, 1, #done) == done then
