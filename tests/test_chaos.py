@@ -42,6 +42,7 @@ class Scenario:
         self.ledger = ledger
         self.logdir = tmp_path
         self.handler = "ledger_and_emit"
+        self.route: dict[str, object] = {}  # more route keys, e.g. max_in_flight
         self.extra: dict[str, str] = {
             "WORKER_DEDUP__LEASE_SECONDS": "3",
             "WORKER_REDIS__SOCKET_TIMEOUT_SECONDS": "0.5",
@@ -54,6 +55,7 @@ class Scenario:
             "topic": self.input,
             "handler": f"tests.support.handlers:{self.handler}",
             "output_topic": self.output,
+            **self.route,
         }
         return worker_env(
             self.bootstrap,
@@ -213,9 +215,10 @@ def test_redis_killed_then_restarted_holds_still_and_resumes(scenario, own_redis
     fault_under_traffic(scenario, Killed, 10, name, "SIGKILL, down 10 s")
 
 
-@pytest.mark.parametrize("how", ["SIGSTOP", "CLIENT PAUSE"])
-def test_redis_paused_past_the_client_timeout_holds_still(scenario, own_redis, how):
+@pytest.mark.parametrize(("how", "lanes"), [("SIGSTOP", 1), ("CLIENT PAUSE", 1), ("SIGSTOP", 16)])
+def test_redis_paused_past_the_client_timeout_holds_still(scenario, own_redis, how, lanes):
     scenario.extra["WORKER_DEDUP__LEASE_SECONDS"] = "30"
+    scenario.route["max_in_flight"] = lanes
     seconds = 5
 
     class Paused:
@@ -231,6 +234,8 @@ def test_redis_paused_past_the_client_timeout_holds_still(scenario, own_redis, h
                 own_redis.process.send_signal(signal.SIGCONT)
 
     name = f"Redis paused ({how}), client timeout 0.5 s"
+    if lanes > 1:
+        name += f", max_in_flight {lanes}"
     fault_under_traffic(scenario, Paused, seconds, name, f"{how} {seconds} s")
 
 
