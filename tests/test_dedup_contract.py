@@ -43,6 +43,17 @@ def store_and_wait(request):
         store.close()
 
 
+@pytest.fixture
+def redis_store(redis_url):
+    """(store, client, prefix): a Redis store under its own prefix, and a plain client
+    to look at or write its keys."""
+    prefix = f"contract-{uuid.uuid4().hex}"
+    store, client = RedisDedupStore.from_url(redis_url, prefix), redis.Redis.from_url(redis_url)
+    yield store, client, prefix
+    client.close()
+    store.close()
+
+
 @pytest.fixture(params=["memory", "redis"])
 def store_and_flush(request):
     """(store, flush): flush() empties the store as FLUSHALL would."""
@@ -50,17 +61,12 @@ def store_and_flush(request):
         store = MemoryDedupStore()
         yield store, store.flush
     else:
-        url = request.getfixturevalue("redis_url")
-        prefix = f"contract-{uuid.uuid4().hex}"
-        store = RedisDedupStore.from_url(url, prefix)
-        client = redis.Redis.from_url(url)
+        store, client, prefix = request.getfixturevalue("redis_store")
 
         def flush():  # only this test's keys: the server is shared with other tests
             client.delete(*client.keys(f"{prefix}*"))
 
         yield store, flush
-        client.close()
-        store.close()
 
 
 @pytest.fixture
@@ -233,33 +239,23 @@ def test_clear_never_forgets_the_runs_of_another_claim(store):
     assert store.begin("a", "t3") == 3
 
 
-def test_redis_keeps_one_key_per_id(redis_url):
-    prefix = f"contract-{uuid.uuid4().hex}"
-    store, client = RedisDedupStore.from_url(redis_url, prefix), redis.Redis.from_url(redis_url)
-    try:
-        store.claim(["a", "b", "c"], "t1", LEASE)
-        store.release(["b"], "t1")
-        assert complete(store, "c", "t1", 60, "t/0/3")
-        assert len(client.keys(f"{prefix}*")) == 3
-    finally:
-        client.close()
-        store.close()
+def test_redis_keeps_one_key_per_id(redis_store):
+    store, client, prefix = redis_store
+    store.claim(["a", "b", "c"], "t1", LEASE)
+    store.release(["b"], "t1")
+    assert complete(store, "c", "t1", 60, "t/0/3")
+    assert len(client.keys(f"{prefix}*")) == 3
 
 
-def test_redis_treats_a_claim_of_the_previous_layout_as_busy(redis_url):
+def test_redis_treats_a_claim_of_the_previous_layout_as_busy(redis_store):
     """Records written by a version with a separate attempts key (``p|<token>`` with a
     millisecond expiry): a rolling upgrade waits for their lease like any other."""
-    prefix = f"contract-{uuid.uuid4().hex}"
-    store, client = RedisDedupStore.from_url(redis_url, prefix), redis.Redis.from_url(redis_url)
-    try:
-        client.set(f"{prefix}:a", "p|old-token", px=int(LEASE * 1000))
-        assert statuses(store.claim(["a"], "t1", LEASE)) == [ClaimStatus.BUSY]
-        assert not complete(store, "a", "t1", 60, "t/0/1")
-        time.sleep(LEASE + 0.1)
-        assert store.claim(["a"], "t1", LEASE)[0] == FIRST_CLAIM
-    finally:
-        client.close()
-        store.close()
+    store, client, prefix = redis_store
+    client.set(f"{prefix}:a", "p|old-token", px=int(LEASE * 1000))
+    assert statuses(store.claim(["a"], "t1", LEASE)) == [ClaimStatus.BUSY]
+    assert not complete(store, "a", "t1", 60, "t/0/1")
+    time.sleep(LEASE + 0.1)
+    assert store.claim(["a"], "t1", LEASE)[0] == FIRST_CLAIM
 
 
 def test_runs_survive_an_expired_lease(store_and_wait):

@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from structlog.typing import FilteringBoundLogger
 
@@ -37,6 +38,8 @@ from worker.metrics import Metrics
 from worker.server import Health
 
 EXIT_HANDLER_TIMEOUT = 3
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,17 +137,24 @@ class LeaseKeeper:
                 self._check_epoch()
                 next_renewal = time.monotonic() + self._interval
 
-    def _check_epoch(self) -> None:
+    def _timed(self, operation: str, call: Callable[..., T], *args: Any) -> T | None:
+        """``call(*args)``, timed and counted like the loop's store calls; None (logged,
+        counted) if the store failed: the next round tries again, nothing waits for it."""
         started = time.perf_counter()
         try:
-            epoch = self._store.epoch(uuid.uuid4().hex)
+            result = call(*args)
         except StoreUnavailable as exc:
-            self._metrics.store_errors.labels("epoch").inc()
-            self._health.store_ok = False
-            self._log.warning("epoch check failed", error=str(exc))
+            self._metrics.store_errors.labels(operation).inc()
+            self._log.warning("dedup store call failed", operation=operation, error=str(exc))
+            return None
+        self._metrics.store_duration.labels(operation).observe(time.perf_counter() - started)
+        return result
+
+    def _check_epoch(self) -> None:
+        epoch = self._timed("epoch", self._store.epoch, uuid.uuid4().hex)
+        self._health.store_ok = epoch is not None
+        if epoch is None:
             return
-        self._metrics.store_duration.labels("epoch").observe(time.perf_counter() - started)
-        self._health.store_ok = True
         if self._epoch is not None and epoch != self._epoch:
             self._metrics.store_resets.inc()
             self._log.error(
@@ -157,14 +167,9 @@ class LeaseKeeper:
         with self._lock:
             held = [(token, sorted(ids)) for token, ids in self._held.items()]
         for token, ids in held:
-            started = time.perf_counter()
-            try:
-                renewed = self._store.renew(ids, token, self._lease)
-            except StoreUnavailable as exc:
-                self._metrics.store_errors.labels("renew").inc()
-                self._log.warning("lease renewal failed", error=str(exc), claims=len(ids))
+            renewed = self._timed("renew", self._store.renew, ids, token, self._lease)
+            if renewed is None:
                 continue
-            self._metrics.store_duration.labels("renew").observe(time.perf_counter() - started)
             lost = [id for id, ok in zip(ids, renewed, strict=True) if not ok]
             if lost:
                 # Completed or released by the loop since the snapshot, or really lost:

@@ -680,20 +680,13 @@ def _lanes(items: Sequence[_Item]) -> list[list[_Item]]:
             node = parent[node]
         return node
 
-    def marks(item: _Item) -> list[object]:
-        record = item.record
-        found: list[object] = [("partition", record.topic(), record.partition(), record.offset())]
-        if record.key() is not None:
-            found.append(("key", record.topic(), record.key()))
+    for index, item in enumerate(items):
+        key = item.record.key()
+        if key is not None:
+            parent[root(("key", item.route.topic, key))] = root(index)
         if item.message is not None:
-            found.append(("id", item.message.id))
-        return found
-
-    for item in items:
-        first, *others = marks(item)
-        for other in others:
-            parent[root(other)] = root(first)
+            parent[root(("id", item.message.id))] = root(index)
     lanes: dict[object, list[_Item]] = {}
-    for item in items:
-        lanes.setdefault(root(marks(item)[0]), []).append(item)
+    for index, item in enumerate(items):
+        lanes.setdefault(root(index), []).append(item)
     return list(lanes.values())

@@ -10,7 +10,7 @@ the producer; each confirms only its own deliveries.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
@@ -67,7 +67,7 @@ class Outputs:
             raise _wrap("produce", exc) from exc
         return delivery
 
-    def confirm(self, deliveries: Iterable[Delivery], timeout: float) -> None:
+    def confirm(self, deliveries: Sequence[Delivery], timeout: float) -> None:
         """Wait for ``deliveries`` to be acknowledged; raise if any was not."""
         waiting = [delivery for delivery in deliveries if not delivery.done]
         deadline = time.monotonic() + timeout
