@@ -30,6 +30,13 @@ def redis_url(service_dir: Path) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_url(service_dir: Path) -> Iterator[str]:
+    """A Redis Cluster shared by the session's tests (each uses its own key prefix)."""
+    with services.redis_cluster_url(service_dir) as url:
+        yield url
+
+
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)

@@ -1,4 +1,5 @@
-"""One contract, every dedup store: the in-memory one and Redis (a real server)."""
+"""One contract, every dedup store: the in-memory one, Redis (a real server) and a real
+Redis Cluster (three primaries, each with a replica)."""
 
 import signal
 import time
@@ -6,11 +7,13 @@ import uuid
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from tests.support.harness import complete
 from worker import embedded
 from worker.dedup import ClaimStatus, State
 from worker.dedup.base import FIRST_CLAIM, Completion
+from worker.dedup.cluster import RedisClusterDedupStore, bucket_tags
 from worker.dedup.memory import MemoryDedupStore
 from worker.dedup.redis import RedisDedupStore
 from worker.errors import StoreUnavailable
@@ -26,7 +29,16 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture(params=["memory", "redis"])
+def server_store(request, kind):
+    """A store of ``kind`` ("redis" or "cluster") on the session's server, under its own
+    key prefix."""
+    prefix = f"contract-{uuid.uuid4().hex}"
+    if kind == "redis":
+        return RedisDedupStore.from_url(request.getfixturevalue("redis_url"), prefix)
+    return RedisClusterDedupStore.from_url(request.getfixturevalue("redis_cluster_url"), prefix)
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def store_and_wait(request):
     """(store, wait): wait(seconds) lets that much store time pass."""
     if request.param == "memory":
@@ -37,8 +49,7 @@ def store_and_wait(request):
 
         yield MemoryDedupStore(clock), advance
     else:
-        url = request.getfixturevalue("redis_url")
-        store = RedisDedupStore.from_url(url, f"contract-{uuid.uuid4().hex}")
+        store = server_store(request, request.param)
         yield store, time.sleep
         store.close()
 
@@ -54,17 +65,37 @@ def redis_store(redis_url):
     store.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture
+def cluster_store(redis_cluster_url):
+    """(store, client, prefix): a Redis Cluster store under its own prefix, and a cluster
+    client to look at or write its keys."""
+    prefix = f"contract-{uuid.uuid4().hex}"
+    store = RedisClusterDedupStore.from_url(redis_cluster_url, prefix)
+    client = redis.RedisCluster.from_url(redis_cluster_url)
+    yield store, client, prefix
+    client.close()
+    store.close()
+
+
+def prefix_keys(client, prefix):
+    """Every key under ``prefix``, on each primary of a cluster or the one server."""
+    if isinstance(client, redis.RedisCluster):
+        return client.keys(f"{prefix}*", target_nodes=redis.RedisCluster.PRIMARIES)
+    return client.keys(f"{prefix}*")
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def store_and_flush(request):
     """(store, flush): flush() empties the store as FLUSHALL would."""
     if request.param == "memory":
         store = MemoryDedupStore()
         yield store, store.flush
     else:
-        store, client, prefix = request.getfixturevalue("redis_store")
+        store, client, prefix = request.getfixturevalue(f"{request.param}_store")
 
         def flush():  # only this test's keys: the server is shared with other tests
-            client.delete(*client.keys(f"{prefix}*"))
+            for key in prefix_keys(client, prefix):
+                client.delete(key)
 
         yield store, flush
 
@@ -172,8 +203,9 @@ def test_empty_batch(store):
     assert store.claim([], "t1", LEASE) == []
 
 
-def test_redis_store_wraps_connection_errors():
-    store = RedisDedupStore.from_url("redis://127.0.0.1:1/0", "x", timeout=0.5)
+@pytest.mark.parametrize("store_class", [RedisDedupStore, RedisClusterDedupStore])
+def test_redis_store_wraps_connection_errors(store_class):
+    store = store_class.from_url("redis://127.0.0.1:1/0", "x", timeout=0.5)
     with pytest.raises(StoreUnavailable, match="redis"):
         store.claim(["a"], "t1", LEASE)
     with pytest.raises(StoreUnavailable):
@@ -316,3 +348,47 @@ def test_one_complete_call_settles_each_id_on_its_own(store):
         State.COMPLETED,
         State.IN_PROGRESS,
     ]
+
+
+def test_cluster_buckets_spread_evenly_over_the_slots():
+    tags = bucket_tags(64)
+    assert tags == bucket_tags(64)  # the layout never changes under running replicas
+    slots = [key_slot(tag.encode()) for tag in tags]
+    assert [slot * 64 // 16384 for slot in slots] == list(range(64))
+
+
+def test_cluster_spreads_ids_over_every_primary(cluster_store):
+    store, client, prefix = cluster_store
+    ids = [f"id-{n}" for n in range(3000)]
+    assert {claim.status for claim in store.claim(ids, "t1", 30)} == {ClaimStatus.CLAIMED}
+    per_primary = [
+        len(node.redis_connection.keys(f"{prefix}:*")) for node in client.get_primaries()
+    ]
+    assert sum(per_primary) == 3000
+    assert max(per_primary) <= 0.4 * 3000, per_primary
+    # one slot per key, and the same slot for every key of a bucket
+    assert all(client.keyslot(key) in set(store._slots) for key in client.keys(f"{prefix}:*",
+        target_nodes=redis.RedisCluster.PRIMARIES)[:50])  # fmt: skip
+
+
+def test_cluster_reloads_scripts_a_node_forgot(cluster_store):
+    """A promoted replica starts with an empty script cache (NOSCRIPT)."""
+    store, client, _ = cluster_store
+    assert store.claim(["a", "b", "c"], "t1", 30)[0].attempt == 1
+    for node in client.get_nodes():
+        node.redis_connection.script_flush()
+    assert statuses(store.claim(["a", "b", "c", "d"], "t2", 30)) == [ClaimStatus.BUSY] * 3 + [
+        ClaimStatus.CLAIMED
+    ]
+
+
+def test_cluster_epoch_changes_when_one_primary_loses_its_records(cluster_store):
+    store, client, prefix = cluster_store
+    epoch = store.epoch("first")
+    assert epoch == "first"
+    primary = client.get_primaries()[1].redis_connection
+    for key in primary.keys(f"{prefix}#epoch*"):
+        primary.delete(key)
+    changed = store.epoch("second")
+    assert changed != epoch and {"first", "second"} == set(changed.split(","))
+    assert store.epoch("third") == changed

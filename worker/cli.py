@@ -15,7 +15,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer
 from prometheus_client import CollectorRegistry
 
-from worker.dedup.redis import RedisDedupStore
+from worker.dedup import open_store
 from worker.errors import ConfigError
 from worker.logs import Scrubber, configure_logging, get_logger
 from worker.metrics import Metrics
@@ -130,12 +130,7 @@ def run_worker(
     metrics = Metrics(registry, topics=routes)
     health = Health(stall_seconds=settings.kafka.max_poll_interval_seconds)
     metrics.ready.set_function(lambda: float(health.ready))
-    store = RedisDedupStore.from_url(
-        settings.redis.url.get_secret_value(),
-        settings.key_prefix,
-        timeout=settings.redis.socket_timeout_seconds,
-        tls_ca_file=settings.redis.tls_ca_file,
-    )
+    store = open_store(settings.redis, settings.key_prefix)
     server = HttpServer(settings.http.host, settings.http.port, registry, health)
     server.start()
     log.info(

@@ -54,6 +54,9 @@ class LocalService:
         self.stop()
         raise ServiceError(f"{self.name} did not listen on port {self.port} in {timeout:g} s")
 
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def __enter__(self) -> LocalService:
         self.start()
         return self
@@ -129,3 +132,97 @@ def redis(
         eviction_policy,
     ]
     return LocalService("redis-server", argv, port, workdir / f"redis-{port}.log")
+
+
+class RedisCluster:
+    """A Redis Cluster of ``primaries`` redis-server processes, each with ``replicas``
+    replicas, on loopback ports, persisted to append-only files fsynced at every write.
+
+    A node killed and started again with the same command line rejoins from its
+    ``nodes.conf``. Used by the tests and the benchmark; the demo runs on one Redis.
+    """
+
+    def __init__(
+        self, workdir: Path, primaries: int = 3, replicas: int = 1, *, appendonly: bool = True
+    ) -> None:
+        self.nodes: list[LocalService] = []
+        for _ in range(primaries * (1 + replicas)):
+            port, bus = free_port(), free_port()
+            data = workdir / f"redis-cluster-{port}"
+            data.mkdir(parents=True, exist_ok=True)
+            argv = [
+                redis_binary(),
+                "--port", str(port), "--cluster-port", str(bus), "--bind", "127.0.0.1",
+                "--dir", str(data), "--save", "",
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "1000",
+                "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
+                "--repl-diskless-sync-delay", "0", "--maxmemory-policy", "noeviction",
+            ]  # fmt: skip
+            self.nodes.append(LocalService("redis-server", argv, port, data / "redis.log"))
+        self._replicas = replicas
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise ServiceError(
+                "redis-cli not found: install it (Debian: apt-get install redis-tools)"
+            )
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        create = [cli, "--cluster", "create", *addresses]
+        create += ["--cluster-replicas", str(self._replicas), "--cluster-yes"]
+        result = subprocess.run(create, capture_output=True, text=True, timeout=60, check=False)
+        if result.returncode != 0:
+            self.stop()
+            raise ServiceError(f"redis-cli --cluster create failed: {result.stdout}{result.stderr}")
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Until every running node says cluster_state:ok and every replica is in sync."""
+        deadline = time.monotonic() + timeout
+        while not all(self._healthy(node) for node in self.nodes if node.running()):
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the Redis Cluster was not healthy within {timeout:g} s")
+            time.sleep(0.1)
+
+    def _healthy(self, node: LocalService) -> bool:
+        try:
+            info = self.command(node, "CLUSTER", "INFO") + self.command(node, "INFO", "replication")
+        except (OSError, ServiceError):
+            return False
+        replica_down = "role:slave" in info and "master_link_status:up" not in info
+        return "cluster_state:ok" in info and not replica_down
+
+    def command(self, node: LocalService, *args: str) -> str:
+        """One command sent to ``node`` with redis-cli; its reply as text."""
+        argv = ["redis-cli", "-p", str(node.port), *args]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        if result.returncode != 0 or result.stdout.startswith(("ERR", "Could not connect")):
+            raise ServiceError(f"{' '.join(args)}: {result.stdout}{result.stderr}")
+        return result.stdout
+
+    def primaries(self) -> list[LocalService]:
+        return [n for n in self.nodes if n.running() and "role:master" in self._role(n)]
+
+    def _role(self, node: LocalService) -> str:
+        try:
+            return self.command(node, "INFO", "replication")
+        except ServiceError:
+            return ""
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

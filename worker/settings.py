@@ -105,6 +105,8 @@ class RedisSettings(_Section):
     """CA bundle for rediss:// when the server's certificate is not signed by a system CA."""
     allow_eviction: bool = False
     """Start even if Redis's maxmemory-policy can evict keys (forgotten ids)."""
+    cluster: bool = False
+    """``url`` names one node of a Redis Cluster; the worker discovers the others."""
 
     @field_validator("url")
     @classmethod
@@ -113,6 +115,20 @@ class RedisSettings(_Section):
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return url
+
+    @model_validator(mode="after")
+    def _check_cluster(self) -> RedisSettings:
+        if self.cluster:
+            parts = urlsplit(self.url.get_secret_value())
+            if parts.scheme == "unix":
+                raise _CombinationError(
+                    "redis.url", "must be a redis:// or rediss:// URL with redis.cluster"
+                )
+            if parts.path.strip("/") not in ("", "0"):
+                raise _CombinationError(
+                    "redis.url", "a Redis Cluster has only database 0 (redis.cluster is set)"
+                )
+        return self
 
     def redacted_url(self) -> str:
         """The URL with any password replaced, fit for a log line."""
@@ -271,6 +287,12 @@ class Settings(BaseSettings):
             )
         if self.dedup.ttl_seconds <= self.dedup.lease_seconds:
             raise _CombinationError("dedup.ttl_seconds", "must be longer than dedup.lease_seconds")
+        if self.redis.cluster and ("{" in self.key_prefix or "}" in self.key_prefix):
+            raise _CombinationError(
+                "dedup.key_prefix",
+                "must not contain { or } with redis.cluster: the worker puts its own hash "
+                "tag in every key",
+            )
         return self
 
     def handler_timeout(self, route: Route) -> float:

@@ -35,9 +35,10 @@ from worker.errors import StoreUnavailable
 
 # Shared by every script. The batch scripts take their ids (and per-id fields) packed
 # into one argument as "<byte length>:<field>" repeated: one argument instead of
-# thousands is most of what a batch costs on the client. They build the keys from the
-# prefix they are given, which is fine on a standalone Redis (or a primary with
-# replicas), not on a Cluster.
+# thousands is most of what a batch costs on the client. On a standalone Redis (or a
+# primary with replicas) they build the keys from the prefix they are given; on a
+# Cluster the caller declares the keys (KEYS), as Redis must see them to route the call
+# and to refuse it while a slot migrates (see worker/dedup/cluster.py).
 _COMMON = """
 local function unpack(packed)
   local out, pos = {}, 1
@@ -48,6 +49,18 @@ local function unpack(packed)
     pos = colon + length + 1
   end
   return out
+end
+
+-- KEYS if the caller declared them, else the prefix joined to each id.
+local function record_keys(prefix, ids)
+  if #KEYS > 0 then
+    return KEYS
+  end
+  local keys = {}
+  for i, id in ipairs(ids) do
+    keys[i] = prefix .. id
+  end
+  return keys
 end
 
 local function now_ms()
@@ -72,7 +85,8 @@ local function in_progress(token, lease, runs)
 end
 """
 
-# ARGV: record-key prefix, token, lease in ms, runs TTL in s, packed ids. Per id: "+1"
+# KEYS: the record keys, or none. ARGV: record-key prefix, token, lease in ms, runs TTL
+# in s, packed ids (empty with KEYS). Per id: "+1"
 # when the caller holds the claim now and this claim counted the id's first run; "?"
 # when it holds the claim and runs were counted before; else the record that stops it.
 _CLAIM = (
@@ -82,8 +96,7 @@ local now = now_ms()
 local lease = now + tonumber(ARGV[3])
 local first = in_progress(ARGV[2], lease, 1)
 local out = {}
-for i, id in ipairs(unpack(ARGV[5])) do
-  local key = ARGV[1] .. id
+for i, key in ipairs(record_keys(ARGV[1], unpack(ARGV[5]))) do
   if redis.call('SET', key, first, 'NX', 'EX', ARGV[4]) then
     out[i] = '+1'
   else
@@ -115,18 +128,22 @@ return runs + 1
 """
 )
 
-# ARGV: record-key prefix, ttl in s, then packed per id: the id, its token, origin and
-# fingerprint. Per id, 1 if completed under its token: the token's claim (even with its
-# lease over), a claim nobody holds any more and an absent record are completed.
+# KEYS: the record keys, or none. ARGV: record-key prefix, ttl in s, then packed per id:
+# the id, its token, origin and fingerprint. Per id, 1 if completed under its token: the
+# token's claim (even with its lease over), a claim nobody holds any more and an absent
+# record are completed.
 _COMPLETE = (
     _COMMON
     + """
 local now = now_ms()
 local fields = unpack(ARGV[3])
-local out = {}
+local ids = {}
 for i = 1, #fields / 4 do
-  local id, token = fields[4 * i - 3], fields[4 * i - 2]
-  local key = ARGV[1] .. id
+  ids[i] = fields[4 * i - 3]
+end
+local out = {}
+for i, key in ipairs(record_keys(ARGV[1], ids)) do
+  local token = fields[4 * i - 2]
   local done = 'c|' .. token .. '|'
   local value = redis.call('GET', key)
   local owner, ends = progress(value)
@@ -255,12 +272,6 @@ class RedisDedupStore:
         )
         return cls(client, key_prefix)
 
-    def _call(self, operation: Callable[[], T]) -> T:
-        try:
-            return operation()
-        except redis.RedisError as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
-
     def _record_keys(self, ids: Sequence[str]) -> list[str]:
         return [self._prefix + id for id in ids]
 
@@ -270,57 +281,67 @@ class RedisDedupStore:
         args: list[Any] = [
             self._prefix, token, _ms(lease_seconds), RUNS_TTL_SECONDS, _pack(ids),
         ]  # fmt: skip
-        replies: list[str] = self._call(lambda: self._claim(args=args))
+        replies: list[str] = redis_call(lambda: self._claim(args=args))
         return [_parse_claim(reply) for reply in replies]
 
     def begin(self, id: str, token: str) -> int:
         keys, args = self._record_keys([id]), [token, str(RUNS_TTL_SECONDS)]
-        return int(self._call(lambda: self._begin(keys=keys, args=args)))
+        return int(redis_call(lambda: self._begin(keys=keys, args=args)))
 
     def complete(self, completions: Sequence[Completion], ttl_seconds: int) -> list[bool]:
         if not completions:
             return []
         fields = [f for c in completions for f in (c.id, c.token, c.origin, c.fingerprint)]
         args: list[Any] = [self._prefix, ttl_seconds, _pack(fields)]
-        replies = self._call(lambda: self._complete(args=args))
+        replies = redis_call(lambda: self._complete(args=args))
         return [bool(reply) for reply in replies]
 
     def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:
         if not ids:
             return 0
         keys, args = self._record_keys(ids), [token, attempts, str(RUNS_TTL_SECONDS)]
-        return int(self._call(lambda: self._release(keys=keys, args=args)))
+        return int(redis_call(lambda: self._release(keys=keys, args=args)))
 
     def renew(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[bool]:
         if not ids:
             return []
         keys = self._record_keys(ids)
         args: list[Any] = [token, _ms(lease_seconds), RUNS_TTL_SECONDS]
-        replies = self._call(lambda: self._renew(keys=keys, args=args))
+        replies = redis_call(lambda: self._renew(keys=keys, args=args))
         return [bool(reply) for reply in replies]
 
     def epoch(self, candidate: str) -> str:
-        return str(self._call(lambda: self._epoch(keys=[self._epoch_key], args=[candidate])))
+        return str(redis_call(lambda: self._epoch(keys=[self._epoch_key], args=[candidate])))
 
     def state(self, id: str) -> State:
-        name = self._call(lambda: self._state(keys=[self._prefix + id]))
-        return {"absent": State.ABSENT, "completed": State.COMPLETED}.get(name, State.IN_PROGRESS)
+        return _parse_state(redis_call(lambda: self._state(keys=[self._prefix + id])))
 
     def eviction_policy(self) -> str | None:
-        def read() -> Any:
-            try:
-                return self._client.config_get("maxmemory-policy")
-            except redis.ResponseError:
-                return {}  # CONFIG is disabled or not granted to this user (managed Redis)
-
-        policy = self._call(read).get("maxmemory-policy")
-        return None if policy is None else str(policy)
+        return redis_call(lambda: read_eviction_policy(self._client))
 
     def ping(self) -> None:
-        self._call(self._client.ping)
+        redis_call(self._client.ping)
 
     def close(self) -> None:
         self._client.close()
+
+
+def redis_call(operation: Callable[[], T]) -> T:
+    """``operation()``, its Redis errors raised as ``StoreUnavailable``."""
+    try:
+        return operation()
+    except redis.RedisError as exc:
+        raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+
+def read_eviction_policy(client: redis.Redis) -> str | None:
+    """The server's maxmemory-policy; None if CONFIG is disabled or not granted to this
+    user (managed Redis)."""
+    try:
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.ResponseError:
+        return None
+    return None if policy is None else str(policy)
 
 
 def _pack(fields: Sequence[str]) -> bytes:
@@ -331,6 +352,10 @@ def _pack(fields: Sequence[str]) -> bytes:
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
+
+
+def _parse_state(name: str) -> State:
+    return {"absent": State.ABSENT, "completed": State.COMPLETED}.get(name, State.IN_PROGRESS)
 
 
 def _parse_claim(reply: str) -> Claim:
