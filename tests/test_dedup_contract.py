@@ -73,6 +73,8 @@ def cluster_store(redis_cluster_url):
     store = RedisClusterDedupStore.from_url(redis_cluster_url, prefix)
     client = redis.RedisCluster.from_url(redis_cluster_url)
     yield store, client, prefix
+    for node in client.get_nodes():  # RedisCluster.close() leaves these open
+        node.redis_connection.connection_pool.disconnect()
     client.close()
     store.close()
 

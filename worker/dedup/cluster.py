@@ -231,8 +231,14 @@ class RedisClusterDedupStore:
             redis_call(connection.ping)
 
     def close(self) -> None:
-        if self._connected is not None:
-            self._connected.close()
+        if self._connected is None:
+            return
+        # RedisCluster.close() leaves the pools it was given open (redis-py 8.1).
+        client: Any = self._connected
+        for node in client.get_nodes():
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
+        self._connected.close()
 
     # -- calls spread over the primaries ---------------------------------------------
 
