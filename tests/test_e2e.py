@@ -1,4 +1,5 @@
-"""End to end: three real ``idempotent-worker run`` processes share one topic and one Redis."""
+"""End to end: three real ``idempotent-worker run`` processes share one topic and one
+Redis, or one Redis Cluster."""
 
 import signal
 from pathlib import Path
@@ -27,9 +28,11 @@ def start_replicas(count, env_for, logdir):
     return [spawn_worker(env_for(n), logdir / f"replica-{n}.log", cwd=REPO) for n in range(count)]
 
 
+@pytest.mark.parametrize("store", ["redis", "cluster"])
 def test_three_replicas_handle_every_id_exactly_once(
-    kafka_bootstrap, redis_url, unique_name, make_topics, ledger, tmp_path
+    store, kafka_bootstrap, unique_name, make_topics, ledger, tmp_path, request
 ):
+    redis_url = request.getfixturevalue("redis_url" if store == "redis" else "redis_cluster_url")
     topic, group = unique_name("orders"), unique_name("group")
     output = f"{topic}.out"
     make_topics({topic: PARTITIONS, output: PARTITIONS, f"{topic}.dlq": 1})
@@ -51,6 +54,7 @@ def test_three_replicas_handle_every_id_exactly_once(
             routes,
             LEDGER_PATH=str(ledger.path),
             WORKER_LOG__LEVEL="WARNING",
+            WORKER_REDIS__CLUSTER=str(store == "cluster").lower(),
         )
 
     processes = start_replicas(REPLICAS, env_for, tmp_path)

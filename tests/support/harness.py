@@ -8,7 +8,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from worker.dedup.base import Completion, DedupStore
-from worker.dedup.redis import RedisDedupStore
+from worker.dedup import open_store
 from worker.demo import FAST_CONSUMER
 from worker.loop import Worker
 from worker.metrics import Metrics
@@ -46,9 +46,7 @@ class Run:
     ) -> None:
         self.registry = CollectorRegistry()
         self.health = Health(stall_seconds=60)
-        self.store = RedisDedupStore.from_url(
-            settings.redis.url.get_secret_value(), settings.key_prefix, timeout=0.5
-        )
+        self.store = open_store(settings.redis, settings.key_prefix, timeout=0.5)
         self.worker = Worker(
             settings,
             resolve_routes(settings),
