@@ -207,6 +207,19 @@ class RedisCluster:
             raise ServiceError(f"{' '.join(args)}: {result.stdout}{result.stderr}")
         return result.stdout
 
+    def slots(self, node: LocalService) -> set[int]:
+        """The slots ``node`` serves, as it says itself."""
+        for line in self.command(node, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if "myself" in fields[2]:
+                owned: set[int] = set()
+                for part in fields[8:]:
+                    if not part.startswith("["):  # "[slot->-node]": a migration under way
+                        low, _, high = part.partition("-")
+                        owned.update(range(int(low), int(high or low) + 1))
+                return owned
+        raise ServiceError(f"CLUSTER NODES of port {node.port} names no node 'myself'")
+
     def primaries(self) -> list[LocalService]:
         return [n for n in self.nodes if n.running() and "role:master" in self._role(n)]
 

@@ -107,6 +107,11 @@ class RedisSettings(_Section):
     """Start even if Redis's maxmemory-policy can evict keys (forgotten ids)."""
     cluster: bool = False
     """``url`` names one node of a Redis Cluster; the worker discovers the others."""
+    min_replicas: int = Field(default=0, ge=0, le=100)
+    """Replicas that must acknowledge a claim or a completion (WAIT) before it counts;
+    fewer is a store failure: the worker holds until they catch up."""
+    replica_timeout_ms: int = Field(default=500, ge=1, le=60_000)
+    """How long a write waits for ``min_replicas`` acknowledgements."""
 
     @field_validator("url")
     @classmethod

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.kafka import group_lag
 from worker import embedded
 from worker.demo import (
     generate_traffic,
@@ -21,9 +22,11 @@ from worker.demo import (
     scrape,
     spawn_worker,
     wait_for_group,
+    worker_env,
 )
 
 REPO = Path(__file__).resolve().parent.parent.parent
+PARTITIONS = 6
 
 
 @dataclass
@@ -174,3 +177,76 @@ def during(seconds: float, step: float = 0.5) -> Iterator[float]:
     while (left := deadline - time.monotonic()) > 0:
         yield left
         time.sleep(min(step, left))
+
+
+class Scenario:
+    """Topics, group and replica environment of one scenario, and its final accounting."""
+
+    def __init__(self, kafka_bootstrap, redis_url, unique_name, make_topics, ledger, tmp_path):
+        self.bootstrap = kafka_bootstrap
+        self.redis_url = redis_url
+        self.input = unique_name("in")
+        self.output = f"{self.input}.out"
+        self.dlq = f"{self.input}.dlq"
+        self.group = unique_name("group")
+        self.ledger = ledger
+        self.logdir = tmp_path
+        self.handler = "ledger_and_emit"
+        self.route: dict[str, object] = {}  # more route keys, e.g. max_in_flight
+        self.extra: dict[str, str] = {
+            "WORKER_DEDUP__LEASE_SECONDS": "3",
+            "WORKER_REDIS__SOCKET_TIMEOUT_SECONDS": "0.5",
+            "WORKER_LOG__LEVEL": "WARNING",
+        }
+        make_topics({self.input: PARTITIONS, self.output: PARTITIONS, self.dlq: 1})
+
+    def env_for(self, port: int) -> dict[str, str]:
+        route = {
+            "topic": self.input,
+            "handler": f"tests.support.handlers:{self.handler}",
+            "output_topic": self.output,
+            **self.route,
+        }
+        return worker_env(
+            self.bootstrap,
+            self.redis_url,
+            self.group,
+            port,
+            [route],
+            LEDGER_PATH=str(self.ledger.path),
+            **self.extra,
+        )
+
+    def replicas(self, count: int) -> Replicas:
+        return Replicas(count, self.env_for, self.logdir)
+
+    def traffic(self, batch: int, rounds: int, interval: float) -> Traffic:
+        """Orders with 30% duplicate ids, published to the input in the background."""
+        return Traffic(
+            self.bootstrap, self.input, batch=batch, rounds=rounds, interval=interval,
+            partitions=PARTITIONS,
+        )  # fmt: skip
+
+    def published(self) -> set[str]:
+        return set(message_ids(self.bootstrap, self.input))
+
+    def finished(self) -> bool:
+        """Every published id ran and the group committed everything."""
+        return self.published() <= self.ledger.runs().keys() and self.lag() == 0
+
+    def lag(self) -> int:
+        return group_lag(self.bootstrap, self.group, self.input)
+
+    def account(self, scenario: str, messages: int, faults: str) -> tuple[int, int, int]:
+        """(lost, ids run more than once, dead-lettered), recorded in the report."""
+        runs = self.ledger.runs()
+        lost = len(self.published() - runs.keys())
+        twice = sum(1 for count in runs.values() if count > 1)
+        dead = sum(message_ids(self.bootstrap, self.dlq).values())
+        REPORT.append(Row(scenario, messages, faults, lost, twice, dead))
+        return lost, twice, dead
+
+    def outputs(self) -> tuple[set[str], int]:
+        """(distinct output message ids, output records repeating one already seen)."""
+        outputs = message_ids(self.bootstrap, self.output)
+        return set(outputs), sum(outputs.values()) - len(outputs)

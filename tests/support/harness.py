@@ -7,8 +7,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from worker.dedup.base import Completion, DedupStore
 from worker.dedup import open_store
+from worker.dedup.base import Completion, DedupStore
 from worker.demo import FAST_CONSUMER
 from worker.loop import Worker
 from worker.metrics import Metrics

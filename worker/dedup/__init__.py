@@ -17,7 +17,7 @@ def open_store(
 ) -> DedupStore:
     """The Redis dedup store ``settings`` describe: one server, or a Redis Cluster."""
     from worker.dedup.cluster import RedisClusterDedupStore
-    from worker.dedup.redis import RedisDedupStore
+    from worker.dedup.redis import Durability, RedisDedupStore
 
     store_class = RedisClusterDedupStore if settings.cluster else RedisDedupStore
     return store_class.from_url(
@@ -25,4 +25,5 @@ def open_store(
         key_prefix,
         timeout=timeout or settings.socket_timeout_seconds,
         tls_ca_file=settings.tls_ca_file,
+        durability=Durability(settings.min_replicas, settings.replica_timeout_ms),
     )

@@ -59,7 +59,9 @@ from worker.dedup.redis import (
     _RELEASE,
     _RENEW,
     _STATE,
+    NOT_DURABLE,
     RUNS_TTL_SECONDS,
+    Durability,
     _ms,
     _pack,
     _parse_claim,
@@ -101,11 +103,18 @@ class _Call:
 _REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError, NoScriptError)
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, SlotNotCoveredError)
 _TOPOLOGY_CHANGED = (*_UNREACHABLE, ClusterDownError)
+_DURABLE = (_CLAIM, _COMPLETE)
+"""The writes that wait for ``redis.min_replicas`` replicas."""
 
 
 class RedisClusterDedupStore:
     def __init__(
-        self, connect: Callable[[], RedisCluster], key_prefix: str, *, timeout: float = 2.0
+        self,
+        connect: Callable[[], RedisCluster],
+        key_prefix: str,
+        *,
+        timeout: float = 2.0,
+        durability: Durability = NOT_DURABLE,
     ) -> None:
         """``connect`` builds the client, which asks a node for the cluster's layout: it
         is called at first use (and again after a failure), so that a worker started
@@ -113,6 +122,7 @@ class RedisClusterDedupStore:
         self._connect = connect
         self._connected: RedisCluster | None = None
         self._connecting = threading.Lock()
+        self._durability = durability
         self._timeout = timeout
         self._prefix = key_prefix
         self._tags = bucket_tags()
@@ -125,7 +135,13 @@ class RedisClusterDedupStore:
 
     @classmethod
     def from_url(
-        cls, url: str, key_prefix: str, *, timeout: float = 2.0, tls_ca_file: str | None = None
+        cls,
+        url: str,
+        key_prefix: str,
+        *,
+        timeout: float = 2.0,
+        tls_ca_file: str | None = None,
+        durability: Durability = NOT_DURABLE,
     ) -> RedisClusterDedupStore:
         tls: dict[str, Any] = {"ssl_ca_certs": tls_ca_file} if tls_ca_file else {}
 
@@ -142,7 +158,7 @@ class RedisClusterDedupStore:
                 **tls,
             )
 
-        return cls(connect, key_prefix, timeout=timeout)
+        return cls(connect, key_prefix, timeout=timeout, durability=durability)
 
     @property
     def _client(self) -> RedisCluster:
@@ -333,12 +349,17 @@ class RedisClusterDedupStore:
                 pipe.execute_command("ASKING")
             sha = self._scripts[call.script]
             pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
-        results = iter(pipe.execute(raise_on_error=False))
+        durable = self._durability.min_replicas and any(c.script in _DURABLE for c, _ in calls)
+        if durable:  # on this connection: WAIT covers the writes made through it
+            pipe.execute_command("WAIT", self._durability.min_replicas, self._durability.timeout_ms)
+        results = list(pipe.execute(raise_on_error=False))
+        if durable:
+            self._durability.check(int(results.pop()))
         replies = []
         for _, after_ask in calls:
             if after_ask:
-                next(results)  # ASKING's OK
-            replies.append(next(results))
+                results.pop(0)  # ASKING's OK
+            replies.append(results.pop(0))
         return replies
 
     def _primary_connections(self) -> list[redis.Redis]:

@@ -15,10 +15,12 @@ are written in groups, so dedup costs two round trips per group of messages.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
+from redis.commands.core import Script
 from redis.retry import Retry
 
 from worker.dedup.base import (
@@ -234,6 +236,28 @@ redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
 """
 
+
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """How many replicas must acknowledge a claim or a completion before it counts
+    (``WAIT``, on the connection that wrote it), and how long to wait for them."""
+
+    min_replicas: int = 0
+    timeout_ms: int = 500
+
+    def check(self, acknowledged: int) -> None:
+        """Raise ``StoreUnavailable`` unless ``acknowledged`` replicas are enough: the
+        write may be lost in a failover, so nothing may rely on it yet."""
+        if acknowledged < self.min_replicas:
+            raise StoreUnavailable(
+                f"redis: {acknowledged} of {self.min_replicas} replicas acknowledged the write "
+                f"within {self.timeout_ms} ms (redis.min_replicas)"
+            )
+
+
+NOT_DURABLE = Durability()
+"""Writes count as soon as the primary has them (``redis.min_replicas`` 0)."""
+
 RUNS_TTL_SECONDS = 24 * 3600
 """How long an in-progress record, and with it the runs counted, outlives its last claim."""
 
@@ -241,8 +265,11 @@ T = TypeVar("T")
 
 
 class RedisDedupStore:
-    def __init__(self, client: redis.Redis, key_prefix: str) -> None:
+    def __init__(
+        self, client: redis.Redis, key_prefix: str, durability: Durability = NOT_DURABLE
+    ) -> None:
         self._client = client
+        self._durability = durability
         self._prefix = key_prefix + ":"
         self._epoch_key = key_prefix + "#epoch"
         self._claim = client.register_script(_CLAIM)
@@ -255,7 +282,13 @@ class RedisDedupStore:
 
     @classmethod
     def from_url(
-        cls, url: str, key_prefix: str, *, timeout: float = 2.0, tls_ca_file: str | None = None
+        cls,
+        url: str,
+        key_prefix: str,
+        *,
+        timeout: float = 2.0,
+        tls_ca_file: str | None = None,
+        durability: Durability = NOT_DURABLE,
     ) -> RedisDedupStore:
         tls: dict[str, Any] = {"ssl_ca_certs": tls_ca_file} if tls_ca_file else {}
         client = redis.Redis.from_url(
@@ -270,7 +303,7 @@ class RedisDedupStore:
             retry=Retry(NoBackoff(), 0),
             **tls,
         )
-        return cls(client, key_prefix)
+        return cls(client, key_prefix, durability)
 
     def _record_keys(self, ids: Sequence[str]) -> list[str]:
         return [self._prefix + id for id in ids]
@@ -281,8 +314,23 @@ class RedisDedupStore:
         args: list[Any] = [
             self._prefix, token, _ms(lease_seconds), RUNS_TTL_SECONDS, _pack(ids),
         ]  # fmt: skip
-        replies: list[str] = redis_call(lambda: self._claim(args=args))
+        replies: list[str] = self._durable(self._claim, args)
         return [_parse_claim(reply) for reply in replies]
+
+    def _durable(self, script: Script, args: list[Any]) -> Any:
+        """``script``'s reply, once ``redis.min_replicas`` replicas have its writes."""
+        if not self._durability.min_replicas:
+            return redis_call(lambda: script(args=args))
+
+        def write_and_wait() -> list[Any]:
+            pipe: Any = self._client.pipeline(transaction=False)
+            script(args=args, client=pipe)
+            pipe.execute_command("WAIT", self._durability.min_replicas, self._durability.timeout_ms)
+            return list(pipe.execute())
+
+        reply, acknowledged = redis_call(write_and_wait)
+        self._durability.check(int(acknowledged))
+        return reply
 
     def begin(self, id: str, token: str) -> int:
         keys, args = self._record_keys([id]), [token, str(RUNS_TTL_SECONDS)]
@@ -293,7 +341,7 @@ class RedisDedupStore:
             return []
         fields = [f for c in completions for f in (c.id, c.token, c.origin, c.fingerprint)]
         args: list[Any] = [self._prefix, ttl_seconds, _pack(fields)]
-        replies = redis_call(lambda: self._complete(args=args))
+        replies = self._durable(self._complete, args)
         return [bool(reply) for reply in replies]
 
     def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:
