@@ -18,7 +18,15 @@ first record to its last:
     e  the worker with a handler that sleeps 10 ms, at max_in_flight 1 and 64
 
 Then a worker subprocess handles ``--rss-messages`` records and reports its peak RSS and
-its growth between the first and the last tenth of the run. The benchmark fails (exit
+its growth between the first and the last tenth of the run.
+
+Last, the store's scale (``--store-only`` runs just this): variant d again on a
+standalone ``redis-server`` and on a Redis Cluster of 3 primaries with a replica each,
+both with AOF fsynced at every write (the README's recommended settings), and
+``redis.min_replicas`` 1 against a primary with one replica. For each, the store's CPU
+per message (INFO's used_cpu_user + used_cpu_sys, summed over the primaries), its
+split over the primaries, and the fleet's ceiling that implies: one core-second
+divided by the CPU per message. The benchmark fails (exit
 1) if any variant handled an id other than exactly once; the targets are reported, not
 enforced, because absolute speed depends on the machine.
 
@@ -41,6 +49,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import redis
 from confluent_kafka import Consumer, Producer
@@ -60,7 +69,9 @@ from worker.settings import Settings  # noqa: E402
 
 PARTITIONS = 6
 BATCH = 1000
-TARGETS = {"d/c": 0.75, "d/b": 5.0, "e64/e1": 40.0}
+TARGETS = {"d/c": 0.75, "d/b": 5.0, "e64/e1": 40.0, "dc/d": 0.8}
+CLUSTER_CPU_LIMIT = 1.5  # the cluster's summed CPU per message, at most this x standalone's
+CLUSTER_SHARE_LIMIT = 0.4  # no primary above this share of the cluster's CPU
 RSS_GROWTH_LIMIT_MB = 50.0
 
 # One Lua call claims a whole batch: SET NX per key, 1 if it was free.
@@ -195,7 +206,12 @@ def worker_scripts(url: str) -> Callable[[list[str]], None]:
 
 
 def worker_settings(
-    bootstrap: str, url: str, topic: str, handler: str, max_in_flight: int
+    bootstrap: str,
+    url: str,
+    topic: str,
+    handler: str,
+    max_in_flight: int,
+    redis_options: dict[str, Any] | None = None,
 ) -> Settings:
     return Settings(
         kafka={
@@ -203,7 +219,7 @@ def worker_settings(
             "group_id": f"bench-{uuid.uuid4().hex}",
             "consumer": FAST_CONSUMER,
         },
-        redis={"url": url},
+        redis={"url": url, **(redis_options or {})},
         routes=[
             {"topic": topic, "handler": f"bench.handlers:{handler}", "max_in_flight": max_in_flight}
         ],
@@ -213,9 +229,15 @@ def worker_settings(
 
 
 def the_worker(
-    bootstrap: str, url: str, topic: str, count: int, handler: str, max_in_flight: int = 1
+    bootstrap: str,
+    url: str,
+    topic: str,
+    count: int,
+    handler: str,
+    max_in_flight: int = 1,
+    redis_options: dict[str, Any] | None = None,
 ) -> float:
-    settings = worker_settings(bootstrap, url, topic, handler, max_in_flight)
+    settings = worker_settings(bootstrap, url, topic, handler, max_in_flight, redis_options)
     handlers.reset(count)
     code = run_worker(settings, resolve_routes(settings), max_messages=count)
     if code != 0:
@@ -284,6 +306,83 @@ def profile_worker(bootstrap: str, url: str, topic: str, count: int) -> None:
     print(f"d under the profiler: {rate:,.0f} msg/s")
 
 
+# -- the store's scale -------------------------------------------------------------------
+
+
+def store_cpu_seconds(port: int) -> float:
+    with redis.Redis(port=port) as client:
+        info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def worker_on(
+    bootstrap: str, topic: str, count: int, url: str, ports: list[int], **redis_options: Any
+) -> tuple[float, list[float]]:
+    """Variant d on the store at ``url``: msg/s, and the CPU per message (µs) of each
+    server in ``ports`` (the primaries)."""
+    before = [store_cpu_seconds(port) for port in ports]
+    rate = the_worker(bootstrap, url, topic, count, "noop", redis_options=redis_options)
+    after = [store_cpu_seconds(port) for port in ports]
+    return rate, [(b - a) * 1e6 / count for a, b in zip(before, after, strict=True)]
+
+
+def store_scale(bootstrap: str, workdir: Path, count: int) -> None:
+    topic = f"bench-store-{uuid.uuid4().hex[:8]}"
+    publish(bootstrap, topic, count)
+    with (
+        embedded.redis(workdir, appendonly=True) as standalone,
+        embedded.redis(workdir, appendonly=True) as primary,
+        embedded.redis(workdir, appendonly=True, replica_of=primary.port),
+        embedded.RedisCluster(workdir / "cluster") as cluster,
+    ):
+        wait_for_replica(primary.port)
+        one = f"redis://127.0.0.1:{standalone.port}/0"
+        replicated = f"redis://127.0.0.1:{primary.port}/0"
+        primaries = [node.port for node in cluster.primaries()]
+        runs = [
+            ("d", "one Redis", one, [standalone.port], {}),
+            ("dc", "Redis Cluster, 3 primaries", cluster.url, primaries, {"cluster": True}),
+            ("dr0", "primary + replica, min_replicas 0", replicated, [primary.port], {}),
+            ("dr1", "primary + replica, min_replicas 1", replicated, [primary.port],
+             {"min_replicas": 1}),
+        ]  # fmt: skip
+        results: dict[str, tuple[float, list[float]]] = {}
+        print(f"\nthe store's scale: variant d over {count:,} messages, AOF fsync always")
+        for name, what, url, ports, options in runs:
+            rate, cpu = results[name] = worker_on(bootstrap, topic, count, url, ports, **options)
+            split = "/".join(f"{part / sum(cpu):.0%}" for part in cpu)
+            # The fleet's ceiling: when the busiest server spends a whole core.
+            print(
+                f"{name:>4}  {what:<36} {rate:>8,.0f} msg/s  {sum(cpu):5.1f} µs CPU/msg "
+                f"(split {split}), fleet ceiling {1e6 / max(cpu):,.0f} msg/s"
+            )
+    (d_rate, d_cpu), (dc_rate, dc_cpu) = results["d"], results["dc"]
+    cpu_ratio = sum(dc_cpu) / sum(d_cpu)
+    share = max(dc_cpu) / sum(dc_cpu)
+    print(
+        f"\n  cluster CPU/msg = {cpu_ratio:.2f} x one Redis's  target <= {CLUSTER_CPU_LIMIT:g}: "
+        + ("met" if cpu_ratio <= CLUSTER_CPU_LIMIT else "MISSED")
+    )
+    print(
+        f"  busiest primary's share {share:.0%}  target <= {CLUSTER_SHARE_LIMIT:.0%}: "
+        + ("met" if share <= CLUSTER_SHARE_LIMIT else "MISSED")
+    )
+    print(
+        f"  dc/d = {dc_rate / d_rate:.2f}  target >= {TARGETS['dc/d']:g}: "
+        + ("met" if dc_rate / d_rate >= TARGETS["dc/d"] else "MISSED")
+    )
+    print(f"  dr1/dr0 = {results['dr1'][0] / results['dr0'][0]:.2f} (the cost of min_replicas 1)")
+
+
+def wait_for_replica(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    with redis.Redis(port=port) as client:
+        while client.info("replication").get("connected_slaves", 0) < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replica did not connect")
+            time.sleep(0.1)
+
+
 # -- the run ----------------------------------------------------------------------------
 
 
@@ -294,6 +393,9 @@ def main() -> int:
     parser.add_argument("--slow-messages", type=int, help="for e at max_in_flight 64")
     parser.add_argument("--rss-messages", type=int)
     parser.add_argument("--profile", action="store_true", help="profile d, print the tree")
+    parser.add_argument(
+        "--store-only", action="store_true", help="only the store's scale: one Redis vs cluster"
+    )
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)
@@ -312,6 +414,9 @@ def main() -> int:
         publish(bootstrap, topic, messages)
         if args.profile:
             profile_worker(bootstrap, url, topic, messages)
+            return 0
+        if args.store_only:
+            store_scale(bootstrap, Path(workdir), messages)
             return 0
         # e at max_in_flight 1 handles 100 msg/s: give it a sixteenth of the messages.
         slow_topic, slower_topic = (f"bench-slow-{uuid.uuid4().hex[:8]}" for _ in range(2))
@@ -364,7 +469,9 @@ def main() -> int:
         f"  target < {RSS_GROWTH_LIMIT_MB:g} MB: "
         + ("met" if growth < RSS_GROWTH_LIMIT_MB else "MISSED")
     )
-    print(f"    every variant handled every id exactly once; {describe_machine()}")
+    with tempfile.TemporaryDirectory() as workdir, services(Path(workdir)) as (bootstrap, _):
+        store_scale(bootstrap, Path(workdir), messages)
+    print(f"\nevery variant handled every id exactly once; {describe_machine()}")
     return 0
 
 

@@ -8,10 +8,12 @@ import signal
 import subprocess
 
 import pytest
+from redis.crc import key_slot
 
 from tests.support.chaos import PARTITIONS, Scenario, wait_until
 from tests.support.kafka import Record, produce
 from worker import embedded
+from worker.dedup.cluster import bucket_tags
 from worker.demo import read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.chaos]
@@ -95,7 +97,7 @@ def test_slots_moved_mid_flow_lose_nothing_and_rerun_nothing(scenario, cluster):
         reshard = [
             "redis-cli", "--cluster", "reshard", f"127.0.0.1:{source.port}",
             "--cluster-from", source_id, "--cluster-to", target_id,
-            "--cluster-slots", "1500", "--cluster-yes",
+            "--cluster-slots", "2100", "--cluster-yes",
         ]  # fmt: skip
         ran_before = sum(scenario.ledger.runs().values())
         result = subprocess.run(reshard, capture_output=True, text=True, timeout=120, check=False)
@@ -105,10 +107,13 @@ def test_slots_moved_mid_flow_lose_nothing_and_rerun_nothing(scenario, cluster):
         wait_until(scenario.finished, 180, "every id to run and be committed")
         codes = replicas.end_all()
     lost, twice, dead = scenario.account(
-        "Redis Cluster reshard, 1500 slots (about 6 buckets)", 10_000, "1 reshard"
+        "Redis Cluster reshard, 2100 of 16384 slots", 10_000, "1 reshard"
     )
     assert ran_during > 1000  # the slots moved while messages flowed
-    assert len(cluster.slots(source)) == len(owned_before) - 1500
+    moved = owned_before - cluster.slots(source)
+    assert len(moved) == 2100
+    # 2100 contiguous slots hold at least one bucket's (one per 1024): records moved
+    assert moved & {key_slot(tag.encode()) for tag in bucket_tags()}
     assert codes == [0, 0, 0]
     assert (lost, twice, dead) == (0, 0, 0)
     assert scenario.outputs()[1] == 0

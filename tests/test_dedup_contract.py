@@ -13,7 +13,7 @@ from tests.support.harness import complete
 from worker import embedded
 from worker.dedup import ClaimStatus, State
 from worker.dedup.base import FIRST_CLAIM, Completion
-from worker.dedup.cluster import RedisClusterDedupStore, bucket_tags
+from worker.dedup.cluster import BUCKETS, RedisClusterDedupStore, bucket_tags
 from worker.dedup.memory import MemoryDedupStore
 from worker.dedup.redis import RedisDedupStore
 from worker.errors import StoreUnavailable
@@ -353,10 +353,10 @@ def test_one_complete_call_settles_each_id_on_its_own(store):
 
 
 def test_cluster_buckets_spread_evenly_over_the_slots():
-    tags = bucket_tags(64)
-    assert tags == bucket_tags(64)  # the layout never changes under running replicas
+    tags = bucket_tags(BUCKETS)
+    assert tags == bucket_tags(BUCKETS)  # the layout never changes under running replicas
     slots = [key_slot(tag.encode()) for tag in tags]
-    assert [slot * 64 // 16384 for slot in slots] == list(range(64))
+    assert [slot * BUCKETS // 16384 for slot in slots] == list(range(BUCKETS))
 
 
 def test_cluster_spreads_ids_over_every_primary(cluster_store):

@@ -110,6 +110,7 @@ def redis(
     *,
     appendonly: bool = False,
     eviction_policy: str = "noeviction",
+    replica_of: int | None = None,
 ) -> LocalService:
     port = port or free_port()
     data = workdir / f"redis-{port}"
@@ -130,6 +131,7 @@ def redis(
         str(data),
         "--maxmemory-policy",
         eviction_policy,
+        *(["--replicaof", "127.0.0.1", str(replica_of)] if replica_of else []),
     ]
     return LocalService("redis-server", argv, port, workdir / f"redis-{port}.log")
 

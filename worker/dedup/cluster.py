@@ -71,7 +71,7 @@ from worker.dedup.redis import (
 )
 from worker.errors import StoreUnavailable
 
-BUCKETS = 64
+BUCKETS = 16
 """Hash-tag buckets: see the module's docstring and the README before changing it."""
 
 SLOTS = 16384
