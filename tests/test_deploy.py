@@ -129,6 +129,13 @@ def test_compose_stack_is_set_up_as_documented():
     grace = tomllib.loads((REPO / "config" / "worker.toml").read_text())["shutdown"]
     assert int(worker["stop_grace_period"].rstrip("s")) > grace["grace_seconds"]
     assert services["traffic"]["profiles"] == ["traffic"]
+    nodes = [services[f"redis-node-{n}"] for n in range(1, 7)]
+    assert all(node["profiles"] == ["cluster"] for node in nodes)
+    assert all("--cluster-enabled" in node["command"] for node in nodes)
+    create = services["redis-cluster-init"]["command"][0]
+    for node in nodes:
+        assert f"{node['networks']['default']['ipv4_address']}:6379" in create
+    assert services["worker-cluster"]["environment"]["WORKER_REDIS__CLUSTER"] == "true"
     mounts = " ".join(services["prometheus"]["volumes"] + services["grafana"]["volumes"])
     for path in ("prometheus/rules.yml", "grafana/provisioning", "grafana/dashboards"):
         assert f"./deploy/{path}" in mounts
