@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -78,8 +80,29 @@ def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ledger:
     return Ledger(path)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fault scenarios run one at a time on one pytest-xdist worker (`make test` runs two):
+    they time their processes' reactions, and two at once on two cores would starve
+    each other. The rest of the suite runs beside them."""
+    for item in items:
+        if item.get_closest_marker("chaos"):
+            item.add_marker(pytest.mark.xdist_group("faults"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        handle, path = tempfile.mkstemp(prefix="fault-report-", suffix=".jsonl")
+        os.close(handle)
+        os.environ[chaos.REPORT_FILE] = path  # inherited by the xdist workers it starts
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if chaos.REPORT:
+    if table := chaos.report_table():
         terminalreporter.section("fault scenarios")
-        for line in chaos.report_table():
+        for line in table:
             terminalreporter.write_line(line)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):
+        Path(os.environ.pop(chaos.REPORT_FILE)).unlink(missing_ok=True)

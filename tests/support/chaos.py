@@ -4,13 +4,15 @@ came out."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tests.support.kafka import group_lag
@@ -41,13 +43,25 @@ class Row:
     dead_lettered: int
 
 
-REPORT: list[Row] = []
+REPORT_FILE = "FAULT_REPORT_FILE"
+"""The environment variable naming the file the rows go to: the scenarios may run in
+pytest-xdist's worker processes, and the controller prints the table."""
+
+
+def report(row: Row) -> None:
+    with Path(os.environ[REPORT_FILE]).open("a") as file:
+        file.write(json.dumps(asdict(row)) + "\n")
 
 
 def report_table() -> list[str]:
+    """The rows reported so far, as a Markdown table; empty if there are none."""
+    path = Path(os.environ.get(REPORT_FILE, "/nonexistent"))
+    if not path.exists() or not path.read_text().strip():
+        return []
     header = "| scenario | messages | faults injected | lost | run twice | dead-lettered |"
     lines = [header, "|---|---:|---|---:|---:|---:|"]
-    for row in REPORT:
+    for line in path.read_text().splitlines():
+        row = Row(**json.loads(line))
         lines.append(
             f"| {row.scenario} | {row.messages} | {row.faults} | {row.lost} "
             f"| {row.run_twice} | {row.dead_lettered} |"
@@ -243,7 +257,7 @@ class Scenario:
         lost = len(self.published() - runs.keys())
         twice = sum(1 for count in runs.values() if count > 1)
         dead = sum(message_ids(self.bootstrap, self.dlq).values())
-        REPORT.append(Row(scenario, messages, faults, lost, twice, dead))
+        report(Row(scenario, messages, faults, lost, twice, dead))
         return lost, twice, dead
 
     def outputs(self) -> tuple[set[str], int]:
