@@ -147,30 +147,48 @@ class RedisCluster:
     def __init__(
         self, workdir: Path, primaries: int = 3, replicas: int = 1, *, appendonly: bool = True
     ) -> None:
-        self.nodes: list[LocalService] = []
-        for _ in range(primaries * (1 + replicas)):
-            port, bus = free_port(), free_port()
-            data = workdir / f"redis-cluster-{port}"
-            data.mkdir(parents=True, exist_ok=True)
-            argv = [
-                redis_binary(),
-                "--port", str(port), "--cluster-port", str(bus), "--bind", "127.0.0.1",
-                "--dir", str(data), "--save", "",
-                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "1000",
-                "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
-                "--repl-diskless-sync-delay", "0", "--maxmemory-policy", "noeviction",
-            ]  # fmt: skip
-            self.nodes.append(LocalService("redis-server", argv, port, data / "redis.log"))
+        self._workdir = workdir
+        self._appendonly = appendonly
         self._replicas = replicas
+        self.nodes = [self._node() for _ in range(primaries * (1 + replicas))]
+
+    def _node(self) -> LocalService:
+        port, bus = free_port(), free_port()
+        data = self._workdir / f"redis-cluster-{port}"
+        data.mkdir(parents=True, exist_ok=True)
+        argv = [
+            redis_binary(),
+            "--port", str(port), "--cluster-port", str(bus), "--bind", "127.0.0.1",
+            "--dir", str(data), "--save", "",
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "1000",
+            "--appendonly", "yes" if self._appendonly else "no", "--appendfsync", "always",
+            "--repl-diskless-sync-delay", "0", "--maxmemory-policy", "noeviction",
+        ]  # fmt: skip
+        return LocalService("redis-server", argv, port, data / "redis.log")
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.nodes[0].port}/0"
 
     def start(self) -> None:
-        for node in self.nodes:
-            node.start()
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        for index in range(len(self.nodes)):
+            for attempt in range(3):
+                try:
+                    self.nodes[index].start()
+                    break
+                except ServiceError:
+                    # A free port found is free only until another process takes it.
+                    if attempt == 2:
+                        raise
+                    self.nodes[index] = self._node()
         cli = shutil.which("redis-cli")
         if cli is None:
             raise ServiceError(
@@ -181,7 +199,6 @@ class RedisCluster:
         create += ["--cluster-replicas", str(self._replicas), "--cluster-yes"]
         result = subprocess.run(create, capture_output=True, text=True, timeout=60, check=False)
         if result.returncode != 0:
-            self.stop()
             raise ServiceError(f"redis-cli --cluster create failed: {result.stdout}{result.stderr}")
         self.wait_healthy()
 

@@ -36,7 +36,6 @@ from functools import partial
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
@@ -48,7 +47,6 @@ from redis.exceptions import (
     SlotNotCoveredError,
     TryAgainError,
 )
-from redis.retry import Retry
 
 from worker.dedup.base import Attempts, Claim, Completion, State
 from worker.dedup.redis import (
@@ -66,6 +64,7 @@ from worker.dedup.redis import (
     _pack,
     _parse_claim,
     _parse_state,
+    client_options,
     read_eviction_policy,
     redis_call,
 )
@@ -143,20 +142,8 @@ class RedisClusterDedupStore:
         tls_ca_file: str | None = None,
         durability: Durability = NOT_DURABLE,
     ) -> RedisClusterDedupStore:
-        tls: dict[str, Any] = {"ssl_ca_certs": tls_ca_file} if tls_ca_file else {}
-
         def connect() -> RedisCluster:
-            return RedisCluster.from_url(
-                url,
-                decode_responses=True,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                health_check_interval=30,
-                # The store retries its scripts itself (below); the client's own commands
-                # (PING, CONFIG GET) fail at once, and the guard retries them.
-                retry=Retry(NoBackoff(), 0),
-                **tls,
-            )
+            return RedisCluster.from_url(url, **client_options(timeout, tls_ca_file))
 
         return cls(connect, key_prefix, timeout=timeout, durability=durability)
 

@@ -290,19 +290,7 @@ class RedisDedupStore:
         tls_ca_file: str | None = None,
         durability: Durability = NOT_DURABLE,
     ) -> RedisDedupStore:
-        tls: dict[str, Any] = {"ssl_ca_certs": tls_ca_file} if tls_ca_file else {}
-        client = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=30,
-            # No retries inside the client (redis-py's defaults differ between its
-            # constructors and versions): the guard retries, counts and holds, and must
-            # learn of an outage at once.
-            retry=Retry(NoBackoff(), 0),
-            **tls,
-        )
+        client = redis.Redis.from_url(url, **client_options(timeout, tls_ca_file))
         return cls(client, key_prefix, durability)
 
     def _record_keys(self, ids: Sequence[str]) -> list[str]:
@@ -372,6 +360,21 @@ class RedisDedupStore:
 
     def close(self) -> None:
         self._client.close()
+
+
+def client_options(timeout: float, tls_ca_file: str | None) -> dict[str, Any]:
+    """What every client of the store is built with, one server's or a cluster's."""
+    return {
+        "decode_responses": True,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "health_check_interval": 30,
+        # No retries inside the client (redis-py's defaults differ between its
+        # constructors and versions): the guard retries, counts and holds, and must learn
+        # of an outage at once. The cluster store retries redirects itself.
+        "retry": Retry(NoBackoff(), 0),
+        **({"ssl_ca_certs": tls_ca_file} if tls_ca_file else {}),
+    }
 
 
 def redis_call(operation: Callable[[], T]) -> T:
