@@ -341,7 +341,13 @@ class RedisClusterDedupStore:
             pipe.execute_command("WAIT", self._durability.min_replicas, self._durability.timeout_ms)
         results = list(pipe.execute(raise_on_error=False))
         if durable:
-            self._durability.check(int(results.pop()))
+            acknowledged = results.pop()
+            # Only writes that went through need their replicas: a node that redirected
+            # every call (a primary demoted meanwhile) may refuse WAIT, and that is fine.
+            if any(not isinstance(result, Exception) for result in results):
+                if isinstance(acknowledged, Exception):
+                    raise StoreUnavailable(f"redis cluster: WAIT: {acknowledged}") from acknowledged
+                self._durability.check(int(acknowledged))
         replies = []
         for _, after_ask in calls:
             if after_ask:
