@@ -50,23 +50,25 @@ from redis.exceptions import (
 
 from worker.dedup.base import Attempts, Claim, Completion, State
 from worker.dedup.redis import (
-    _BEGIN,
-    _CLAIM,
-    _COMPLETE,
-    _EPOCH,
-    _RELEASE,
-    _RENEW,
-    _STATE,
     NOT_DURABLE,
-    RUNS_TTL_SECONDS,
     Durability,
-    _ms,
-    _pack,
-    _parse_claim,
-    _parse_state,
     client_options,
     read_eviction_policy,
     redis_call,
+)
+from worker.dedup.scripts import (
+    BEGIN,
+    CLAIM,
+    COMPLETE,
+    EPOCH,
+    RELEASE,
+    RENEW,
+    RUNS_TTL_SECONDS,
+    STATE,
+    ms,
+    pack,
+    parse_claim,
+    parse_state,
 )
 from worker.errors import StoreUnavailable
 
@@ -102,7 +104,7 @@ class _Call:
 _REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError, NoScriptError)
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, SlotNotCoveredError)
 _TOPOLOGY_CHANGED = (*_UNREACHABLE, ClusterDownError)
-_DURABLE = (_CLAIM, _COMPLETE)
+_DURABLE = (CLAIM, COMPLETE)
 """The writes that wait for ``redis.min_replicas`` replicas."""
 
 
@@ -129,7 +131,7 @@ class RedisClusterDedupStore:
         self._bucket_prefixes = [f"{key_prefix}:{{{tag}}}:" for tag in self._tags]
         self._scripts = {
             text: hashlib.sha1(text.encode()).hexdigest()
-            for text in (_CLAIM, _BEGIN, _COMPLETE, _RELEASE, _RENEW, _STATE, _EPOCH)
+            for text in (CLAIM, BEGIN, COMPLETE, RELEASE, RENEW, STATE, EPOCH)
         }
 
     @classmethod
@@ -161,9 +163,6 @@ class RedisClusterDedupStore:
     def _bucket(self, id: str) -> int:
         return zlib.crc32(id.encode()) % len(self._tags)
 
-    def _record_key(self, id: str) -> str:
-        return self._bucket_prefixes[self._bucket(id)] + id
-
     def _by_bucket(self, ids: Sequence[str]) -> dict[int, list[int]]:
         """Indexes of ``ids`` grouped by bucket."""
         buckets: dict[int, list[int]] = defaultdict(list)
@@ -174,12 +173,12 @@ class RedisClusterDedupStore:
     # -- the store -------------------------------------------------------------------
 
     def claim(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[Claim]:
-        args = ["", token, _ms(lease_seconds), RUNS_TTL_SECONDS, ""]
-        replies = self._per_id(_CLAIM, ids, lambda indexes: args)
-        return [_parse_claim(reply) for reply in replies]
+        args = ["", token, ms(lease_seconds), RUNS_TTL_SECONDS, ""]
+        replies = self._per_id(CLAIM, ids, lambda indexes: args)
+        return [parse_claim(reply) for reply in replies]
 
     def begin(self, id: str, token: str) -> int:
-        return int(self._one(_BEGIN, id, [token, RUNS_TTL_SECONDS]))
+        return int(self._one(BEGIN, id, [token, RUNS_TTL_SECONDS]))
 
     def complete(self, completions: Sequence[Completion], ttl_seconds: int) -> list[bool]:
         def args(indexes: list[int]) -> list[Any]:
@@ -188,35 +187,31 @@ class RedisClusterDedupStore:
                 for c in (completions[i] for i in indexes)
                 for field in (c.id, c.token, c.origin, c.fingerprint)
             ]
-            return ["", ttl_seconds, _pack(fields)]
+            return ["", ttl_seconds, pack(fields)]
 
-        replies = self._per_id(_COMPLETE, [c.id for c in completions], args)
+        replies = self._per_id(COMPLETE, [c.id for c in completions], args)
         return [bool(reply) for reply in replies]
 
     def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:
-        args = [token, attempts, RUNS_TTL_SECONDS]
-        calls = [
-            _Call(_RELEASE, self._slots[b], [self._record_key(ids[i]) for i in indexes], args)
-            for b, indexes in self._by_bucket(ids).items()
-        ]
+        _, calls = self._calls(RELEASE, ids, lambda indexes: [token, attempts, RUNS_TTL_SECONDS])
         return sum(int(reply) for reply in self._execute(calls))
 
     def renew(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[bool]:
-        args = [token, _ms(lease_seconds), RUNS_TTL_SECONDS]
-        return [bool(reply) for reply in self._per_id(_RENEW, ids, lambda indexes: args)]
+        args = [token, ms(lease_seconds), RUNS_TTL_SECONDS]
+        return [bool(reply) for reply in self._per_id(RENEW, ids, lambda indexes: args)]
 
     def epoch(self, candidate: str) -> str:
         """Every bucket has a marker, so that a primary that lost its records (an empty
         replica promoted, a restart without persistence) shows as a changed epoch."""
         calls = [
-            _Call(_EPOCH, slot, [f"{self._prefix}#epoch:{{{tag}}}"], [candidate])
+            _Call(EPOCH, slot, [f"{self._prefix}#epoch:{{{tag}}}"], [candidate])
             for tag, slot in zip(self._tags, self._slots, strict=True)
         ]
         markers = [str(marker) for marker in self._execute(calls)]
         return markers[0] if len(set(markers)) == 1 else ",".join(markers)
 
     def state(self, id: str) -> State:
-        return _parse_state(self._one(_STATE, id, []))
+        return parse_state(self._one(STATE, id, []))
 
     def eviction_policy(self) -> str | None:
         """The first primary's policy that is not ``noeviction``, else ``noeviction``;
@@ -246,22 +241,28 @@ class RedisClusterDedupStore:
     # -- calls spread over the primaries ---------------------------------------------
 
     def _one(self, script: str, id: str, args: list[Any]) -> Any:
-        bucket = self._bucket(id)
-        return self._execute([_Call(script, self._slots[bucket], [self._record_key(id)], args)])[0]
+        return self._execute(self._calls(script, [id], lambda indexes: args)[1])[0]
 
-    def _per_id(self, script: str, ids: Sequence[str], args: Any) -> list[Any]:
-        """``script`` once per bucket over its ids' keys, ``args(indexes)`` its ARGV; the
-        scripts' per-id replies, back in the order of ``ids``."""
+    def _calls(
+        self, script: str, ids: Sequence[str], args: Callable[[list[int]], list[Any]]
+    ) -> tuple[list[list[int]], list[_Call]]:
+        """``script`` once per bucket over its ids' keys, ``args(indexes)`` its ARGV; with
+        each call, the indexes in ``ids`` of its keys."""
         groups = list(self._by_bucket(ids).items())
         calls = [
-            _Call(
-                script, self._slots[b], [self._record_key(ids[i]) for i in indexes], args(indexes)
-            )
-            for b, indexes in groups
+            _Call(script, self._slots[b], [self._bucket_prefixes[b] + ids[i] for i in ix], args(ix))
+            for b, ix in groups
         ]
+        return [ix for _, ix in groups], calls
+
+    def _per_id(
+        self, script: str, ids: Sequence[str], args: Callable[[list[int]], list[Any]]
+    ) -> list[Any]:
+        """The per-id replies of ``script`` over ``ids`` (see ``_calls``), in their order."""
+        indexes, calls = self._calls(script, ids, args)
         replies: list[Any] = [None] * len(ids)
-        for (_, indexes), reply in zip(groups, self._execute(calls), strict=True):
-            for index, value in zip(indexes, reply, strict=True):
+        for call_indexes, reply in zip(indexes, self._execute(calls), strict=True):
+            for index, value in zip(call_indexes, reply, strict=True):
                 replies[index] = value
         return replies
 
