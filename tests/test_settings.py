@@ -32,6 +32,13 @@ def config(tmp_path, monkeypatch):
     return write
 
 
+def with_redis(*lines, url="redis://:s3cret-redis@localhost:6379/0"):
+    """MINIMAL with ``url`` and more ``lines`` in its [redis] table."""
+    return MINIMAL.replace(
+        'url = "redis://:s3cret-redis@localhost:6379/0"', "\n".join([f'url = "{url}"', *lines])
+    )
+
+
 def error_for(path):
     with pytest.raises(ConfigError) as caught:
         load_settings(path)
@@ -125,6 +132,38 @@ def test_config_path_from_environment(config, monkeypatch):
             "message.max.bytes",
         ),
         (MINIMAL.split("[[routes]]")[0], "routes", "missing"),
+        (
+            with_redis("cluster = true", url="redis://:s3cret-redis@localhost:6379/1"),
+            "redis.url",
+            "only database 0",
+        ),
+        (
+            with_redis("cluster = true", url="unix:///tmp/s3cret-redis.sock"),
+            "redis.url",
+            "redis.cluster",
+        ),
+        (
+            with_redis("cluster = true") + '\n[dedup]\nkey_prefix = "{orders}"\n',
+            "dedup.key_prefix",
+            "hash tag",
+        ),
+        (with_redis('sentinel_master = "dedup"'), "redis.sentinels", "together"),
+        (with_redis('sentinels = ["a:26379"]'), "redis.sentinel_master", "together"),
+        (
+            with_redis('sentinel_master = "dedup"', 'sentinels = ["a:26379", "b"]'),
+            "redis.sentinels",
+            "'b' is not host:port",
+        ),
+        (
+            with_redis('sentinel_master = "dedup"', 'sentinels = ["a:1"]', "cluster = true"),
+            "redis.sentinel_master",
+            "not with Sentinel",
+        ),
+        (
+            with_redis("min_replicas = 1", "replica_timeout_ms = 2000"),
+            "redis.replica_timeout_ms",
+            "socket_timeout_seconds",
+        ),
         (MINIMAL + "[[[", "config", "not valid TOML"),
     ],
 )
@@ -157,3 +196,20 @@ def test_client_options_override_the_defaults_and_never_what_the_worker_manages(
     assert consumer["statistics.interval.ms"] == CONSUMER_DEFAULTS["statistics.interval.ms"]
     assert consumer["bootstrap.servers"] == "localhost:9092"
     assert client_config(settings, {})["linger.ms"] == 50
+
+
+def test_sentinel_settings_and_their_secret(config):
+    settings = load_settings(
+        config(
+            with_redis(
+                'sentinel_master = "dedup"',
+                'sentinels = ["10.0.0.1:26379", "sentinel-2:26380"]',
+                'sentinel_password = "s3cret-sentinel"',
+                "min_replicas = 1",
+                url="rediss://:s3cret-redis@ignored/2",
+            )
+        )
+    )
+    assert settings.redis.sentinel_addresses() == [("10.0.0.1", 26379), ("sentinel-2", 26380)]
+    assert {"s3cret-sentinel", "s3cret-redis"} <= set(settings.secret_values())
+    assert "s3cret-sentinel" not in repr(settings)

@@ -136,6 +136,15 @@ def redis(
     return LocalService("redis-server", argv, port, workdir / f"redis-{port}.log")
 
 
+def _cli(port: int, *args: str) -> str:
+    """One command sent to the server on ``port`` with redis-cli; its reply as text."""
+    argv = ["redis-cli", "-p", str(port), *args]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    if result.returncode != 0 or result.stdout.startswith(("ERR", "Could not connect")):
+        raise ServiceError(f"{' '.join(args)}: {result.stdout}{result.stderr}")
+    return result.stdout
+
+
 class RedisCluster:
     """A Redis Cluster of ``primaries`` redis-server processes, each with ``replicas``
     replicas, on loopback ports, persisted to append-only files fsynced at every write.
@@ -220,11 +229,7 @@ class RedisCluster:
 
     def command(self, node: LocalService, *args: str) -> str:
         """One command sent to ``node`` with redis-cli; its reply as text."""
-        argv = ["redis-cli", "-p", str(node.port), *args]
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-        if result.returncode != 0 or result.stdout.startswith(("ERR", "Could not connect")):
-            raise ServiceError(f"{' '.join(args)}: {result.stdout}{result.stderr}")
-        return result.stdout
+        return _cli(node.port, *args)
 
     def slots(self, node: LocalService) -> set[int]:
         """The slots ``node`` serves, as it says itself."""
@@ -253,6 +258,89 @@ class RedisCluster:
             node.stop()
 
     def __enter__(self) -> RedisCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class RedisSentinel:
+    """A Redis primary with ``replicas`` replicas watched by three Sentinels (quorum 2,
+    a primary declared down after one second), on loopback ports, persisted to
+    append-only files fsynced at every write. ``master`` is the name it is known by."""
+
+    def __init__(self, workdir: Path, replicas: int = 1, master: str = "dedup") -> None:
+        self.master = master
+        self._workdir = workdir
+        primary = redis(workdir, appendonly=True)
+        self.servers = [primary]
+        self.servers += [
+            redis(workdir, appendonly=True, replica_of=primary.port) for _ in range(replicas)
+        ]
+        self.sentinels = [self._sentinel(primary.port) for _ in range(3)]
+
+    def _sentinel(self, primary_port: int) -> LocalService:
+        port = free_port()
+        data = self._workdir / f"sentinel-{port}"
+        data.mkdir(parents=True, exist_ok=True)
+        config = data / "sentinel.conf"  # Sentinel rewrites its own file
+        config.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {data}\n"
+            f"sentinel monitor {self.master} 127.0.0.1 {primary_port} 2\n"
+            f"sentinel down-after-milliseconds {self.master} 1000\n"
+            f"sentinel failover-timeout {self.master} 3000\n"
+        )
+        argv = [redis_binary(), str(config), "--sentinel"]
+        return LocalService("redis-sentinel", argv, port, data / "sentinel.log")
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels]
+
+    def start(self) -> None:
+        try:
+            for service in (*self.servers, *self.sentinels):
+                service.start()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the Sentinels agree on a primary that has all the running replicas."""
+        deadline = time.monotonic() + timeout
+        while not self._ready():
+            if time.monotonic() > deadline:
+                raise ServiceError(f"Sentinel did not settle within {timeout:g} s")
+            time.sleep(0.1)
+
+    def _ready(self) -> bool:
+        replicas = sum(1 for s in self.servers if s.running()) - 1
+        try:
+            info = _cli(self.sentinels[0].port, "SENTINEL", "MASTER", self.master).split()
+        except ServiceError:
+            return False
+        fields = dict(zip(info[::2], info[1::2], strict=False))
+        if fields.get("flags") != "master" or int(fields.get("num-other-sentinels", 0)) < 2:
+            return False
+        try:  # every running replica in sync, as the primary sees it
+            replication = _cli(int(fields["port"]), "INFO", "replication")
+        except ServiceError:
+            return False
+        return replication.count("state=online") >= replicas
+
+    def primary(self) -> LocalService:
+        """The server the Sentinels name as the primary now."""
+        host_port = _cli(self.sentinels[0].port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master)
+        port = int(host_port.split()[1])
+        return next(s for s in self.servers if s.port == port)
+
+    def stop(self) -> None:
+        for service in (*self.sentinels, *self.servers):
+            service.stop()
+
+    def __enter__(self) -> RedisSentinel:
         self.start()
         return self
 

@@ -112,6 +112,28 @@ class RedisSettings(_Section):
     fewer is a store failure: the worker holds until they catch up."""
     replica_timeout_ms: int = Field(default=500, ge=1, le=60_000)
     """How long a write waits for ``min_replicas`` acknowledgements."""
+    sentinel_master: str | None = Field(default=None, min_length=1)
+    """Follow the primary the Sentinels know by this name; ``url`` then gives only the
+    scheme (TLS), the credentials and the database."""
+    sentinels: list[str] = Field(default_factory=list)
+    """The Sentinels' addresses, ``host:port``."""
+    sentinel_username: str | None = None
+    sentinel_password: SecretStr | None = None
+    """Credentials of the Sentinels themselves, when they require them."""
+    sentinel_tls: bool = False
+    """Speak TLS to the Sentinels (with ``tls_ca_file`` if set)."""
+
+    @field_validator("sentinels")
+    @classmethod
+    def _check_sentinels(cls, sentinels: list[str]) -> list[str]:
+        for address in sentinels:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"'{address}' is not host:port")
+        return sentinels
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return [(a.rpartition(":")[0], int(a.rpartition(":")[2])) for a in self.sentinels]
 
     @field_validator("url")
     @classmethod
@@ -122,7 +144,26 @@ class RedisSettings(_Section):
         return url
 
     @model_validator(mode="after")
-    def _check_cluster(self) -> RedisSettings:
+    def _check_topology(self) -> RedisSettings:
+        if bool(self.sentinel_master) != bool(self.sentinels):
+            key = "redis.sentinels" if self.sentinel_master else "redis.sentinel_master"
+            raise _CombinationError(
+                key, "redis.sentinel_master and redis.sentinels are set together, or neither"
+            )
+        if self.sentinel_master and self.cluster:
+            raise _CombinationError(
+                "redis.sentinel_master", "a Redis Cluster fails over by itself: not with Sentinel"
+            )
+        if self.sentinel_master and urlsplit(self.url.get_secret_value()).scheme == "unix":
+            raise _CombinationError(
+                "redis.url", "must be a redis:// or rediss:// URL with redis.sentinel_master"
+            )
+        if self.min_replicas and self.replica_timeout_ms >= 1000 * self.socket_timeout_seconds:
+            raise _CombinationError(
+                "redis.replica_timeout_ms",
+                "must be shorter than redis.socket_timeout_seconds: a WAIT for replicas that "
+                "runs out must answer before the client gives up on the connection",
+            )
         if self.cluster:
             parts = urlsplit(self.url.get_secret_value())
             if parts.scheme == "unix":
@@ -318,7 +359,9 @@ class Settings(BaseSettings):
         password = urlsplit(self.redis.url.get_secret_value()).password
         if password:
             secrets.append(password)
-        return secrets
+        if self.redis.sentinel_password is not None:
+            secrets.append(self.redis.sentinel_password.get_secret_value())
+        return [secret for secret in secrets if secret]
 
 
 class _CombinationError(ValueError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from worker.dedup.base import Claim, ClaimStatus, DedupStore, State
 
@@ -15,15 +15,28 @@ __all__ = ["Claim", "ClaimStatus", "DedupStore", "State", "open_store"]
 def open_store(
     settings: RedisSettings, key_prefix: str, *, timeout: float | None = None
 ) -> DedupStore:
-    """The Redis dedup store ``settings`` describe: one server, or a Redis Cluster."""
+    """The Redis dedup store ``settings`` describe: one server, the primary Sentinel
+    names, or a Redis Cluster."""
     from worker.dedup.cluster import RedisClusterDedupStore
     from worker.dedup.redis import Durability, RedisDedupStore
 
+    url = settings.url.get_secret_value()
+    options: dict[str, Any] = {
+        "timeout": timeout or settings.socket_timeout_seconds,
+        "tls_ca_file": settings.tls_ca_file,
+        "durability": Durability(settings.min_replicas, settings.replica_timeout_ms),
+    }
+    if settings.sentinel_master:
+        password = settings.sentinel_password
+        return RedisDedupStore.from_sentinel(
+            url,
+            settings.sentinel_master,
+            settings.sentinel_addresses(),
+            key_prefix,
+            sentinel_username=settings.sentinel_username,
+            sentinel_password=password.get_secret_value() if password else None,
+            sentinel_tls=settings.sentinel_tls,
+            **options,
+        )
     store_class = RedisClusterDedupStore if settings.cluster else RedisDedupStore
-    return store_class.from_url(
-        settings.url.get_secret_value(),
-        key_prefix,
-        timeout=timeout or settings.socket_timeout_seconds,
-        tls_ca_file=settings.tls_ca_file,
-        durability=Durability(settings.min_replicas, settings.replica_timeout_ms),
-    )
+    return store_class.from_url(url, key_prefix, **options)

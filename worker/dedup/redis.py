@@ -17,11 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from worker.dedup.base import Attempts, Claim, Completion, State
 from worker.dedup.scripts import (
@@ -67,9 +69,14 @@ T = TypeVar("T")
 
 class RedisDedupStore:
     def __init__(
-        self, client: redis.Redis, key_prefix: str, durability: Durability = NOT_DURABLE
+        self,
+        client: redis.Redis,
+        key_prefix: str,
+        durability: Durability = NOT_DURABLE,
+        also_close: Sequence[redis.Redis] = (),
     ) -> None:
         self._client = client
+        self._also_close = also_close
         self._durability = durability
         self._prefix = key_prefix + ":"
         self._epoch_key = key_prefix + "#epoch"
@@ -93,6 +100,45 @@ class RedisDedupStore:
     ) -> RedisDedupStore:
         client = redis.Redis.from_url(url, **client_options(timeout, tls_ca_file))
         return cls(client, key_prefix, durability)
+
+    @classmethod
+    def from_sentinel(
+        cls,
+        url: str,
+        master: str,
+        sentinels: Sequence[tuple[str, int]],
+        key_prefix: str,
+        *,
+        timeout: float = 2.0,
+        tls_ca_file: str | None = None,
+        durability: Durability = NOT_DURABLE,
+        sentinel_username: str | None = None,
+        sentinel_password: str | None = None,
+        sentinel_tls: bool = False,
+    ) -> RedisDedupStore:
+        """A store on the primary the Sentinels know as ``master``; ``url`` gives only the
+        scheme, the credentials and the database. A connection to the primary that fails
+        asks the Sentinels again, so the store follows a failover by itself (meanwhile
+        its calls fail, and the guard holds as for any outage)."""
+        parts = urlsplit(url)
+        tls = parts.scheme == "rediss"
+        sentinel_options = client_options(timeout, tls_ca_file if sentinel_tls else None)
+        del sentinel_options["decode_responses"]  # redis-py parses the Sentinels' replies
+        sentinel: Any = Sentinel(  # type: ignore[no-untyped-call]
+            sentinels,
+            sentinel_kwargs={
+                **sentinel_options,
+                "username": sentinel_username,
+                "password": sentinel_password,
+                "ssl": sentinel_tls,
+            },
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            db=int(parts.path.strip("/") or 0),
+            ssl=tls,
+            **client_options(timeout, tls_ca_file if tls else None),
+        )
+        return cls(sentinel.master_for(master), key_prefix, durability, sentinel.sentinels)
 
     def _record_keys(self, ids: Sequence[str]) -> list[str]:
         return [self._prefix + id for id in ids]
@@ -161,6 +207,8 @@ class RedisDedupStore:
 
     def close(self) -> None:
         self._client.close()
+        for client in self._also_close:
+            client.close()
 
 
 def client_options(timeout: float, tls_ca_file: str | None) -> dict[str, Any]:
