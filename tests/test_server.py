@@ -37,7 +37,11 @@ def test_probes_follow_the_loop(served):
     health.store_ok = True
     assert get(server, "/readyz")[0] == 200
     health.store_ok = False  # the store went away: fail closed, not ready
-    assert get(server, "/readyz")[0] == 503
+    health.store_error = "redis: 0 of 1 replicas acknowledged the write within 500 ms"
+    assert get(server, "/readyz") == (
+        503,
+        "not ready: dedup store: redis: 0 of 1 replicas acknowledged the write within 500 ms\n",
+    )
     health.last_beat -= 61  # the loop is stuck
     assert get(server, "/healthz")[0] == 503
     assert get(server, "/nope")[0] == 404

@@ -138,6 +138,8 @@ def run_worker(
         group=settings.kafka.group_id,
         bootstrap_servers=settings.kafka.bootstrap_servers,
         redis=settings.redis.redacted_url(),
+        redis_topology=settings.redis.topology(),
+        min_replicas=settings.redis.min_replicas,
         key_prefix=settings.key_prefix,
         routes={topic: route.handler_path for topic, route in routes.items()},
         http=f"{settings.http.host}:{server.port}",

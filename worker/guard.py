@@ -106,6 +106,7 @@ class GuardedStore:
                     self._log.error(
                         "dedup store unavailable; holding", operation=operation, error=str(exc)
                     )
+                self._health.store_error = str(exc)
                 self._health.store_ok = False
                 if self._stopping():
                     raise

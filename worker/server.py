@@ -17,6 +17,8 @@ class Health:
         self.last_beat = time.monotonic()
         self.joined = False
         self.store_ok = False
+        self.store_error = ""
+        """The last dedup store failure, shown by ``/readyz`` while the store is not ok."""
         self.stopped = False
 
     def beat(self) -> None:
@@ -30,6 +32,16 @@ class Health:
     @property
     def ready(self) -> bool:
         return self.alive and self.joined and self.store_ok
+
+    def not_ready_because(self) -> str:
+        """Why the replica is not ready ("" when it is), for ``/readyz``'s body."""
+        if not self.alive:
+            return "the consumer loop is stopped or stalled"
+        if not self.store_ok:
+            return f"dedup store: {self.store_error or 'not reached yet'}"
+        if not self.joined:
+            return "not in the consumer group yet"
+        return ""
 
 
 class HttpServer:
@@ -60,7 +72,11 @@ def _handler_class(registry: CollectorRegistry, health: Health) -> type[BaseHTTP
             elif path == "/healthz":
                 self._probe(health.alive)
             elif path == "/readyz":
-                self._probe(health.ready)
+                reason = health.not_ready_because()
+                if reason:
+                    self._send(503, f"not ready: {reason}\n".encode(), "text/plain")
+                else:
+                    self._probe(True)
             else:
                 self._send(404, b"not found\n", "text/plain")
 

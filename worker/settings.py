@@ -176,6 +176,12 @@ class RedisSettings(_Section):
                 )
         return self
 
+    def topology(self) -> str:
+        """How the store is reached, for a log line: one server, Sentinel or a cluster."""
+        if self.sentinel_master:
+            return f"sentinel master {self.sentinel_master} via {', '.join(self.sentinels)}"
+        return "cluster" if self.cluster else "one server"
+
     def redacted_url(self) -> str:
         """The URL with any password replaced, fit for a log line."""
         parts = urlsplit(self.url.get_secret_value())
