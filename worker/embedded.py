@@ -330,6 +330,10 @@ class RedisSentinel:
             return False
         return replication.count("state=online") >= replicas
 
+    def command(self, server: LocalService, *args: str) -> str:
+        """One command sent to ``server`` with redis-cli; its reply as text."""
+        return _cli(server.port, *args)
+
     def primary(self) -> LocalService:
         """The server the Sentinels name as the primary now."""
         host_port = _cli(self.sentinels[0].port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master)

@@ -146,6 +146,7 @@ class LeaseKeeper:
         except StoreUnavailable as exc:
             self._metrics.store_errors.labels(operation).inc()
             self._log.warning("dedup store call failed", operation=operation, error=str(exc))
+            self._health.store_error = str(exc)
             return None
         self._metrics.store_duration.labels(operation).observe(time.perf_counter() - started)
         return result

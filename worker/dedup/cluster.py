@@ -104,8 +104,9 @@ class _Call:
 _REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError, NoScriptError)
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, SlotNotCoveredError)
 _TOPOLOGY_CHANGED = (*_UNREACHABLE, ClusterDownError)
-_DURABLE = (CLAIM, COMPLETE)
-"""The writes that wait for ``redis.min_replicas`` replicas."""
+_DURABLE = (CLAIM, COMPLETE, EPOCH)
+"""The calls that wait for ``redis.min_replicas`` replicas: the writes the worker relies
+on, and the epoch check that tells ``/readyz`` whether the store can take them."""
 
 
 class RedisClusterDedupStore:

@@ -152,14 +152,14 @@ class RedisDedupStore:
         replies: list[str] = self._durable(self._claim, args)
         return [parse_claim(reply) for reply in replies]
 
-    def _durable(self, script: Script, args: list[Any]) -> Any:
+    def _durable(self, script: Script, args: list[Any], keys: list[str] | None = None) -> Any:
         """``script``'s reply, once ``redis.min_replicas`` replicas have its writes."""
         if not self._durability.min_replicas:
-            return redis_call(lambda: script(args=args))
+            return redis_call(lambda: script(keys=keys, args=args))
 
         def write_and_wait() -> list[Any]:
             pipe: Any = self._client.pipeline(transaction=False)
-            script(args=args, client=pipe)
+            script(keys=keys, args=args, client=pipe)
             pipe.execute_command("WAIT", self._durability.min_replicas, self._durability.timeout_ms)
             return list(pipe.execute())
 
@@ -194,7 +194,9 @@ class RedisDedupStore:
         return [bool(reply) for reply in replies]
 
     def epoch(self, candidate: str) -> str:
-        return str(redis_call(lambda: self._epoch(keys=[self._epoch_key], args=[candidate])))
+        """Waits for ``redis.min_replicas`` too: the check also tells ``/readyz`` whether
+        the store can take the worker's writes, and without its replicas it cannot."""
+        return str(self._durable(self._epoch, [candidate], [self._epoch_key]))
 
     def state(self, id: str) -> State:
         return parse_state(redis_call(lambda: self._state(keys=[self._prefix + id])))
