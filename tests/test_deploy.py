@@ -136,6 +136,15 @@ def test_compose_stack_is_set_up_as_documented():
     for node in nodes:
         assert f"{node['networks']['default']['ipv4_address']}:6379" in create
     assert services["worker-cluster"]["environment"]["WORKER_REDIS__CLUSTER"] == "true"
+    sentinels = [services[f"sentinel-{n}"] for n in (1, 2, 3)]
+    assert all("--sentinel" in s["command"][0] for s in sentinels)
+    assert all("sentinel monitor dedup redis-primary 6379 2" in s["command"][0] for s in sentinels)
+    env = services["worker-sentinel"]["environment"]
+    assert env["WORKER_REDIS__SENTINEL_MASTER"] == "dedup"
+    assert json.loads(env["WORKER_REDIS__SENTINELS"]) == [
+        "sentinel-1:26379", "sentinel-2:26379", "sentinel-3:26379"
+    ]  # fmt: skip
+    assert "--replicaof" in services["redis-replica"]["command"]
     mounts = " ".join(services["prometheus"]["volumes"] + services["grafana"]["volumes"])
     for path in ("prometheus/rules.yml", "grafana/provisioning", "grafana/dashboards"):
         assert f"./deploy/{path}" in mounts
