@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from tests.support import chaos, services
+from worker import embedded
 from worker.demo import create_topics
 
 
@@ -37,6 +38,16 @@ def redis_cluster_url(service_dir: Path) -> Iterator[str]:
     """A Redis Cluster shared by the session's tests (each uses its own key prefix)."""
     with services.redis_cluster_url(service_dir) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(service_dir: Path) -> Iterator[embedded.RedisSentinel]:
+    """A primary, a replica and three Sentinels that require ``services.SENTINEL_PASSWORD``,
+    shared by the session's tests (each uses its own key prefix)."""
+    with embedded.RedisSentinel(
+        service_dir / "sentinel", sentinel_password=services.SENTINEL_PASSWORD
+    ) as sentinel:
+        yield sentinel
 
 
 @pytest.fixture

@@ -10,12 +10,13 @@ import redis
 from redis.crc import key_slot
 
 from tests.support.harness import complete
+from tests.support.services import SENTINEL_PASSWORD
 from worker import embedded
 from worker.dedup import ClaimStatus, State
 from worker.dedup.base import FIRST_CLAIM, Completion
 from worker.dedup.cluster import BUCKETS, RedisClusterDedupStore, bucket_tags
 from worker.dedup.memory import MemoryDedupStore
-from worker.dedup.redis import RedisDedupStore
+from worker.dedup.redis import Durability, RedisDedupStore
 from worker.errors import StoreUnavailable
 
 LEASE = 0.3
@@ -29,16 +30,27 @@ class FakeClock:
         return self.now
 
 
+def sentinel_store(sentinel, prefix, **options):
+    """A store on the primary ``sentinel`` names, through its password-protected Sentinels."""
+    addresses = [(host, int(port)) for host, port in (a.split(":") for a in sentinel.addresses)]
+    return RedisDedupStore.from_sentinel(
+        "redis://", sentinel.master, addresses, prefix, sentinel_password=SENTINEL_PASSWORD,
+        **options,
+    )  # fmt: skip
+
+
 def server_store(request, kind):
-    """A store of ``kind`` ("redis" or "cluster") on the session's server, under its own
-    key prefix."""
+    """A store of ``kind`` ("redis", "sentinel" or "cluster") on the session's servers,
+    under its own key prefix."""
     prefix = f"contract-{uuid.uuid4().hex}"
     if kind == "redis":
         return RedisDedupStore.from_url(request.getfixturevalue("redis_url"), prefix)
+    if kind == "sentinel":
+        return sentinel_store(request.getfixturevalue("redis_sentinel"), prefix)
     return RedisClusterDedupStore.from_url(request.getfixturevalue("redis_cluster_url"), prefix)
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+@pytest.fixture(params=["memory", "redis", "sentinel", "cluster"])
 def store_and_wait(request):
     """(store, wait): wait(seconds) lets that much store time pass."""
     if request.param == "memory":
@@ -394,3 +406,29 @@ def test_cluster_epoch_changes_when_one_primary_loses_its_records(cluster_store)
     changed = store.epoch("second")
     assert changed != epoch and {"first", "second"} == set(changed.split(","))
     assert store.epoch("third") == changed
+
+
+def test_sentinels_refuse_a_wrong_password(redis_sentinel):
+    addresses = [(h, int(p)) for h, p in (a.split(":") for a in redis_sentinel.addresses)]
+    store = RedisDedupStore.from_sentinel(
+        "redis://", redis_sentinel.master, addresses, "x", sentinel_password="wrong", timeout=0.5
+    )
+    with pytest.raises(StoreUnavailable):
+        store.ping()
+    store.close()
+
+
+def test_min_replicas_holds_writes_until_a_replica_acknowledges(redis_sentinel):
+    """Against the session's primary, which has one replica: 1 is met, 2 is not."""
+    met = sentinel_store(redis_sentinel, "wait-1", durability=Durability(1, 200), timeout=1)
+    unmet = sentinel_store(redis_sentinel, "wait-2", durability=Durability(2, 200), timeout=1)
+    try:
+        assert met.claim(["a"], "t1", 30)[0].attempt == 1
+        assert met.complete([Completion("a", "t1", "t/0/0")], 60) == [True]
+        with pytest.raises(StoreUnavailable, match="1 of 2 replicas acknowledged"):
+            unmet.claim(["a"], "t2", 30)
+        with pytest.raises(StoreUnavailable, match="1 of 2 replicas acknowledged"):
+            unmet.epoch("e")  # so that /readyz follows it on an idle replica too
+    finally:
+        met.close()
+        unmet.close()

@@ -270,8 +270,15 @@ class RedisSentinel:
     a primary declared down after one second), on loopback ports, persisted to
     append-only files fsynced at every write. ``master`` is the name it is known by."""
 
-    def __init__(self, workdir: Path, replicas: int = 1, master: str = "dedup") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        replicas: int = 1,
+        master: str = "dedup",
+        sentinel_password: str | None = None,
+    ) -> None:
         self.master = master
+        self._sentinel_password = sentinel_password
         self._workdir = workdir
         primary = redis(workdir, appendonly=True)
         self.servers = [primary]
@@ -291,6 +298,10 @@ class RedisSentinel:
             f"sentinel down-after-milliseconds {self.master} 1000\n"
             f"sentinel failover-timeout {self.master} 3000\n"
         )
+        if self._sentinel_password:  # the Sentinels ask it of clients and of each other
+            with config.open("a") as file:
+                file.write(f"requirepass {self._sentinel_password}\n")
+                file.write(f"sentinel sentinel-pass {self._sentinel_password}\n")
         argv = [redis_binary(), str(config), "--sentinel"]
         return LocalService("redis-sentinel", argv, port, data / "sentinel.log")
 
@@ -318,7 +329,7 @@ class RedisSentinel:
     def _ready(self) -> bool:
         replicas = sum(1 for s in self.servers if s.running()) - 1
         try:
-            info = _cli(self.sentinels[0].port, "SENTINEL", "MASTER", self.master).split()
+            info = self._ask("SENTINEL", "MASTER", self.master).split()
         except ServiceError:
             return False
         fields = dict(zip(info[::2], info[1::2], strict=False))
@@ -334,9 +345,14 @@ class RedisSentinel:
         """One command sent to ``server`` with redis-cli; its reply as text."""
         return _cli(server.port, *args)
 
+    def _ask(self, *args: str) -> str:
+        """One command to the first Sentinel."""
+        auth = ("--no-auth-warning", "-a", self._sentinel_password)
+        return _cli(self.sentinels[0].port, *(auth if self._sentinel_password else ()), *args)
+
     def primary(self) -> LocalService:
         """The server the Sentinels name as the primary now."""
-        host_port = _cli(self.sentinels[0].port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master)
+        host_port = self._ask("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master)
         port = int(host_port.split()[1])
         return next(s for s in self.servers if s.port == port)
 

@@ -21,6 +21,9 @@ from pathlib import Path
 
 from worker import embedded
 
+SENTINEL_PASSWORD = "s3cret-sentinel"
+"""What the session's Sentinels ask of their clients (the Redis servers ask nothing)."""
+
 KAFKA_IMAGE = "confluentinc/cp-kafka:7.7.1"
 REDIS_IMAGE = "redis:7.4"
 
