@@ -65,6 +65,7 @@ def test_a_primary_killed_mid_flow_fails_over_without_losing_or_rerunning(scenar
     promoted replica has no replica of its own until the dead primary comes back as one:
     meanwhile the worker holds on the writes to its slots."""
     scenario.extra["WORKER_REDIS__MIN_REPLICAS"] = "1"
+    scenario.extra["WORKER_REDIS__REPLICA_TIMEOUT_MS"] = "200"  # under the 0.5 s client timeout
     # The slots' writes hold from the kill until the node is back as a replica: longer
     # than the scenarios' 3 s lease, and a claim outlived by an outage can be taken over
     # (the README's limit). Like the Redis-kill scenario, a lease longer than the outage.
