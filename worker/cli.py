@@ -52,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate.add_argument("--duplicate-share", type=float, default=0.3)
     generate.add_argument("--interval", type=float, default=1.0, help="seconds per round")
     generate.add_argument("--rounds", type=int, default=0, help="0: until stopped")
+    inbox = commands.add_parser("inbox", help="the database inbox of ctx.inbox() handlers")
+    inbox_commands = inbox.add_subparsers(dest="inbox_command", required=True)
+    ddl = inbox_commands.add_parser("ddl", help="print the inbox table's DDL, for migrations")
+    ddl.add_argument("--config", help="TOML file (default: $WORKER_CONFIG, else defaults)")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -74,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.interval,
             args.rounds,
         )
+    if args.command == "inbox":
+        return _print_inbox_ddl(args.config)
     try:
         settings, routes = prepare(args.config)
     except ConfigError as exc:
@@ -90,7 +96,27 @@ def prepare(config_path: str | None) -> tuple[Settings, dict[str, ResolvedRoute]
     settings = load_settings(config_path)
     routes = resolve_routes(settings)
     _check_client_options(settings)
+    if settings.inbox.url is not None:
+        from worker.inbox.cleanup import import_psycopg
+
+        import_psycopg()
     return settings, routes
+
+
+def _print_inbox_ddl(config_path: str | None) -> int:
+    from worker.inbox.sql import Table
+    from worker.settings import InboxSettings
+
+    inbox = InboxSettings()
+    if config_path or os.environ.get("WORKER_CONFIG"):
+        try:
+            inbox = load_settings(config_path).inbox
+        except ConfigError as exc:
+            print(f"idempotent-worker: configuration error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    for statement in Table(inbox.schema_, inbox.table).ddl():
+        print(f"{statement};")
+    return 0
 
 
 def _check_client_options(settings: Settings) -> None:

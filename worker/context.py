@@ -1,19 +1,25 @@
-"""The ``ctx`` a handler receives: its attempt number, a bound logger and ``emit``.
+"""The ``ctx`` a handler receives: its attempt number, a bound logger, ``emit`` and
+``inbox``.
 
 ``emit`` only collects outputs. The loop produces them after the handler returns and
 after checking that this replica still holds the message's claim, so a replica that
 lost its claim while it ran (a zombie, paused past its lease) publishes nothing.
+``inbox`` is the transactional inbox of database handlers (see :mod:`worker.inbox`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from structlog.typing import FilteringBoundLogger
 
 from worker.errors import PermanentFailure
 from worker.types import Message
+
+if TYPE_CHECKING:
+    from worker.inbox import Applied, Inbox, InboxBlock
 
 OUTPUT_ID_HEADER = "message-id"
 
@@ -33,14 +39,27 @@ class HandlerContext:
         attempt: int,
         make_logger: Callable[[], FilteringBoundLogger],
         default_topic: str | None,
+        inbox: Inbox,
+        fingerprint: str,
+        origin: str,
     ) -> None:
         self._message = message
         self._attempt = attempt
         self._make_logger = make_logger
         self._logger: FilteringBoundLogger | None = None
         self._default_topic = default_topic
+        self._inbox = inbox
+        self._inbox_entered = False
+        self.fingerprint = fingerprint
+        self.origin = origin
         self.outputs: list[Output] = []
         """What the handler emitted, in order."""
+        self.applied: Applied | None = None
+        """Set when the inbox found this id applied by an earlier run."""
+
+    @property
+    def message_id(self) -> str:
+        return self._message.id
 
     @property
     def attempt(self) -> int:
@@ -70,3 +89,13 @@ class HandlerContext:
         extra = [(name, value) for name, value in (headers or {}).items()]
         self.outputs.append(Output(target, value, key, [(OUTPUT_ID_HEADER, output_id), *extra]))
         return output_id
+
+    def inbox(self, connection: object) -> InboxBlock:
+        from worker.inbox import InboxBlock
+
+        return InboxBlock(self._inbox, self, connection)
+
+    def enter_inbox(self) -> None:
+        if self._inbox_entered:
+            raise PermanentFailure("ctx.inbox() can be entered once per run of a handler")
+        self._inbox_entered = True

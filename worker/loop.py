@@ -53,6 +53,8 @@ from worker.errors import (
     StoreUnavailable,
 )
 from worker.guard import GuardedStore
+from worker.inbox import AlreadyApplied, Applied, Inbox
+from worker.inbox.cleanup import InboxCleanup
 from worker.leases import LeaseKeeper
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -82,6 +84,8 @@ class _Item:
     """Of the value: a completed id remembers it, to tell a true duplicate from a conflict."""
     rejection: DeadLetter | None = None
     """Why the record goes straight to the dead-letter topic (no usable id, too large)."""
+    applied: bool = False
+    """The inbox found the id's effects committed by an earlier run (a duplicate)."""
     done: bool = False
     """Finished (completed, skipped or dead-lettered): its offset may be committed."""
 
@@ -150,6 +154,10 @@ class Worker:
             if route.max_in_flight > 1
         }
         self._event_loop = EventLoopThread() if any(r.is_async for r in routes.values()) else None
+        self._inbox = Inbox(settings.inbox, settings.kafka.group_id, self._log)
+        self._cleanup = (
+            InboxCleanup(settings, metrics, self._log) if settings.inbox.url is not None else None
+        )
         self.finished = 0
         self.fatal_error: KafkaError | None = None
 
@@ -168,6 +176,8 @@ class Worker:
             self._warn_missing_topics()
             self._consumer.subscribe(list(self._routes))
             self._leases.start()
+            if self._cleanup is not None:
+                self._cleanup.start()
             while not self._stopping and not self._bound_reached():
                 self._health.beat()
                 records = self._consumer.consume()
@@ -212,6 +222,8 @@ class Worker:
         if self._event_loop is not None:
             self._event_loop.close()
         self._leases.close()
+        if self._cleanup is not None:
+            self._cleanup.close()
         self._health.joined = False
         undelivered = self._outputs.close(DELIVERY_TIMEOUT)
         if undelivered:
@@ -434,6 +446,11 @@ class Worker:
             started = time.perf_counter()
             failure = self._attempt(item, attempt, token)
             elapsed = time.perf_counter() - started
+            if isinstance(failure, Applied):
+                # The inbox's row is the first run's: remember its payload and origin.
+                completion = Completion(message.id, token, failure.origin, failure.fingerprint)
+                self._handled_ok(_Handled(item, completion, attempt, elapsed))
+                return
             if failure is None:
                 completion = Completion(message.id, token, item.origin, item.fingerprint)
                 self._handled_ok(_Handled(item, completion, attempt, elapsed))
@@ -484,8 +501,10 @@ class Worker:
         self._leases.drop(token, [item.message.id])
         self._store.release([item.message.id], token, "clear")
 
-    def _attempt(self, item: _Item, attempt: int, token: str) -> Exception | None:
-        """Run the handler once and confirm its outputs; the exception if either failed."""
+    def _attempt(self, item: _Item, attempt: int, token: str) -> Exception | Applied | None:
+        """Run the handler once and confirm its outputs: None, the exception if either
+        failed, or the inbox's row if an earlier run had committed (its stored outputs
+        confirmed instead)."""
         assert item.message is not None
         route = item.route
         ctx = HandlerContext(
@@ -493,20 +512,30 @@ class Worker:
             attempt,
             lambda: self._log.bind(**self._fields(item), attempt=attempt),
             route.output_topic,
+            self._inbox,
+            item.fingerprint,
+            item.origin,
         )
         running = self._leases.handler_started(route.timeout_seconds, item.origin, item.message.id)
         started = time.perf_counter()
         try:
-            result = route.handler(item.message, ctx)
-            if route.is_async:
-                assert self._event_loop is not None and result is not None
-                self._event_loop.run(result)
-            if ctx.outputs:
+            try:
+                result = route.handler(item.message, ctx)
+                if route.is_async:
+                    assert self._event_loop is not None and result is not None
+                    self._event_loop.run(result)
+            except (Exception, AlreadyApplied):
+                if ctx.applied is None:
+                    raise
+                # The inbox found the effects applied: whatever the handler made of that,
+                # the message is done once the first run's outputs are out.
+            outputs = ctx.outputs if ctx.applied is None else ctx.applied.outputs
+            if outputs:
                 if not self._store.renew([item.message.id], token)[0]:
                     return LeaseLost("the claim was lost while the handler ran")
                 deliveries = [
                     self._outputs.send(o.topic, o.value, key=o.key, headers=o.headers)
-                    for o in ctx.outputs
+                    for o in outputs
                 ]
                 self._outputs.confirm(deliveries, DELIVERY_TIMEOUT)
         except Exception as exc:  # a handler may raise anything: that is its way to fail
@@ -514,9 +543,17 @@ class Worker:
         finally:
             self._leases.handler_finished(running)
             self._metrics.topic(route.topic).handler_duration.observe(time.perf_counter() - started)
-        for output in ctx.outputs:
+        for output in outputs:
             self._metrics.outputs.labels(output.topic).inc()
-        return None
+        if ctx.applied is not None:
+            item.applied = True
+            if ctx.applied.fingerprint != item.fingerprint:
+                self._log.warning(
+                    "the inbox holds this id applied from a different payload",
+                    **self._fields(item),
+                    applied_from=ctx.applied.origin,
+                )
+        return ctx.applied
 
     def _lease_lost(self, item: _Item, attempt: int, seconds: float) -> None:
         self._metrics.lease_lost.labels(item.route.topic).inc()
@@ -557,11 +594,18 @@ class Worker:
                     continue
                 claim = Claim(ClaimStatus.COMPLETED, completion.origin, completion.fingerprint)
                 remembered.append((completion.id, claim))
-                succeeded[h.item.route.topic] += 1
-                if self._debug:
-                    self._log_outcome(
-                        h.item, "success", attempt=h.attempt, duration_seconds=round(h.seconds, 6)
-                    )
+                if h.item.applied:
+                    self._metrics.duplicates.labels(h.item.route.topic, "inbox").inc()
+                    self._log_outcome(h.item, "duplicate", reason="inbox", attempt=h.attempt)
+                else:
+                    succeeded[h.item.route.topic] += 1
+                    if self._debug:
+                        self._log_outcome(
+                            h.item,
+                            "success",
+                            attempt=h.attempt,
+                            duration_seconds=round(h.seconds, 6),
+                        )
                 h.item.done = True
             self._completed.put_each(remembered)
             for topic, count in succeeded.items():

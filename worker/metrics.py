@@ -45,7 +45,8 @@ class Metrics:
             PREFIX + "duplicates_skipped",
             "Messages skipped because their id was already completed. reason=duplicate: "
             "another record carried the id; reason=redelivery: Kafka delivered the same "
-            "record again (e.g. after a crash before commit).",
+            "record again (e.g. after a crash before commit); reason=inbox: the database "
+            "inbox held the id applied by a run that died before completing it.",
             ["topic", "reason"],
             registry=registry,
         )
@@ -99,6 +100,10 @@ class Metrics:
             "Outputs emitted by handlers and confirmed delivered.",
             ["topic"],
             registry=registry,
+        )
+        self.inbox_rows_deleted = Counter(
+            PREFIX + "inbox_rows_deleted",
+            "Inbox rows older than dedup.ttl_seconds deleted by this replica's cleanup.",
         )
         self.commits = Counter(
             PREFIX + "commits",

@@ -209,6 +209,41 @@ class DedupSettings(_Section):
     id_conflict) or skip it as a duplicate (counted with reason conflict)."""
 
 
+SqlName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,49}$")]
+"""A PostgreSQL identifier the worker quotes as written (room left for index names)."""
+
+
+class InboxSettings(_Section):
+    """The transactional inbox of database handlers (``ctx.inbox(conn)``)."""
+
+    table: SqlName = "idempotent_worker_inbox"
+    schema_: SqlName = Field(default="public", alias="schema")
+    url: SecretStr | None = None
+    """A PostgreSQL URL for the worker's own connection: it creates the table at
+    start-up and deletes rows older than ``dedup.ttl_seconds``. Unset: the table is
+    created on first use and nothing deletes old rows."""
+    lock_timeout_ms: int = Field(default=2000, ge=0, le=600_000)
+    """How long entering the inbox waits for another transaction holding the same id
+    (a replica paused mid-transaction) before the message is retried with backoff."""
+    max_output_bytes: int = Field(default=1_048_576, ge=0)
+    """The most output bytes (keys, values, headers) one inbox row stores; a run that
+    emits more fails permanently, its transaction rolled back, so nothing applied
+    can lose its outputs."""
+    cleanup_interval_seconds: float = Field(default=60.0, gt=0)
+    cleanup_batch_size: int = Field(default=1000, ge=1, le=100_000)
+    """Rows deleted per statement (each its own short transaction)."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is not None and urlsplit(url.get_secret_value()).scheme not in (
+            "postgresql",
+            "postgres",
+        ):
+            raise ValueError("must be a postgresql:// URL")
+        return url
+
+
 class RetrySettings(_Section):
     max_attempts: int = Field(default=5, ge=1, le=1000)
     backoff_initial_seconds: float = Field(default=0.2, ge=0)
@@ -274,6 +309,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     log: LogSettings = LogSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    inbox: InboxSettings = InboxSettings()
     routes: list[Route] = Field(min_length=1)
 
     @classmethod
@@ -367,6 +403,8 @@ class Settings(BaseSettings):
             secrets.append(password)
         if self.redis.sentinel_password is not None:
             secrets.append(self.redis.sentinel_password.get_secret_value())
+        if self.inbox.url is not None:
+            secrets.append(urlsplit(self.inbox.url.get_secret_value()).password or "")
         return [secret for secret in secrets if secret]
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from structlog.typing import FilteringBoundLogger
+
+if TYPE_CHECKING:
+    from worker.inbox import InboxBlock
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,17 @@ class Context(Protocol):
         carries a ``message-id`` header derived from the input id and the
         output's position, which is returned. Outputs are confirmed delivered
         before the input is marked completed and its offset committed.
+        """
+
+    def inbox(self, connection: object) -> InboxBlock:
+        """The transactional inbox around this handler's database work:
+        ``with ctx.inbox(conn):`` (psycopg ``Connection``, SQLAlchemy ``Session`` or
+        ``Connection``) or ``async with ctx.inbox(aconn):`` (psycopg ``AsyncConnection``).
+
+        The block's writes commit together with a row recording this message id, and
+        the outputs emitted so far are stored in that row. If an earlier run already
+        committed, the body does not run: the worker produces that run's stored
+        outputs and completes the message. At most one block per run.
         """
 
 
