@@ -50,6 +50,13 @@ def redis_sentinel(service_dir: Path) -> Iterator[embedded.RedisSentinel]:
         yield sentinel
 
 
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL database shared by the session's tests (each uses its own tables)."""
+    with services.postgres_url() as url:
+        yield url
+
+
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)

@@ -104,6 +104,7 @@ class Metrics:
         self.inbox_rows_deleted = Counter(
             PREFIX + "inbox_rows_deleted",
             "Inbox rows older than dedup.ttl_seconds deleted by this replica's cleanup.",
+            registry=registry,
         )
         self.commits = Counter(
             PREFIX + "commits",

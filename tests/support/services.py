@@ -1,8 +1,10 @@
-"""Real Kafka-protocol broker and Redis for the tests, chosen in this order:
+"""Real Kafka-protocol broker, Redis and PostgreSQL for the tests, chosen in this order:
 
-1. ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` from the environment (your cluster, or compose);
-2. a Docker engine that answers -> testcontainers: Apache Kafka (KRaft) and Redis;
-3. otherwise local processes: the Tansu broker and ``redis-server`` on free loopback ports.
+1. ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` / ``POSTGRES_URL`` from the environment
+   (your cluster, or compose);
+2. a Docker engine that answers -> testcontainers: Apache Kafka (KRaft), Redis, PostgreSQL;
+3. otherwise local processes: the Tansu broker, ``redis-server`` and Debian's
+   PostgreSQL server on free loopback ports.
 
 A Redis Cluster is ``REDIS_CLUSTER_URL`` (any node of yours), else six local
 ``redis-server`` processes (3 primaries, 3 replicas): a cluster in containers needs
@@ -26,6 +28,7 @@ SENTINEL_PASSWORD = "s3cret-sentinel"
 
 KAFKA_IMAGE = "confluentinc/cp-kafka:7.7.1"
 REDIS_IMAGE = "redis:7.4"
+POSTGRES_IMAGE = "postgres:16"
 
 
 @functools.cache
@@ -75,3 +78,17 @@ def redis_cluster_url(workdir: Path) -> Iterator[str]:
     else:
         with embedded.RedisCluster(workdir) as cluster:
             yield cluster.url
+
+
+@contextlib.contextmanager
+def postgres_url() -> Iterator[str]:
+    if url := os.environ.get("POSTGRES_URL"):
+        yield url
+    elif docker_engine_available():
+        from testcontainers.community.postgres import PostgresContainer
+
+        with PostgresContainer(POSTGRES_IMAGE, driver=None) as postgres:
+            yield postgres.get_connection_url()
+    else:
+        with embedded.Postgres() as server:
+            yield server.url
