@@ -139,9 +139,9 @@ def test_a_transaction_holding_the_id_bounds_the_wait_then_decides(
     with psycopg.connect(postgres_url) as other:
         started = time.monotonic()
         successor = context(inbox, "z", attempt=2)
-        with pytest.raises(RetryLater, match=r"inbox.lock_timeout_ms \(300 ms\)"):
-            with successor.inbox(other):
-                pytest.fail("the body ran while another transaction held the id")
+        held = r"inbox.lock_timeout_ms \(300 ms\)"
+        with pytest.raises(RetryLater, match=held), successor.inbox(other):
+            pytest.fail("the body ran while another transaction held the id")
         assert 0.3 <= time.monotonic() - started < 2
         block.__exit__(None, None, None)  # the zombie commits first: its effects stand
         again = context(inbox, "z", attempt=3)
@@ -169,7 +169,7 @@ def test_a_waiting_run_proceeds_at_once_when_the_holder_rolls_back(
 def test_outputs_over_the_cap_fail_permanently_and_roll_back(conn, business, names):
     inbox = Inbox(InboxSettings(table=names("inbox"), max_output_bytes=100), "g", LOG)
     ctx = context(inbox, "big")
-    with pytest.raises(PermanentFailure, match="over inbox.max_output_bytes"), ctx.inbox(conn):
+    with pytest.raises(PermanentFailure, match=r"over inbox\.max_output_bytes"), ctx.inbox(conn):
         conn.execute(f'INSERT INTO "{business}" VALUES (%s, %s)', ("big", b""))
         ctx.emit(b"x" * 101)
     assert rows(conn, business) == []
@@ -185,24 +185,29 @@ def test_one_block_per_run(conn, inbox):
 
 
 def test_a_connection_of_another_kind_is_refused_by_name(conn, inbox, postgres_url):
-    with pytest.raises(TypeError, match="psycopg Connection .* not str"):
-        with context(inbox, "x").inbox("postgresql://"):
-            pass
+    wrong = r"psycopg Connection .* not str"
+    with pytest.raises(TypeError, match=wrong), context(inbox, "x").inbox("postgresql://"):
+        pass
 
     async def mixed_up() -> None:
         async with await psycopg.AsyncConnection.connect(postgres_url) as aconn:
-            with pytest.raises(TypeError, match="needs `async with"):
-                with context(inbox, "y").inbox(aconn):
-                    pass
+            with (
+                pytest.raises(TypeError, match="needs `async with"),
+                context(inbox, "y").inbox(aconn),
+            ):
+                pass
         with pytest.raises(TypeError, match="takes a psycopg AsyncConnection, not Connection"):
             async with context(inbox, "y").inbox(conn):
                 pass
 
     asyncio.run(mixed_up())
     sqlite = create_engine("sqlite://")
-    with Session(sqlite) as session, pytest.raises(TypeError, match="PostgreSQL, not sqlite"):
-        with context(inbox, "z").inbox(session):
-            pass
+    with (
+        Session(sqlite) as session,
+        pytest.raises(TypeError, match="PostgreSQL, not sqlite"),
+        context(inbox, "z").inbox(session),
+    ):
+        pass
 
 
 def test_async_connection(postgres_url, conn, business, inbox):
@@ -293,9 +298,7 @@ def load_inbox(tmp_path: Path, inbox: str) -> Settings:
     return load_settings(config)
 
 
-def test_cleanup_deletes_only_the_groups_expired_rows_in_bounded_batches(
-    postgres_url, conn, names
-):
+def test_cleanup_deletes_only_the_groups_expired_rows_in_bounded_batches(postgres_url, conn, names):
     table = names("inbox")
     settings = cleanup_settings(postgres_url, table, "g", batch=10)
     registry = CollectorRegistry()

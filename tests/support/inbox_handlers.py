@@ -78,10 +78,10 @@ def inbox_flaky(message: Message, ctx: Context) -> None:
 
 
 async def inbox_async(message: Message, ctx: Context) -> None:
-    async with await psycopg.AsyncConnection.connect(os.environ["INBOX_TEST_URL"]) as conn:
-        async with ctx.inbox(conn):
-            await conn.execute(_insert(), (message.id, message.value))
-            ctx.emit(message.value, key=message.key)
+    url = os.environ["INBOX_TEST_URL"]
+    async with await psycopg.AsyncConnection.connect(url) as conn, ctx.inbox(conn):
+        await conn.execute(_insert(), (message.id, message.value))
+        ctx.emit(message.value, key=message.key)
 
 
 def inbox_sqlalchemy(message: Message, ctx: Context) -> None:
