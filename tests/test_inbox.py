@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,9 @@ LOG = structlog.get_logger()
 
 
 @pytest.fixture
-def names(unique_name: Callable[[str], str]) -> Callable[[str], str]:
-    return lambda kind: unique_name(kind).replace("-", "_")[:50]
+def names() -> Callable[[str], str]:
+    """Table, schema and group names no other test uses."""
+    return lambda kind: f"{kind}_{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture

@@ -108,6 +108,15 @@ class Replicas:
         assert process is not None
         process.send_signal(sig)
 
+    def poll(self, slot: int) -> int | None:
+        """The exit code of the slot's process if it ended by itself (recorded), else None."""
+        process = self._processes[slot]
+        if process is None or (code := process.poll()) is None:
+            return None
+        self.exit_codes.append(code)
+        self._processes[slot] = None
+        return code
+
     def end(self, slot: int, sig: signal.Signals = signal.SIGTERM, timeout: float = 60) -> int:
         """Send ``sig`` to the slot's process and wait for it to exit; its exit code."""
         process = self._processes[slot]
@@ -206,6 +215,7 @@ class Scenario:
         self.ledger = ledger
         self.logdir = tmp_path
         self.handler = "ledger_and_emit"
+        """A function of tests.support.handlers, or a full ``module:function`` path."""
         self.route: dict[str, object] = {}  # more route keys, e.g. max_in_flight
         self.extra: dict[str, str] = {
             "WORKER_DEDUP__LEASE_SECONDS": "3",
@@ -215,9 +225,10 @@ class Scenario:
         make_topics({self.input: PARTITIONS, self.output: PARTITIONS, self.dlq: 1})
 
     def env_for(self, port: int) -> dict[str, str]:
+        handler = self.handler if ":" in self.handler else f"tests.support.handlers:{self.handler}"
         route = {
             "topic": self.input,
-            "handler": f"tests.support.handlers:{self.handler}",
+            "handler": handler,
             "output_topic": self.output,
             **self.route,
         }

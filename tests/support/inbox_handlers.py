@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -34,10 +35,14 @@ def _insert() -> str:
 
 def _after_commit(message: Message, ctx: Context) -> None:
     """Linger after the commit (``AFTER_COMMIT_SECONDS``: the window a crash re-runs in)
-    and kill the process on the first run of the ids in ``CRASH_IDS``."""
+    and kill the process the first time a run of an id in ``CRASH_IDS`` gets here (a
+    marker file per id in ``CRASH_MARKERS`` remembers it across processes)."""
     time.sleep(float(os.environ.get("AFTER_COMMIT_SECONDS", "0")))
-    if ctx.attempt == 1 and message.id in os.environ.get("CRASH_IDS", "").split(","):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if message.id in os.environ.get("CRASH_IDS", "").split(","):
+        marker = Path(os.environ["CRASH_MARKERS"]) / message.id
+        if not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def inbox_row(message: Message, ctx: Context) -> None:

@@ -1,0 +1,195 @@
+"""The inbox through the worker: in this process against the real broker, Redis and
+PostgreSQL, then as real processes that crash right after their transaction
+committed, die in a SIGKILL storm, or freeze mid-transaction past their lease."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+import structlog
+
+from tests.support.chaos import PARTITIONS, Row, Scenario, message_ids, report, wait_until
+from tests.support.harness import make_settings, run_worker
+from tests.support.kafka import produce, with_id
+from worker.context import HandlerContext
+from worker.dedup import State
+from worker.dedup.redis import RedisDedupStore
+from worker.inbox import Inbox
+from worker.settings import InboxSettings
+from worker.types import Message
+
+HANDLERS = "tests.support.inbox_handlers"
+
+
+class Database:
+    """The business table the handlers write one row per run of a message's effects to."""
+
+    def __init__(self, url: str, table: str) -> None:
+        self.url = url
+        self.table = table
+        with psycopg.connect(url) as conn:
+            conn.execute(f'CREATE TABLE "{table}" (message_id text, value bytea)')
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"INBOX_TEST_URL": self.url, "BUSINESS_TABLE": self.table}
+
+    def rows(self) -> Counter[str]:
+        """Business rows per message id."""
+        with psycopg.connect(self.url) as conn:
+            query = f'SELECT message_id FROM "{self.table}"'
+            return Counter(id for (id,) in conn.execute(query).fetchall())
+
+
+@pytest.fixture
+def database(postgres_url: str) -> Database:
+    return Database(postgres_url, f"business_{uuid.uuid4().hex[:12]}")
+
+
+# -- in this process --------------------------------------------------------------------
+
+
+@pytest.fixture
+def env(kafka_bootstrap, redis_url, unique_name, make_topics, database, monkeypatch):
+    for name, value in database.env.items():
+        monkeypatch.setenv(name, value)
+    topic = unique_name("in")
+    make_topics({topic: 3, f"{topic}.out": 3, f"{topic}.dlq": 1})
+    group = unique_name("group")
+
+    class Env:
+        input = topic
+        output = f"{topic}.out"
+
+        def settings(self, handler: str, **sections: Any) -> Any:
+            route = {"topic": topic, "handler": f"{HANDLERS}:{handler}", "output_topic": self.output}
+            return make_settings(kafka_bootstrap, redis_url, group, [route], **sections)
+
+        def outputs(self) -> Counter[str]:
+            return message_ids(kafka_bootstrap, self.output)
+
+        def store(self) -> RedisDedupStore:
+            return RedisDedupStore.from_url(redis_url, f"test:{group}")
+
+        group_id = group
+
+    return Env()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("handler", ["inbox_row", "inbox_async", "inbox_sqlalchemy"])
+def test_each_driver_applies_each_id_once(env, database, kafka_bootstrap, handler):
+    records = [with_id(f"id-{n}", partition=n % 3) for n in range(12)]
+    records += [with_id(f"id-{n}", partition=(n + 1) % 3) for n in range(0, 12, 2)]
+    produce(kafka_bootstrap, env.input, records)
+    run = run_worker(env.settings(handler), max_messages=len(records))
+    assert database.rows() == {f"id-{n}": 1 for n in range(12)}
+    assert env.outputs() == {f"id-{n}:0": 1 for n in range(12)}
+    assert run.value("duplicates_skipped_total", topic=env.input, reason="duplicate") == 6
+
+
+@pytest.mark.integration
+def test_a_failed_body_is_rolled_back_then_retried(env, database, kafka_bootstrap):
+    produce(kafka_bootstrap, env.input, [with_id(f"f-{n}", partition=n % 3) for n in range(6)])
+    run = run_worker(env.settings("inbox_flaky"), max_messages=6)
+    assert database.rows() == {f"f-{n}": 1 for n in range(6)}
+    assert env.outputs() == {f"f-{n}:0": 1 for n in range(6)}
+    assert run.value("messages_processed_total", topic=env.input, outcome="failed") == 6
+    assert run.value("messages_processed_total", topic=env.input, outcome="success") == 6
+
+
+@pytest.mark.integration
+def test_an_id_applied_by_a_run_that_died_is_completed_with_its_stored_outputs(
+    env, database, kafka_bootstrap
+):
+    # What a run that died between its commit and Redis leaves: the row and its outputs.
+    inbox = Inbox(InboxSettings(), env.group_id, structlog.get_logger())
+    message = Message("died", env.input, 0, 0, b"died", b'{"id": "died"}')
+    first = HandlerContext(message, 1, structlog.get_logger, env.output, inbox, "", "x/0/0")
+    with psycopg.connect(database.url) as conn, first.inbox(conn):
+        conn.execute(f'INSERT INTO "{database.table}" VALUES (%s, %s)', ("died", b"first"))
+        first.emit(b"from the first run", key=b"died", headers={"h": "1"})
+
+    produce(kafka_bootstrap, env.input, [with_id("died"), with_id("fresh")])
+    run = run_worker(env.settings("inbox_row"), max_messages=2)
+    assert database.rows() == {"died": 1, "fresh": 1}  # the body did not run again
+    assert run.value("duplicates_skipped_total", topic=env.input, reason="inbox") == 1
+    assert run.value("messages_processed_total", topic=env.input, outcome="success") == 1
+    replayed = [
+        (headers, value)
+        for headers, value in read_outputs(kafka_bootstrap, env.output)
+        if headers["message-id"] == b"died:0"
+    ]
+    assert replayed == [({"message-id": b"died:0", "h": b"1"}, b"from the first run")]
+    store = env.store()
+    try:
+        assert store.state("died") is State.COMPLETED
+    finally:
+        store.close()
+
+
+def read_outputs(bootstrap: str, topic: str) -> list[tuple[dict[str, bytes], bytes | None]]:
+    from worker.demo import read_all
+
+    return read_all(bootstrap, topic)
+
+
+# -- real processes -------------------------------------------------------------------
+
+
+@pytest.fixture
+def scenario(kafka_bootstrap, redis_url, unique_name, make_topics, ledger, tmp_path, database):
+    scenario = Scenario(kafka_bootstrap, redis_url, unique_name, make_topics, ledger, tmp_path)
+    scenario.extra.update(database.env)
+    scenario.handler = f"{HANDLERS}:inbox_row"
+    return scenario
+
+
+def applied_everything(scenario: Scenario, database: Database) -> Callable[[], bool]:
+    return lambda: scenario.published() <= database.rows().keys() and scenario.lag() == 0
+
+
+@pytest.mark.integration
+@pytest.mark.e2e
+def test_a_crash_right_after_the_commit_replays_the_stored_outputs(scenario, database):
+    crash = ["c-1", "c-4", "c-7"]
+    scenario.extra["CRASH_IDS"] = ",".join(crash)
+    scenario.extra["CRASH_MARKERS"] = str(scenario.logdir)
+    scenario.extra["WORKER_LOG__LEVEL"] = "INFO"
+    produce(scenario.bootstrap, scenario.input, [with_id(f"c-{n}") for n in range(10)])
+    with scenario.replicas(1) as replicas:
+        replicas.start(0)
+        deadline = time.monotonic() + 120
+        while not applied_everything(scenario, database)():
+            assert time.monotonic() < deadline, "timed out waiting for every id"
+            if replicas.poll(0) is not None:
+                replicas.start(0)  # as a supervisor restarts a replica that died
+            time.sleep(0.2)
+        crashes = replicas.exit_codes.copy()
+        codes = replicas.end_all()
+        logs = replicas.logs()
+    assert codes == [0]
+    assert crashes == [-signal.SIGKILL] * len(crash)
+    assert database.rows() == {f"c-{n}": 1 for n in range(10)}  # no body ran twice
+    # The crashed runs produced nothing; their outputs came from the inbox, once each.
+    assert message_ids(scenario.bootstrap, scenario.output) == {f"c-{n}:0": 1 for n in range(10)}
+    replays = [
+        json.loads(line)["id"]
+        for line in logs.splitlines()
+        if '"reason": "inbox"' in line and '"outcome": "duplicate"' in line
+    ]
+    assert sorted(replays) == crash
+    store = RedisDedupStore.from_url(scenario.redis_url, f"idempotent-worker:{scenario.group}")
+    try:
+        assert {store.state(id) for id in crash} == {State.COMPLETED}
+    finally:
+        store.close()
