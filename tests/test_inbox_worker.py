@@ -23,7 +23,9 @@ from tests.support.kafka import produce, with_id
 from worker.context import HandlerContext
 from worker.dedup import State
 from worker.dedup.redis import RedisDedupStore
+from worker.demo import metric_sum, read_all, scrape
 from worker.inbox import Inbox
+from worker.inbox.sql import lock_key
 from worker.settings import InboxSettings
 from worker.types import Message
 
@@ -71,7 +73,11 @@ def env(kafka_bootstrap, redis_url, unique_name, make_topics, database, monkeypa
         output = f"{topic}.out"
 
         def settings(self, handler: str, **sections: Any) -> Any:
-            route = {"topic": topic, "handler": f"{HANDLERS}:{handler}", "output_topic": self.output}
+            route = {
+                "topic": topic,
+                "handler": f"{HANDLERS}:{handler}",
+                "output_topic": self.output,
+            }
             return make_settings(kafka_bootstrap, redis_url, group, [route], **sections)
 
         def outputs(self) -> Counter[str]:
@@ -126,7 +132,7 @@ def test_an_id_applied_by_a_run_that_died_is_completed_with_its_stored_outputs(
     assert run.value("messages_processed_total", topic=env.input, outcome="success") == 1
     replayed = [
         (headers, value)
-        for headers, value in read_outputs(kafka_bootstrap, env.output)
+        for headers, value in read_all(kafka_bootstrap, env.output)
         if headers["message-id"] == b"died:0"
     ]
     assert replayed == [({"message-id": b"died:0", "h": b"1"}, b"from the first run")]
@@ -135,12 +141,6 @@ def test_an_id_applied_by_a_run_that_died_is_completed_with_its_stored_outputs(
         assert store.state("died") is State.COMPLETED
     finally:
         store.close()
-
-
-def read_outputs(bootstrap: str, topic: str) -> list[tuple[dict[str, bytes], bytes | None]]:
-    from worker.demo import read_all
-
-    return read_all(bootstrap, topic)
 
 
 # -- real processes -------------------------------------------------------------------
@@ -193,3 +193,127 @@ def test_a_crash_right_after_the_commit_replays_the_stored_outputs(scenario, dat
         assert {store.state(id) for id in crash} == {State.COMPLETED}
     finally:
         store.close()
+
+
+def storm(scenario: Scenario, database: Database, name: str) -> Row:
+    """Three replicas, one SIGKILLed every 1-2 s while orders with 30% duplicate ids flow."""
+    rng = random.Random(7)
+    kills = 0
+    with scenario.replicas(3) as replicas:
+        replicas.start_all(PARTITIONS)
+        traffic = scenario.traffic(batch=100, rounds=40, interval=0.25)
+        while kills < 6 or traffic.flowing():
+            time.sleep(rng.uniform(1.0, 2.0))
+            slot = rng.randrange(3)
+            assert replicas.end(slot, signal.SIGKILL) == -signal.SIGKILL
+            replicas.start(slot)
+            kills += 1
+        traffic.join()
+        wait_until(applied_everything(scenario, database), 240, "every id to be applied")
+        assert replicas.end_all() == [0, 0, 0]
+    rows = database.rows()
+    published = scenario.published()
+    distinct, _ = scenario.outputs()
+    assert distinct == {f"{id}:0" for id in published}  # no output missing
+    lost = len(published - rows.keys())
+    doubled = sum(1 for count in rows.values() if count > 1)
+    dead = sum(message_ids(scenario.bootstrap, scenario.dlq).values())
+    row = Row(name, traffic.messages, f"{kills} SIGKILL", lost, doubled, dead)
+    report(row)
+    return row
+
+
+@pytest.mark.integration
+@pytest.mark.e2e
+@pytest.mark.chaos
+def test_a_sigkill_storm_doubles_business_rows_without_the_inbox_and_none_with_it(
+    kafka_bootstrap, redis_url, unique_name, make_topics, ledger, tmp_path, postgres_url
+):
+    rows = {}
+    for handler in ("plain_row", "inbox_row"):
+        logs = tmp_path / handler
+        logs.mkdir()
+        scenario = Scenario(kafka_bootstrap, redis_url, unique_name, make_topics, ledger, logs)
+        database = Database(postgres_url, f"business_{uuid.uuid4().hex[:12]}")
+        scenario.handler = f"{HANDLERS}:{handler}"
+        scenario.extra.update(database.env)
+        # Each completion written at once, and 10 ms of work after the commit: most kills
+        # land between a commit and its completion, the window the inbox closes.
+        scenario.extra["WORKER_DEDUP__COMPLETE_LINGER_MS"] = "0"
+        scenario.extra["AFTER_COMMIT_SECONDS"] = "0.01"
+        scenario.extra["WORKER_INBOX__URL"] = postgres_url
+        with_inbox = "with" if handler == "inbox_row" else "without"
+        rows[handler] = storm(scenario, database, f"SIGKILL storm, rows {with_inbox} the inbox")
+    print(f"\nbusiness rows doubled: {rows['plain_row'].run_twice} without the inbox, ", end="")
+    print(f"{rows['inbox_row'].run_twice} with it")
+    assert (
+        rows["inbox_row"].lost,
+        rows["inbox_row"].run_twice,
+        rows["inbox_row"].dead_lettered,
+    ) == (0, 0, 0)
+    assert rows["plain_row"].lost == 0
+    assert rows["plain_row"].run_twice > 0  # the same storm without the inbox does double rows
+
+
+def counted(port: int, name: str, **labels: str) -> float:
+    """A replica's metric, 0 until its HTTP server answers."""
+    try:
+        return metric_sum([scrape(port)], f"idempotent_worker_{name}", **labels)
+    except OSError:
+        return 0
+
+
+def advisory_lock_held(url: str, key: int) -> bool:
+    unsigned = key & (2**64 - 1)
+    with psycopg.connect(url) as conn:
+        found = conn.execute(
+            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 "
+            "AND classid = %s::oid AND objid = %s::oid",
+            (unsigned >> 32, unsigned & 0xFFFFFFFF),
+        )
+        return found.fetchone() is not None
+
+
+@pytest.mark.integration
+@pytest.mark.e2e
+@pytest.mark.chaos
+def test_a_replica_frozen_mid_transaction_past_its_lease_applies_nothing_twice(scenario, database):
+    scenario.handler = f"{HANDLERS}:inbox_stall"
+    scenario.extra.update(
+        {
+            "WORKER_DEDUP__LEASE_SECONDS": "2",
+            "WORKER_INBOX__LOCK_TIMEOUT_MS": "300",
+            "WORKER_RETRY__MAX_ATTEMPTS": "40",
+            "WORKER_RETRY__BACKOFF_MAX_SECONDS": "0.5",
+        }
+    )
+    with scenario.replicas(2) as replicas:
+        replicas.start(0)
+        replicas.settle(PARTITIONS)
+        produce(scenario.bootstrap, scenario.input, [with_id("z", value=b"3")])
+        key = lock_key(scenario.group, "z")
+        wait_until(lambda: advisory_lock_held(database.url, key), 30, "the transaction to open")
+        replicas.send(0, signal.SIGSTOP)  # frozen inside the inbox, its transaction open
+        replicas.start(1)
+        successor = replicas.ports[1]
+        wait_until(
+            lambda: counted(successor, "messages_processed_total", outcome="failed") >= 2,
+            60,
+            "the successor to wait out the held id, twice",
+        )
+        assert database.rows() == {}  # the successor's body never ran
+        replicas.send(0, signal.SIGCONT)  # the zombie commits first: its effects stand
+        wait_until(lambda: scenario.lag() == 0, 60, "the group to commit")
+        wait_until(
+            lambda: replicas.metric("idempotent_worker_lease_lost_total") == 1,
+            30,
+            "the zombie's outputs and completion to be refused",
+        )
+        replayed = counted(successor, "duplicates_skipped_total", reason="inbox")
+        assert replicas.end_all() == [0, 0]
+    assert database.rows() == {"z": 1}
+    assert replayed == 1  # the successor found the row and produced its stored output
+    assert scenario.outputs() == ({"z:0"}, 0)
+    dead = sum(message_ids(scenario.bootstrap, scenario.dlq).values())
+    report(Row("zombie frozen mid-transaction (inbox)", 1, "SIGSTOP+SIGCONT", 0, 0, dead))
+    assert dead == 0
