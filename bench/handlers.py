@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 from worker import Context, Message
 
@@ -59,4 +60,41 @@ def sleeps_10ms(message: Message, ctx: Context) -> None:
 
 async def sleeps_10ms_async(message: Message, ctx: Context) -> None:
     await asyncio.sleep(0.01)
+    tally.record(message.id)
+
+
+class Database:
+    """Where the database handlers write: a URL and a table with no constraint, one
+    connection per handler thread."""
+
+    url = ""
+    table = ""
+    local = threading.local()
+
+    @classmethod
+    def connection(cls) -> Any:
+        if getattr(cls.local, "connection", None) is None:
+            import psycopg
+
+            cls.local.connection = psycopg.connect(cls.url)
+        return cls.local.connection
+
+    @classmethod
+    def insert(cls) -> str:
+        return f'INSERT INTO "{cls.table}" (message_id, value) VALUES (%s, %s)'
+
+
+def db_row(message: Message, ctx: Context) -> None:
+    """One row per message in a transaction of its own, without the inbox."""
+    conn = Database.connection()
+    with conn.transaction():
+        conn.execute(Database.insert(), (message.id, message.value))
+    tally.record(message.id)
+
+
+def db_row_inbox(message: Message, ctx: Context) -> None:
+    """The same row, in the inbox's transaction."""
+    conn = Database.connection()
+    with ctx.inbox(conn):
+        conn.execute(Database.insert(), (message.id, message.value))
     tally.record(message.id)

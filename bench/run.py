@@ -30,8 +30,14 @@ divided by the CPU per message. The benchmark fails (exit
 1) if any variant handled an id other than exactly once; the targets are reported, not
 enforced, because absolute speed depends on the machine.
 
-Kafka and Redis: ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` if set, else the local
-Tansu broker and ``redis-server`` that the tests and the demo use.
+Then the database inbox (``--inbox-only`` runs just this): the worker with a handler
+that inserts one row per message into PostgreSQL in a transaction of its own (``p``),
+and the same handler with that transaction in ``ctx.inbox(conn)`` (``pi``), on
+``--db-messages`` records; ``pi/p`` is what the inbox costs.
+
+Kafka, Redis and PostgreSQL: ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` /
+``POSTGRES_URL`` if set, else the local Tansu broker, ``redis-server`` and PostgreSQL
+server that the tests and the demo use.
 """
 
 from __future__ import annotations
@@ -374,6 +380,45 @@ def store_scale(bootstrap: str, workdir: Path, count: int) -> None:
     print(f"  dr1/dr0 = {results['dr1'][0] / results['dr0'][0]:.2f} (the cost of min_replicas 1)")
 
 
+# -- the database inbox ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[str]:
+    if url := os.environ.get("POSTGRES_URL"):
+        yield url
+    else:
+        with embedded.Postgres() as server:
+            yield server.url
+
+
+def inbox_cost(bootstrap: str, url: str, count: int) -> None:
+    import psycopg
+
+    topic = f"bench-db-{uuid.uuid4().hex[:8]}"
+    publish(bootstrap, topic, count)
+    print(f"\nthe database inbox: one row per message, one transaction each, {count:,} messages")
+    rates = {}
+    with postgres() as database:
+        for name, what, handler in [
+            ("p", "worker, row in its own transaction", "db_row"),
+            ("pi", "worker, row in ctx.inbox(conn)", "db_row_inbox"),
+        ]:
+            handlers.Database.url = database
+            handlers.Database.table = f"bench_{uuid.uuid4().hex[:12]}"
+            with psycopg.connect(database) as conn:
+                conn.execute(
+                    f'CREATE TABLE "{handlers.Database.table}" (message_id text, value bytea)'
+                )
+            rates[name] = the_worker(bootstrap, url, topic, count, handler)
+            print(f"{name:>4}  {what:<42} {rates[name]:>10,.0f} msg/s", flush=True)
+        connection = getattr(handlers.Database.local, "connection", None)
+        if connection is not None:
+            connection.close()
+            handlers.Database.local.connection = None
+    print(f"  pi/p = {rates['pi'] / rates['p']:.2f} (the inbox's cost per message)")
+
+
 def wait_for_replica(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     with redis.Redis(port=port) as client:
@@ -396,6 +441,10 @@ def main() -> int:
     parser.add_argument(
         "--store-only", action="store_true", help="only the store's scale: one Redis vs cluster"
     )
+    parser.add_argument("--db-messages", type=int, help="for the database inbox")
+    parser.add_argument(
+        "--inbox-only", action="store_true", help="only the database inbox's cost per message"
+    )
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)
@@ -407,6 +456,7 @@ def main() -> int:
     messages = args.messages or (20_000 if args.quick else 100_000)
     slow = args.slow_messages or (2_000 if args.quick else 6_400)
     rss_messages = args.rss_messages or (100_000 if args.quick else 1_000_000)
+    db_messages = args.db_messages or (2_000 if args.quick else 10_000)
 
     with tempfile.TemporaryDirectory() as workdir, services(Path(workdir)) as (bootstrap, url):
         client = redis.Redis.from_url(url)
@@ -417,6 +467,9 @@ def main() -> int:
             return 0
         if args.store_only:
             store_scale(bootstrap, Path(workdir), messages)
+            return 0
+        if args.inbox_only:
+            inbox_cost(bootstrap, url, db_messages)
             return 0
         # e at max_in_flight 1 handles 100 msg/s: give it a sixteenth of the messages.
         slow_topic, slower_topic = (f"bench-slow-{uuid.uuid4().hex[:8]}" for _ in range(2))
@@ -471,6 +524,7 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory() as workdir, services(Path(workdir)) as (bootstrap, _):
         store_scale(bootstrap, Path(workdir), messages)
+        inbox_cost(bootstrap, url, db_messages)
     print(f"\nevery variant handled every id exactly once; {describe_machine()}")
     return 0
 
