@@ -16,7 +16,8 @@ COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY handlers ./handlers
 # Wheels only: confluent-kafka and the rest ship binary wheels, so no compiler is needed.
-RUN /opt/venv/bin/pip install --only-binary=:all: --no-compile . \
+# The postgres extra (psycopg) lets mounted handlers use ctx.inbox(conn).
+RUN /opt/venv/bin/pip install --only-binary=:all: --no-compile ".[postgres]" \
     && /opt/venv/bin/python -m compileall -q /opt/venv
 
 FROM ${PYTHON_IMAGE}

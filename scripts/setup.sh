@@ -5,10 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages: redis-server (dedup store of the demo and tests), prometheus
-# (promtool and the server the deploy tests run).
+# (promtool and the server the deploy tests run), postgresql (the inbox tests; Debian
+# keeps its server binaries under /usr/lib/postgresql/<version>/bin).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1 \
+  || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "setup: ${missing[*]} missing and apt-get is not available; install them" >&2
