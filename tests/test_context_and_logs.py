@@ -5,14 +5,43 @@ import pytest
 
 from worker.context import HandlerContext, Output
 from worker.errors import PermanentFailure
+from worker.inbox import Inbox, decode_outputs, encode_outputs
 from worker.logs import configure_logging, get_logger
-from worker.settings import LogSettings
+from worker.settings import InboxSettings, LogSettings
 from worker.types import Message
 
 
 def context(default_topic="out"):
     message = Message("order-1", "in", 0, 5, b"k", b"{}")
-    return HandlerContext(message, 1, get_logger, default_topic)
+    inbox = Inbox(InboxSettings(), "group", get_logger())
+    return HandlerContext(message, 1, get_logger, default_topic, inbox, "fp", "in/0/5")
+
+
+def test_stored_outputs_come_back_as_the_bytes_the_producer_sent():
+    ctx = context()
+    ctx.emit("é", key="k", headers={"bin": b"\x00\xff", "text": "t"})
+    ctx.emit(None, topic="audit")
+    stored = encode_outputs(ctx.outputs, limit=1000)
+    assert decode_outputs(stored) == [
+        Output(
+            "out",
+            "é".encode(),
+            b"k",
+            [("message-id", b"order-1:0"), ("bin", b"\x00\xff"), ("text", b"t")],
+        ),
+        Output("audit", None, None, [("message-id", b"order-1:1")]),
+    ]
+    assert decode_outputs(None) == []
+
+
+def test_stored_outputs_over_the_limit_are_a_permanent_failure():
+    ctx = context()
+    ctx.emit(b"x" * 10, key=b"k")  # 10 + 1 + len("message-id") + len("order-1:0") = 30 bytes
+    assert encode_outputs(ctx.outputs, limit=30)
+    with pytest.raises(
+        PermanentFailure, match=r"take 30 bytes, over inbox.max_output_bytes \(29\)"
+    ):
+        encode_outputs(ctx.outputs, limit=29)
 
 
 def test_outputs_get_deterministic_ids_from_input_id_and_position():
