@@ -5,8 +5,9 @@ import pytest
 
 from worker.context import HandlerContext, Output
 from worker.errors import PermanentFailure
-from worker.inbox import Inbox, decode_outputs, encode_outputs
+from worker.inbox import Inbox
 from worker.logs import configure_logging, get_logger
+from worker.replies import Kept, decode, encode, resolve, size
 from worker.settings import InboxSettings, LogSettings
 from worker.types import Message
 
@@ -17,31 +18,42 @@ def context(default_topic="out"):
     return HandlerContext(message, 1, get_logger, default_topic, inbox, "fp", "in/0/5")
 
 
-def test_stored_outputs_come_back_as_the_bytes_the_producer_sent():
+def test_kept_outputs_come_back_as_the_bytes_the_producer_sent():
     ctx = context()
     ctx.emit("é", key="k", headers={"bin": b"\x00\xff", "text": "t"})
     ctx.emit(None, topic="audit")
-    stored = encode_outputs(ctx.outputs, limit=1000)
-    assert decode_outputs(stored) == [
-        Output(
-            "out",
+    kept = decode(encode(ctx.kept()))
+    assert kept == [
+        Kept(
+            None,
             "é".encode(),
             b"k",
             [("message-id", b"order-1:0"), ("bin", b"\x00\xff"), ("text", b"t")],
         ),
-        Output("audit", None, None, [("message-id", b"order-1:1")]),
+        Kept("audit", None, None, [("message-id", b"order-1:1")]),
     ]
-    assert decode_outputs(None) == []
+    assert size(kept) == 2 + 1 + 10 + 9 + 3 + 2 + 4 + 1 + 10 + 9
+    assert decode(None) == []
 
 
-def test_stored_outputs_over_the_limit_are_a_permanent_failure():
-    ctx = context()
-    ctx.emit(b"x" * 10, key=b"k")  # 10 + 1 + len("message-id") + len("order-1:0") = 30 bytes
-    assert encode_outputs(ctx.outputs, limit=30)
-    with pytest.raises(
-        PermanentFailure, match=r"take 30 bytes, over inbox.max_output_bytes \(29\)"
-    ):
-        encode_outputs(ctx.outputs, limit=29)
+def test_a_reply_goes_to_the_topic_and_correlation_of_the_message_that_produces_it():
+    message = Message("order-1", "in", 0, 5, b"k", b"{}")
+    inbox = Inbox(InboxSettings(), "group", get_logger())
+    first = HandlerContext(
+        message, 1, get_logger, "replies-a", inbox, "fp", "in/0/5", ("cid", b"c1")
+    )
+    first.emit(b"reply")
+    first.emit(b"audit", topic="audit")
+    assert first.outputs == [
+        Output("replies-a", b"reply", None, [("message-id", "order-1:0"), ("cid", b"c1")]),
+        Output("audit", b"audit", None, [("message-id", "order-1:1")]),
+    ]
+    replayed = resolve(first.kept(), "replies-b", ("cid", b"c2"))
+    assert replayed == [
+        Output("replies-b", b"reply", None, [("message-id", b"order-1:0"), ("cid", b"c2")]),
+        Output("audit", b"audit", None, [("message-id", b"order-1:1")]),
+    ]
+    assert resolve(first.kept(), None, None) == replayed[1:]  # nowhere to send the reply
 
 
 def test_outputs_get_deterministic_ids_from_input_id_and_position():

@@ -20,6 +20,7 @@ from worker.types import Message
 
 if TYPE_CHECKING:
     from worker.inbox import Applied, Inbox, InboxBlock
+    from worker.replies import Kept
 
 OUTPUT_ID_HEADER = "message-id"
 
@@ -42,6 +43,7 @@ class HandlerContext:
         inbox: Inbox,
         fingerprint: str,
         origin: str,
+        correlation: tuple[str, bytes] | None = None,
     ) -> None:
         self._message = message
         self._attempt = attempt
@@ -52,8 +54,11 @@ class HandlerContext:
         self._inbox_entered = False
         self.fingerprint = fingerprint
         self.origin = origin
+        self._correlation = correlation
         self.outputs: list[Output] = []
         """What the handler emitted, in order."""
+        self._named: list[bool] = []
+        """Per output: whether the handler named its topic."""
         self.applied: Applied | None = None
         """Set when the inbox found this id applied by an earlier run."""
 
@@ -87,8 +92,21 @@ class HandlerContext:
         # crash re-emits ids that a downstream idempotent consumer skips.
         output_id = f"{self._message.id}:{len(self.outputs)}"
         extra = [(name, value) for name, value in (headers or {}).items()]
+        if topic is None and self._correlation is not None:
+            extra.append(self._correlation)  # a reply carries the request's correlation id
         self.outputs.append(Output(target, value, key, [(OUTPUT_ID_HEADER, output_id), *extra]))
+        self._named.append(topic is not None)
         return output_id
+
+    def kept(self) -> list[Kept]:
+        """The outputs so far as kept for producing again (see worker/replies.py)."""
+        from worker.replies import keep
+
+        correlated = self._correlation is not None
+        return [
+            keep(output, named, correlated and not named)
+            for output, named in zip(self.outputs, self._named, strict=True)
+        ]
 
     def inbox(self, connection: object) -> InboxBlock:
         from worker.inbox import InboxBlock

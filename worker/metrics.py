@@ -46,8 +46,24 @@ class Metrics:
             "Messages skipped because their id was already completed. reason=duplicate: "
             "another record carried the id; reason=redelivery: Kafka delivered the same "
             "record again (e.g. after a crash before commit); reason=inbox: the database "
-            "inbox held the id applied by a run that died before completing it.",
+            "inbox held the id applied by a run that died before completing it; "
+            "reason=replayed: its kept reply was produced again; reason=reply_not_kept: "
+            "its reply was too large to keep; reason=conflict: another payload, skipped.",
             ["topic", "reason"],
+            registry=registry,
+        )
+        self.duplicates_detected = Counter(
+            PREFIX + "duplicates_detected",
+            'Duplicates found on routes in shadow mode (dedup = "shadow"), which handle '
+            "them all the same; reasons as for duplicates_skipped.",
+            ["topic", "reason"],
+            registry=registry,
+        )
+        self.replies_replayed = Counter(
+            PREFIX + "replies_replayed",
+            "Duplicates answered with the outputs kept from their id's first run "
+            '(on_duplicate = "replay"); also in duplicates_skipped{reason="replayed"}.',
+            ["topic"],
             registry=registry,
         )
         self.handler_duration = Histogram(

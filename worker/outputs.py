@@ -17,6 +17,9 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from worker.errors import KafkaOperationError
 
+DELIVERY_TIMEOUT = 60.0
+"""How long the worker waits for the broker to acknowledge what it produced."""
+
 HeaderValue = bytes | str
 Headers = Sequence[tuple[str, HeaderValue]]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from worker.errors import ConfigError
@@ -23,6 +24,25 @@ class ResolvedRoute:
     timeout_seconds: float
     max_in_flight: int
     is_async: bool
+    dedup: str
+    """``id`` or ``shadow`` (see worker/modes.py)."""
+    on_duplicate: str
+    reply_header: str | None
+    """The header naming the topic of outputs that name none (``reply_to``)."""
+    correlation_header: str | None
+
+    def default_topic(self, headers: Mapping[str, bytes]) -> str | None:
+        """Where a message's outputs that name no topic go: its reply header's topic,
+        else the route's output topic."""
+        if self.reply_header is not None and (reply := headers.get(self.reply_header)):
+            return reply.decode(errors="replace")
+        return self.output_topic
+
+    def correlation(self, headers: Mapping[str, bytes]) -> tuple[str, bytes] | None:
+        """The header copied onto the message's replies, if the route and message have one."""
+        if self.correlation_header is None or self.correlation_header not in headers:
+            return None
+        return self.correlation_header, headers[self.correlation_header]
 
 
 def import_handler(path: str, key: str) -> Handler:
@@ -68,4 +88,8 @@ def _resolve(index: int, route: Route, timeout_seconds: float) -> ResolvedRoute:
         timeout_seconds=timeout_seconds,
         max_in_flight=route.max_in_flight,
         is_async=inspect.iscoroutinefunction(handler),
+        dedup=route.dedup,
+        on_duplicate=route.on_duplicate,
+        reply_header=route.reply_to.removeprefix("header:") if route.reply_to else None,
+        correlation_header=route.correlation_header,
     )

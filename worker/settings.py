@@ -207,6 +207,10 @@ class DedupSettings(_Section):
     on_payload_conflict: Literal["dead_letter", "skip"] = "dead_letter"
     """A completed id seen again with a different payload: dead-letter it (reason
     id_conflict) or skip it as a duplicate (counted with reason conflict)."""
+    max_stored_reply_bytes: int = Field(default=65_536, ge=0)
+    """The most output bytes (keys, values, headers) a completed record keeps for
+    duplicates to replay (``on_duplicate = "replay"``); above it nothing is kept and
+    duplicates are skipped (reason reply_not_kept)."""
 
 
 SqlName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,49}$")]
@@ -280,6 +284,24 @@ class Route(_Section):
     timeout_seconds: float | None = Field(default=None, gt=0)
     """A handler running longer ends the process (see worker/leases.py); default: 90% of
     max.poll.interval.ms."""
+    dedup: Literal["id", "shadow"] = "id"
+    """``id``: a completed id's duplicates are not handled. ``shadow``: they are detected
+    and counted, and handled all the same."""
+    on_duplicate: Literal["skip", "replay"] = "skip"
+    """``replay``: a duplicate produces again the outputs its id's first run emitted."""
+    reply_to: str | None = Field(default=None, pattern=r"^header:.+$")
+    """``header:<name>``: outputs that name no topic go to the topic in this header of
+    the message (then to ``output_topic`` if it has none)."""
+    correlation_header: str | None = Field(default=None, min_length=1)
+    """A header of the message copied onto each output that names no topic."""
+
+    @model_validator(mode="after")
+    def _check_modes(self) -> Route:
+        if self.dedup == "shadow" and self.on_duplicate == "replay":
+            raise _CombinationError(
+                "on_duplicate", "a shadow route runs every duplicate: it has nothing to replay"
+            )
+        return self
 
     @field_validator("id")
     @classmethod
@@ -442,7 +464,9 @@ def _to_config_error(exc: ValidationError) -> ConfigError:
     key = _dotted(error["loc"])
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, _CombinationError):
-        return ConfigError(cause.key, str(cause))
+        # A key without a dot is relative to where the check ran (a route).
+        relative = key and "." not in cause.key
+        return ConfigError(f"{key}.{cause.key}" if relative else cause.key, str(cause))
     problem = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         problem = "unknown key"

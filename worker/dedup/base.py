@@ -45,6 +45,9 @@ class Claim:
     """For COMPLETED: ``topic/partition/offset`` of the record whose processing completed it."""
     fingerprint: str | None = None
     """For COMPLETED: the fingerprint of the payload that was processed."""
+    reply: str | None = None
+    """For COMPLETED: what the completion stored for duplicates to replay (a route with
+    ``on_duplicate = "replay"``; see worker/replies.py), None if nothing was."""
     attempt: int = 0
     """For CLAIMED: 1 when the id had no runs counted and this claim counted its first;
     0 when runs were counted before (they crashed, timed out or failed), so the caller
@@ -64,6 +67,8 @@ class Completion:
     token: str
     origin: str
     fingerprint: str = ""
+    reply: str = ""
+    """Kept with the completed record for duplicates to replay; "" keeps nothing."""
 
 
 class DedupStore(Protocol):

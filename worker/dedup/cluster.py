@@ -186,7 +186,7 @@ class RedisClusterDedupStore:
             fields = [
                 field
                 for c in (completions[i] for i in indexes)
-                for field in (c.id, c.token, c.origin, c.fingerprint)
+                for field in (c.id, c.token, c.origin, c.fingerprint, c.reply)
             ]
             return ["", ttl_seconds, pack(fields)]
 

@@ -30,6 +30,7 @@ class _Record:
     expires_at: float
     origin: str = ""
     fingerprint: str = ""
+    reply: str = ""
 
 
 class MemoryDedupStore:
@@ -62,7 +63,10 @@ class MemoryDedupStore:
                         claims.append(FIRST_CLAIM)
                 elif record.state is State.COMPLETED:
                     fingerprint = record.fingerprint or None
-                    claims.append(Claim(ClaimStatus.COMPLETED, record.origin, fingerprint))
+                    reply = record.reply or None
+                    claims.append(
+                        Claim(ClaimStatus.COMPLETED, record.origin, fingerprint, reply=reply)
+                    )
                 else:
                     claims.append(BUSY)
             return claims
@@ -79,7 +83,7 @@ class MemoryDedupStore:
             expires_at = self._clock() + ttl_seconds
             self._records[completion.id] = _Record(
                 State.COMPLETED, completion.token, expires_at, completion.origin,
-                completion.fingerprint,
+                completion.fingerprint, completion.reply,
             )  # fmt: skip
             self._attempts.pop(completion.id, None)
         return True

@@ -5,7 +5,8 @@ claim's owner, the end of its lease in Redis's own clock (milliseconds), and how
 runs of the handler began, over every replica; the key lives ``RUNS_TTL_SECONDS``
 after its last claim, so that a message that crashes its worker is noticed by
 whichever replica claims it next. A claim whose lease ended is free to take. Completed,
-it is ``c|<token>|<origin>|<fingerprint>`` with the dedup TTL.
+it is ``c|<token>|<origin>|<fingerprint>`` with the dedup TTL, followed by ``|<reply>``
+when the completion kept one for duplicates to replay.
 
 One key and, for a message seen once, three commands: a SET NX at claim, a GET and a
 SET at completion. A whole poll batch is claimed in one script call, and completions
@@ -174,7 +175,7 @@ class RedisDedupStore:
     def complete(self, completions: Sequence[Completion], ttl_seconds: int) -> list[bool]:
         if not completions:
             return []
-        fields = [f for c in completions for f in (c.id, c.token, c.origin, c.fingerprint)]
+        fields = [f for c in completions for f in (c.id, c.token, c.origin, c.fingerprint, c.reply)]
         args: list[Any] = [self._prefix, ttl_seconds, pack(fields)]
         replies = self._durable(self._complete, args)
         return [bool(reply) for reply in replies]

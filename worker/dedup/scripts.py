@@ -108,7 +108,8 @@ return runs + 1
 )
 
 # KEYS: the record keys, or none. ARGV: record-key prefix, ttl in s, then packed per id:
-# the id, its token, origin and fingerprint. Per id, 1 if completed under its token: the
+# the id, its token, origin, fingerprint and reply (kept after the fingerprint unless
+# empty). Per id, 1 if completed under its token: the
 # token's claim (even with its lease over), a claim nobody holds any more and an absent
 # record are completed.
 COMPLETE = (
@@ -117,17 +118,21 @@ COMPLETE = (
 local now = now_ms()
 local fields = unpack(ARGV[3])
 local ids = {}
-for i = 1, #fields / 4 do
-  ids[i] = fields[4 * i - 3]
+for i = 1, #fields / 5 do
+  ids[i] = fields[5 * i - 4]
 end
 local out = {}
 for i, key in ipairs(record_keys(ARGV[1], ids)) do
-  local token = fields[4 * i - 2]
+  local token = fields[5 * i - 3]
   local done = 'c|' .. token .. '|'
   local value = redis.call('GET', key)
   local owner, ends = progress(value)
   if not value or owner == token or (owner and ends <= now) then
-    redis.call('SET', key, done .. fields[4 * i - 1] .. '|' .. fields[4 * i], 'EX', ARGV[2])
+    local record = done .. fields[5 * i - 2] .. '|' .. fields[5 * i - 1]
+    if fields[5 * i] ~= '' then
+      record = record .. '|' .. fields[5 * i]
+    end
+    redis.call('SET', key, record, 'EX', ARGV[2])
     out[i] = 1
   elseif string.sub(value, 1, #done) == done then
     out[i] = 1
@@ -234,6 +239,12 @@ def parse_claim(reply: str) -> Claim:
     if reply == "?":
         return CLAIMED
     if reply.startswith("c|"):
-        _, _, origin, fingerprint = [*reply.split("|", 3), "", ""][:4]
-        return Claim(ClaimStatus.COMPLETED, origin or None, fingerprint=fingerprint or None)
+        parts = reply.split("|", 4)  # c, token, origin, fingerprint, reply if kept
+        parts += [""] * (4 - len(parts))
+        return Claim(
+            ClaimStatus.COMPLETED,
+            parts[2] or None,
+            fingerprint=parts[3] or None,
+            reply=parts[4] if len(parts) > 4 else None,
+        )
     return BUSY

@@ -18,22 +18,21 @@ finds the row and applies nothing.
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from structlog.typing import FilteringBoundLogger
 
 from worker.errors import PermanentFailure, RetryLater
 from worker.inbox.drivers import AsyncTransaction, Params, Row, Transaction, begin, begin_async
 from worker.inbox.sql import CREATE_LOCK, UNDEFINED_TABLE, Table, lock_key
+from worker.replies import Kept, decode, encode, size
 from worker.settings import InboxSettings
 
 if TYPE_CHECKING:
-    from worker.context import HandlerContext, Output
+    from worker.context import HandlerContext
 
 LOCK_POLL_SECONDS = 0.05
 
@@ -50,7 +49,7 @@ class Applied:
 
     fingerprint: str
     origin: str
-    outputs: list[Output]
+    outputs: list[Kept]
 
 
 class Inbox:
@@ -219,7 +218,7 @@ class InboxBlock:
         other transaction holding the id's lock did not finish in time."""
         if row:
             fingerprint, origin, outputs = row[0]
-            applied = Applied(fingerprint, origin, decode_outputs(outputs))
+            applied = Applied(fingerprint, origin, decode(outputs))
             self._ctx.applied = applied
             raise AlreadyApplied
         if time.monotonic() >= deadline:
@@ -230,62 +229,16 @@ class InboxBlock:
             )
 
     def _stored_outputs(self) -> Params | None:
-        outputs = self._ctx.outputs
+        outputs = self._ctx.kept()
         if not outputs:
             return None
-        return {**self._row, "outputs": encode_outputs(outputs, self._inbox.max_output_bytes)}
-
-
-def encode_outputs(outputs: list[Output], limit: int) -> str:
-    """``outputs`` as the JSON an inbox row stores (bytes in base64); PermanentFailure
-    above ``limit`` bytes of keys, values and headers."""
-    size = 0
-    encoded: list[dict[str, Any]] = []
-    for output in outputs:
-        key, value = _bytes(output.key), _bytes(output.value)
-        headers = [(name, _bytes(header) or b"") for name, header in output.headers]
-        size += len(key or b"") + len(value or b"")
-        size += sum(len(name) + len(header) for name, header in headers)
-        encoded.append(
-            {
-                "topic": output.topic,
-                "key": _b64(key),
-                "value": _b64(value),
-                "headers": [[name, _b64(header)] for name, header in headers],
-            }
-        )
-    if size > limit:
-        raise PermanentFailure(
-            f"the outputs of this run take {size} bytes, over inbox.max_output_bytes ({limit}): "
-            "its transaction was rolled back"
-        )
-    return json.dumps(encoded, separators=(",", ":"))
-
-
-def decode_outputs(text: str | None) -> list[Output]:
-    from worker.context import Output
-
-    return [
-        Output(
-            item["topic"],
-            _unb64(item["value"]),
-            _unb64(item["key"]),
-            [(name, _unb64(header) or b"") for name, header in item["headers"]],
-        )
-        for item in json.loads(text or "[]")
-    ]
-
-
-def _bytes(value: bytes | str | None) -> bytes | None:
-    return value.encode() if isinstance(value, str) else value
-
-
-def _b64(value: bytes | None) -> str | None:
-    return None if value is None else base64.b64encode(value).decode()
-
-
-def _unb64(text: str | None) -> bytes | None:
-    return None if text is None else base64.b64decode(text)
+        limit = self._inbox.max_output_bytes
+        if (bytes := size(outputs)) > limit:
+            raise PermanentFailure(
+                f"the outputs of this run take {bytes} bytes, over inbox.max_output_bytes "
+                f"({limit}): its transaction was rolled back"
+            )
+        return {**self._row, "outputs": encode(outputs)}
 
 
 def _sqlstate(exc: BaseException) -> str | None:

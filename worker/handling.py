@@ -1,0 +1,361 @@
+"""One message, from its claim to its end: the per-message state machine.
+
+    handle(claim)
+      COMPLETED   -> the route's mode: skip it, replay its reply, or (shadow) run it
+      CLAIMED     -> run:
+        begin       count the run when earlier runs began (and flush what is handled)
+        too many    runs began and none finished: dead-letter (attempts_exhausted)
+        attempt     the handler, then its outputs (fenced by the claim) -> handled
+        lease lost  another replica took the id: nothing produced, nothing completed
+        failure     retry after backoff (claim released, taken again), or dead-letter
+
+Completions are written in groups by worker/completions.py; dead letters by
+worker/deadletter.py; what a route does with duplicates is its mode (worker/modes.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from structlog.typing import FilteringBoundLogger
+
+from worker.aio import EventLoopThread
+from worker.cache import CompletedIds
+from worker.completions import Completions, Handled
+from worker.context import HandlerContext, Output
+from worker.deadletter import DeadLetter, DeadLetterWriter
+from worker.dedup.base import Claim, ClaimStatus, Completion
+from worker.errors import KafkaOperationError, PermanentFailure, RetryLater
+from worker.guard import GuardedStore
+from worker.inbox import AlreadyApplied, Inbox
+from worker.items import Item
+from worker.leases import LeaseKeeper
+from worker.metrics import Metrics
+from worker.modes import DedupMode
+from worker.outcomes import Outcomes, fields_of
+from worker.outputs import DELIVERY_TIMEOUT, Outputs
+from worker.replies import decode, resolve
+from worker.settings import Settings
+
+CLAIM_WAIT_INTERVAL = 0.05
+
+
+class LeaseLost(Exception):
+    """Another replica took the message's claim while this one ran the handler."""
+
+
+class Handling:
+    def __init__(
+        self,
+        settings: Settings,
+        modes: Mapping[str, DedupMode],
+        store: GuardedStore,
+        leases: LeaseKeeper,
+        outputs: Outputs,
+        completions: Completions,
+        dead_letters: DeadLetterWriter,
+        cache: CompletedIds,
+        inbox: Inbox,
+        event_loop: EventLoopThread | None,
+        metrics: Metrics,
+        outcomes: Outcomes,
+        log: FilteringBoundLogger,
+        sleep: Callable[[float], bool],
+        new_token: Callable[[], str],
+    ) -> None:
+        self._settings = settings
+        self._modes = modes
+        self._store = store
+        self._leases = leases
+        self._outputs = outputs
+        self._completions = completions
+        self._dead_letters = dead_letters
+        self._cache = cache
+        self._inbox = inbox
+        self._event_loop = event_loop
+        self._metrics = metrics
+        self._outcomes = outcomes
+        self._log = log
+        self._sleep = sleep
+        self._new_token = new_token
+
+    def handle(self, item: Item, claim: Claim | None, token: str) -> None:
+        if claim is None:
+            return
+        if claim.status is ClaimStatus.COMPLETED:
+            self._modes[item.route.topic].duplicate(self, item, claim)
+        else:
+            self.run(item, token, claim.attempt)
+
+    def acquire(self, item: Item, token: str) -> Claim | None:
+        """Claim one id, waiting while another claim holds it. None if stopping meanwhile."""
+        id = item.id
+        claim = self._store.claim([id], token)[id]
+        if claim.status is ClaimStatus.BUSY:
+            # Perhaps our own completion, not written yet: write it, then look again.
+            self._completions.flush()
+            claim = self._store.claim([id], token)[id]
+        if claim.status is ClaimStatus.BUSY:
+            self._metrics.claim_waits.labels(item.route.topic).inc()
+            self._log.info("waiting for another claim", id=id, origin=item.origin)
+        while claim.status is ClaimStatus.BUSY:
+            if not self._sleep(CLAIM_WAIT_INTERVAL):
+                return None
+            claim = self._store.claim([id], token)[id]
+        if claim.status is ClaimStatus.CLAIMED:
+            self._leases.hold(token, [id])
+        return claim
+
+    # -- duplicates ----------------------------------------------------------------------
+
+    def skip(self, item: Item, claim: Claim, reason: str | None = None) -> None:
+        """Count ``item`` as a duplicate of ``claim``'s completed id; a different payload
+        follows ``dedup.on_payload_conflict``."""
+        reason = reason or self._duplicate_reason(item, claim)
+        if reason == "conflict" and self._settings.dedup.on_payload_conflict == "dead_letter":
+            detail = (
+                f"id {item.id!r} was already processed from {claim.origin} with a different payload"
+            )
+            self._dead_letters.write(
+                item, DeadLetter("id_conflict", "PayloadConflict", detail, 0, item.id)
+            )
+            return
+        if reason != "conflict":
+            self._cache.put(item.id, Claim(ClaimStatus.COMPLETED, claim.origin, claim.fingerprint))
+        self._metrics.duplicates.labels(item.route.topic, reason).inc()
+        if self._outcomes.debug:
+            self._outcomes.log(item, "duplicate", reason=reason, first_seen=claim.origin)
+        item.done = True
+
+    def replay(self, item: Item, reply: str) -> None:
+        """Produce again the outputs kept with the id's completion, to this message's own
+        reply topic and with its correlation id."""
+        assert item.message is not None
+        headers = item.message.headers
+        outputs = resolve(
+            decode(reply), item.route.default_topic(headers), item.route.correlation(headers)
+        )
+        delay = self._settings.retry.backoff_initial_seconds
+        while True:
+            try:
+                self._produce(outputs, item.id, None)
+                break
+            except KafkaOperationError as exc:
+                self._log.warning("replaying a reply failed", **fields_of(item), error=str(exc))
+                if not self._sleep(delay):
+                    return
+                delay = min(delay * 2, self._settings.retry.backoff_max_seconds)
+        self._metrics.replies_replayed.labels(item.route.topic).inc()
+        self._metrics.duplicates.labels(item.route.topic, "replayed").inc()
+        if self._outcomes.debug:
+            self._outcomes.log(item, "duplicate", reason="replayed", outputs=len(outputs))
+        item.done = True
+
+    def detect(self, item: Item, claim: Claim) -> None:
+        """Count a duplicate that will be handled all the same (shadow mode)."""
+        reason = self._duplicate_reason(item, claim)
+        self._metrics.duplicates_detected.labels(item.route.topic, reason).inc()
+
+    def run_unclaimed(self, item: Item) -> None:
+        """Run the handler of a message whose id is completed, without a claim (shadow
+        mode): retried with backoff, then dead-lettered, like any message."""
+        attempt = 1
+        while True:
+            started = time.perf_counter()
+            result = self._attempt(item, attempt, None)
+            if isinstance(result, Completion):
+                self._metrics.topic(item.route.topic).succeeded.inc()
+                if self._outcomes.debug:
+                    seconds = round(time.perf_counter() - started, 6)
+                    self._outcomes.log(item, "success", attempt=attempt, duration_seconds=seconds)
+                item.done = True
+                return
+            letter = self._failed(item, attempt, result)
+            if letter is not None:
+                self._dead_letters.write(item, letter)
+                return
+            if not self._sleep(self._backoff(attempt, result)):
+                return
+            attempt += 1
+
+    @staticmethod
+    def _duplicate_reason(item: Item, claim: Claim) -> str:
+        if claim.fingerprint is not None and claim.fingerprint != item.fingerprint:
+            return "conflict"
+        return "redelivery" if claim.origin == item.origin else "duplicate"
+
+    # -- a claimed message ---------------------------------------------------------------
+
+    def run(self, item: Item, token: str, attempt: int) -> None:
+        """Run the handler until it succeeds or the message is given up.
+
+        ``attempt`` is the run number the claim already counted (a fresh claim counts
+        run 1), or 0 when the run must be counted first: earlier runs began and did
+        not finish (a crash, a timeout) or failed."""
+        while True:
+            if attempt == 0:
+                # Runs of this id began before and did not finish: it may be the message
+                # that kills its worker. Complete what was handled before it runs.
+                self._completions.flush()
+                attempt = self._store.begin(item.id, token)
+            if attempt == 0:
+                # The claim expired before the run (a long wait on Redis): claim afresh.
+                token = self._new_token()
+                claim = self._reclaim(item, token)
+                if claim is None:
+                    return
+                attempt = claim.attempt
+                continue
+            if attempt > self._settings.retry.max_attempts:
+                # Earlier runs started and never finished: their worker died or timed out.
+                detail = f"{attempt - 1} runs started and none finished (crash or timeout?)"
+                exhausted = DeadLetter(
+                    "attempts_exhausted", "AttemptsExhausted", detail, attempt - 1, item.id
+                )
+                self._give_up(item, token, exhausted)
+                return
+            self._completions.flush_if_lingered()
+            started = time.perf_counter()
+            result = self._attempt(item, attempt, token)
+            elapsed = time.perf_counter() - started
+            if isinstance(result, Completion):
+                self._completions.add(Handled(item, result, attempt, elapsed))
+                return
+            if isinstance(result, LeaseLost):
+                self._leases.drop(token, [item.id])
+                self._outcomes.lease_lost(item, attempt, elapsed)
+                return
+            letter = self._failed(item, attempt, result)
+            if letter is not None:
+                self._give_up(item, token, letter)
+                return
+            retried = self._retry(item, token, self._backoff(attempt, result))
+            if retried is None:
+                return
+            token, attempt = retried
+
+    def _failed(self, item: Item, attempt: int, failure: Exception) -> DeadLetter | None:
+        """Count and log a failed attempt; the dead letter if the message is given up."""
+        self._metrics.processed.labels(item.route.topic, "failed").inc()
+        self._log.warning(
+            "handler failed",
+            **fields_of(item),
+            attempt=attempt,
+            error_type=type(failure).__name__,
+            error=str(failure),
+        )
+        permanent = isinstance(failure, PermanentFailure)
+        if not permanent and attempt < self._settings.retry.max_attempts:
+            return None
+        reason = "permanent_failure" if permanent else "handler_failed"
+        return DeadLetter(reason, type(failure).__name__, str(failure), attempt, item.id)
+
+    def _retry(self, item: Item, token: str, delay: float) -> tuple[str, int] | None:
+        """Let the claim go, wait ``delay``, claim the id again under a new token: that
+        token and the claim's attempt, or None if the message ended meanwhile."""
+        self._leases.drop(token, [item.id])
+        self._store.release([item.id], token, "keep")
+        if not self._sleep(delay):
+            return None
+        token = self._new_token()
+        claim = self._reclaim(item, token)
+        return None if claim is None else (token, claim.attempt)
+
+    def _reclaim(self, item: Item, token: str) -> Claim | None:
+        """Claim the message's id again: the claim, or None if it was finished meanwhile
+        (then handled here) or the worker is stopping."""
+        claim = self.acquire(item, token)
+        if claim is not None and claim.status is ClaimStatus.COMPLETED:
+            self.skip(item, claim)
+            return None
+        return claim
+
+    def _give_up(self, item: Item, token: str, letter: DeadLetter) -> None:
+        """Dead-letter a claimed message, then drop its claim and its attempt count."""
+        self._dead_letters.write(item, letter)
+        self._leases.drop(token, [item.id])
+        self._store.release([item.id], token, "clear")
+
+    def _backoff(self, attempt: int, failure: Exception) -> float:
+        retry = self._settings.retry
+        if isinstance(failure, RetryLater) and failure.delay is not None:
+            return min(failure.delay, retry.backoff_max_seconds)
+        return float(
+            min(retry.backoff_initial_seconds * 2 ** (attempt - 1), retry.backoff_max_seconds)
+        )
+
+    # -- one run ---------------------------------------------------------------------------
+
+    def _attempt(self, item: Item, attempt: int, token: str | None) -> Completion | Exception:
+        """Run the handler once and confirm its outputs (fenced by ``token``'s claim if
+        given): what to complete, or the exception if either failed. If the inbox found
+        an earlier run applied, that run's kept outputs are produced instead."""
+        message = item.message
+        assert message is not None
+        route = item.route
+        ctx = HandlerContext(
+            message,
+            attempt,
+            lambda: self._log.bind(**fields_of(item), attempt=attempt),
+            route.default_topic(message.headers),
+            self._inbox,
+            item.fingerprint,
+            item.origin,
+            route.correlation(message.headers),
+        )
+        running = self._leases.handler_started(route.timeout_seconds, item.origin, message.id)
+        started = time.perf_counter()
+        try:
+            try:
+                result = route.handler(message, ctx)
+                if route.is_async:
+                    assert self._event_loop is not None and result is not None
+                    self._event_loop.run(result)
+            except (Exception, AlreadyApplied):
+                if ctx.applied is None:
+                    raise
+                # The inbox found the effects applied: whatever the handler made of that,
+                # the message is done once the first run's outputs are out.
+            outputs = ctx.outputs
+            if ctx.applied is not None:
+                default = route.default_topic(message.headers)
+                correlation = route.correlation(message.headers)
+                outputs = resolve(ctx.applied.outputs, default, correlation)
+            self._produce(outputs, message.id, token)
+        except Exception as exc:  # a handler may raise anything: that is its way to fail
+            return exc
+        finally:
+            self._leases.handler_finished(running)
+            self._metrics.topic(route.topic).handler_duration.observe(time.perf_counter() - started)
+        return self._completion(item, ctx, token or "")
+
+    def _completion(self, item: Item, ctx: HandlerContext, token: str) -> Completion:
+        mode = self._modes[item.route.topic]
+        applied = ctx.applied
+        if applied is None:
+            return Completion(item.id, token, item.origin, item.fingerprint, mode.reply(ctx.kept))
+        item.applied = True
+        if applied.fingerprint != item.fingerprint:
+            self._log.warning(
+                "the inbox holds this id applied from a different payload",
+                **fields_of(item),
+                applied_from=applied.origin,
+            )
+        # The inbox's row is the first run's: remember its payload, origin and outputs.
+        reply = mode.reply(lambda: applied.outputs)
+        return Completion(item.id, token, applied.origin, applied.fingerprint, reply)
+
+    def _produce(self, outputs: Sequence[Output], id: str, token: str | None) -> None:
+        """Produce ``outputs`` and wait for the broker; with ``token``, only while its
+        claim holds (a replica that lost it publishes nothing)."""
+        if not outputs:
+            return
+        if token is not None and not self._store.renew([id], token)[0]:
+            raise LeaseLost("the claim was lost while the handler ran")
+        deliveries = [
+            self._outputs.send(o.topic, o.value, key=o.key, headers=o.headers) for o in outputs
+        ]
+        self._outputs.confirm(deliveries, DELIVERY_TIMEOUT)
+        for output in outputs:
+            self._metrics.outputs.labels(output.topic).inc()
