@@ -26,16 +26,17 @@ from worker.completions import Completions, Handled
 from worker.context import HandlerContext, Output
 from worker.deadletter import DeadLetter, DeadLetterWriter
 from worker.dedup.base import Claim, ClaimStatus, Completion
-from worker.errors import KafkaOperationError, PermanentFailure, RetryLater
+from worker.errors import PermanentFailure, RetryLater
 from worker.guard import GuardedStore
 from worker.inbox import AlreadyApplied, Inbox
 from worker.items import Item
 from worker.leases import LeaseKeeper
 from worker.metrics import Metrics
-from worker.modes import DedupMode
+from worker.modes import DedupMode, duplicate_reason, mode_for
 from worker.outcomes import Outcomes, fields_of
 from worker.outputs import DELIVERY_TIMEOUT, Outputs
-from worker.replies import decode, resolve
+from worker.registry import ResolvedRoute
+from worker.replies import resolve
 from worker.settings import Settings
 
 CLAIM_WAIT_INTERVAL = 0.05
@@ -65,26 +66,26 @@ class Handling:
         new_token: Callable[[], str],
     ) -> None:
         self._settings = settings
-        self._modes = modes
+        self.modes = modes
         self._store = store
         self._leases = leases
         self._outputs = outputs
-        self._completions = completions
-        self._dead_letters = dead_letters
+        self.completions = completions
+        self.dead_letters = dead_letters
         self._cache = cache
         self._inbox = inbox
         self._event_loop = event_loop
-        self._metrics = metrics
-        self._outcomes = outcomes
-        self._log = log
-        self._sleep = sleep
+        self.metrics = metrics
+        self.outcomes = outcomes
+        self.log = log
+        self.sleep = sleep
         self._new_token = new_token
 
     def handle(self, item: Item, claim: Claim | None, token: str) -> None:
         if claim is None:
             return
         if claim.status is ClaimStatus.COMPLETED:
-            self._modes[item.route.topic].duplicate(self, item, claim)
+            self.modes[item.route.topic].duplicate(self, item, claim)
         else:
             self.run(item, token, claim.attempt)
 
@@ -94,13 +95,13 @@ class Handling:
         claim = self._store.claim([id], token)[id]
         if claim.status is ClaimStatus.BUSY:
             # Perhaps our own completion, not written yet: write it, then look again.
-            self._completions.flush()
+            self.completions.flush()
             claim = self._store.claim([id], token)[id]
         if claim.status is ClaimStatus.BUSY:
-            self._metrics.claim_waits.labels(item.route.topic).inc()
-            self._log.info("waiting for another claim", id=id, origin=item.origin)
+            self.metrics.claim_waits.labels(item.route.topic).inc()
+            self.log.info("waiting for another claim", id=id, origin=item.origin)
         while claim.status is ClaimStatus.BUSY:
-            if not self._sleep(CLAIM_WAIT_INTERVAL):
+            if not self.sleep(CLAIM_WAIT_INTERVAL):
                 return None
             claim = self._store.claim([id], token)[id]
         if claim.status is ClaimStatus.CLAIMED:
@@ -112,78 +113,21 @@ class Handling:
     def skip(self, item: Item, claim: Claim, reason: str | None = None) -> None:
         """Count ``item`` as a duplicate of ``claim``'s completed id; a different payload
         follows ``dedup.on_payload_conflict``."""
-        reason = reason or self._duplicate_reason(item, claim)
+        reason = reason or duplicate_reason(item, claim)
         if reason == "conflict" and self._settings.dedup.on_payload_conflict == "dead_letter":
             detail = (
                 f"id {item.id!r} was already processed from {claim.origin} with a different payload"
             )
-            self._dead_letters.write(
+            self.dead_letters.write(
                 item, DeadLetter("id_conflict", "PayloadConflict", detail, 0, item.id)
             )
             return
         if reason != "conflict":
             self._cache.put(item.id, Claim(ClaimStatus.COMPLETED, claim.origin, claim.fingerprint))
-        self._metrics.duplicates.labels(item.route.topic, reason).inc()
-        if self._outcomes.debug:
-            self._outcomes.log(item, "duplicate", reason=reason, first_seen=claim.origin)
+        self.metrics.duplicates.labels(item.route.topic, reason).inc()
+        if self.outcomes.debug:
+            self.outcomes.log(item, "duplicate", reason=reason, first_seen=claim.origin)
         item.done = True
-
-    def replay(self, item: Item, reply: str) -> None:
-        """Produce again the outputs kept with the id's completion, to this message's own
-        reply topic and with its correlation id."""
-        assert item.message is not None
-        headers = item.message.headers
-        outputs = resolve(
-            decode(reply), item.route.default_topic(headers), item.route.correlation(headers)
-        )
-        delay = self._settings.retry.backoff_initial_seconds
-        while True:
-            try:
-                self._produce(outputs, item.id, None)
-                break
-            except KafkaOperationError as exc:
-                self._log.warning("replaying a reply failed", **fields_of(item), error=str(exc))
-                if not self._sleep(delay):
-                    return
-                delay = min(delay * 2, self._settings.retry.backoff_max_seconds)
-        self._metrics.replies_replayed.labels(item.route.topic).inc()
-        self._metrics.duplicates.labels(item.route.topic, "replayed").inc()
-        if self._outcomes.debug:
-            self._outcomes.log(item, "duplicate", reason="replayed", outputs=len(outputs))
-        item.done = True
-
-    def detect(self, item: Item, claim: Claim) -> None:
-        """Count a duplicate that will be handled all the same (shadow mode)."""
-        reason = self._duplicate_reason(item, claim)
-        self._metrics.duplicates_detected.labels(item.route.topic, reason).inc()
-
-    def run_unclaimed(self, item: Item) -> None:
-        """Run the handler of a message whose id is completed, without a claim (shadow
-        mode): retried with backoff, then dead-lettered, like any message."""
-        attempt = 1
-        while True:
-            started = time.perf_counter()
-            result = self._attempt(item, attempt, None)
-            if isinstance(result, Completion):
-                self._metrics.topic(item.route.topic).succeeded.inc()
-                if self._outcomes.debug:
-                    seconds = round(time.perf_counter() - started, 6)
-                    self._outcomes.log(item, "success", attempt=attempt, duration_seconds=seconds)
-                item.done = True
-                return
-            letter = self._failed(item, attempt, result)
-            if letter is not None:
-                self._dead_letters.write(item, letter)
-                return
-            if not self._sleep(self._backoff(attempt, result)):
-                return
-            attempt += 1
-
-    @staticmethod
-    def _duplicate_reason(item: Item, claim: Claim) -> str:
-        if claim.fingerprint is not None and claim.fingerprint != item.fingerprint:
-            return "conflict"
-        return "redelivery" if claim.origin == item.origin else "duplicate"
 
     # -- a claimed message ---------------------------------------------------------------
 
@@ -197,7 +141,7 @@ class Handling:
             if attempt == 0:
                 # Runs of this id began before and did not finish: it may be the message
                 # that kills its worker. Complete what was handled before it runs.
-                self._completions.flush()
+                self.completions.flush()
                 attempt = self._store.begin(item.id, token)
             if attempt == 0:
                 # The claim expired before the run (a long wait on Redis): claim afresh.
@@ -215,30 +159,30 @@ class Handling:
                 )
                 self._give_up(item, token, exhausted)
                 return
-            self._completions.flush_if_lingered()
+            self.completions.flush_if_lingered()
             started = time.perf_counter()
-            result = self._attempt(item, attempt, token)
+            result = self.attempt(item, attempt, token)
             elapsed = time.perf_counter() - started
             if isinstance(result, Completion):
-                self._completions.add(Handled(item, result, attempt, elapsed))
+                self.completions.add(Handled(item, result, attempt, elapsed))
                 return
             if isinstance(result, LeaseLost):
                 self._leases.drop(token, [item.id])
-                self._outcomes.lease_lost(item, attempt, elapsed)
+                self.outcomes.lease_lost(item, attempt, elapsed)
                 return
-            letter = self._failed(item, attempt, result)
+            letter = self.failed(item, attempt, result)
             if letter is not None:
                 self._give_up(item, token, letter)
                 return
-            retried = self._retry(item, token, self._backoff(attempt, result))
+            retried = self._retry(item, token, self.backoff(attempt, result))
             if retried is None:
                 return
             token, attempt = retried
 
-    def _failed(self, item: Item, attempt: int, failure: Exception) -> DeadLetter | None:
+    def failed(self, item: Item, attempt: int, failure: Exception) -> DeadLetter | None:
         """Count and log a failed attempt; the dead letter if the message is given up."""
-        self._metrics.processed.labels(item.route.topic, "failed").inc()
-        self._log.warning(
+        self.metrics.processed.labels(item.route.topic, "failed").inc()
+        self.log.warning(
             "handler failed",
             **fields_of(item),
             attempt=attempt,
@@ -256,7 +200,7 @@ class Handling:
         token and the claim's attempt, or None if the message ended meanwhile."""
         self._leases.drop(token, [item.id])
         self._store.release([item.id], token, "keep")
-        if not self._sleep(delay):
+        if not self.sleep(delay):
             return None
         token = self._new_token()
         claim = self._reclaim(item, token)
@@ -273,11 +217,11 @@ class Handling:
 
     def _give_up(self, item: Item, token: str, letter: DeadLetter) -> None:
         """Dead-letter a claimed message, then drop its claim and its attempt count."""
-        self._dead_letters.write(item, letter)
+        self.dead_letters.write(item, letter)
         self._leases.drop(token, [item.id])
         self._store.release([item.id], token, "clear")
 
-    def _backoff(self, attempt: int, failure: Exception) -> float:
+    def backoff(self, attempt: int, failure: Exception) -> float:
         retry = self._settings.retry
         if isinstance(failure, RetryLater) and failure.delay is not None:
             return min(failure.delay, retry.backoff_max_seconds)
@@ -287,7 +231,7 @@ class Handling:
 
     # -- one run ---------------------------------------------------------------------------
 
-    def _attempt(self, item: Item, attempt: int, token: str | None) -> Completion | Exception:
+    def attempt(self, item: Item, attempt: int, token: str | None) -> Completion | Exception:
         """Run the handler once and confirm its outputs (fenced by ``token``'s claim if
         given): what to complete, or the exception if either failed. If the inbox found
         an earlier run applied, that run's kept outputs are produced instead."""
@@ -297,7 +241,7 @@ class Handling:
         ctx = HandlerContext(
             message,
             attempt,
-            lambda: self._log.bind(**fields_of(item), attempt=attempt),
+            lambda: self.log.bind(**fields_of(item), attempt=attempt),
             route.default_topic(message.headers),
             self._inbox,
             item.fingerprint,
@@ -322,22 +266,22 @@ class Handling:
                 default = route.default_topic(message.headers)
                 correlation = route.correlation(message.headers)
                 outputs = resolve(ctx.applied.outputs, default, correlation)
-            self._produce(outputs, message.id, token)
+            self.produce(outputs, message.id, token)
         except Exception as exc:  # a handler may raise anything: that is its way to fail
             return exc
         finally:
             self._leases.handler_finished(running)
-            self._metrics.topic(route.topic).handler_duration.observe(time.perf_counter() - started)
+            self.metrics.topic(route.topic).handler_duration.observe(time.perf_counter() - started)
         return self._completion(item, ctx, token or "")
 
     def _completion(self, item: Item, ctx: HandlerContext, token: str) -> Completion:
-        mode = self._modes[item.route.topic]
+        mode = self.modes[item.route.topic]
         applied = ctx.applied
         if applied is None:
             return Completion(item.id, token, item.origin, item.fingerprint, mode.reply(ctx.kept))
         item.applied = True
         if applied.fingerprint != item.fingerprint:
-            self._log.warning(
+            self.log.warning(
                 "the inbox holds this id applied from a different payload",
                 **fields_of(item),
                 applied_from=applied.origin,
@@ -346,7 +290,7 @@ class Handling:
         reply = mode.reply(lambda: applied.outputs)
         return Completion(item.id, token, applied.origin, applied.fingerprint, reply)
 
-    def _produce(self, outputs: Sequence[Output], id: str, token: str | None) -> None:
+    def produce(self, outputs: Sequence[Output], id: str, token: str | None) -> None:
         """Produce ``outputs`` and wait for the broker; with ``token``, only while its
         claim holds (a replica that lost it publishes nothing)."""
         if not outputs:
@@ -358,4 +302,36 @@ class Handling:
         ]
         self._outputs.confirm(deliveries, DELIVERY_TIMEOUT)
         for output in outputs:
-            self._metrics.outputs.labels(output.topic).inc()
+            self.metrics.outputs.labels(output.topic).inc()
+
+
+def assemble(
+    settings: Settings,
+    routes: Mapping[str, ResolvedRoute],
+    store: GuardedStore,
+    leases: LeaseKeeper,
+    outputs: Outputs,
+    cache: CompletedIds,
+    event_loop: EventLoopThread | None,
+    metrics: Metrics,
+    log: FilteringBoundLogger,
+    sleep: Callable[[float], bool],
+    new_token: Callable[[], str],
+    on_loop_thread: Callable[[], bool],
+) -> Handling:
+    """The state machine with its parts: completions, dead letters, each route's mode."""
+    dedup = settings.dedup
+    outcomes = Outcomes(metrics, log, settings.log.level == "DEBUG")
+    completions = Completions(
+        store, leases, cache, metrics, outcomes, dedup.complete_linger_ms, dedup.ttl_seconds,
+        on_loop_thread,
+    )  # fmt: skip
+    dead_letters = DeadLetterWriter(outputs, metrics, outcomes, log, settings.retry, sleep)
+    modes = {
+        topic: mode_for(route, dedup.max_stored_reply_bytes) for topic, route in routes.items()
+    }
+    inbox = Inbox(settings.inbox, settings.kafka.group_id, log)
+    return Handling(
+        settings, modes, store, leases, outputs, completions, dead_letters, cache, inbox,
+        event_loop, metrics, outcomes, log, sleep, new_token,
+    )  # fmt: skip

@@ -37,26 +37,22 @@ from confluent_kafka import Message as KafkaMessage
 
 from worker.aio import EventLoopThread
 from worker.cache import CompletedIds
-from worker.completions import Completions
 from worker.consumer import GroupConsumer
-from worker.deadletter import DeadLetterWriter
 from worker.dedup.base import Claim, ClaimStatus, DedupStore
-from worker.errors import ConfigError, StoreUnavailable
+from worker.errors import StoreUnavailable
 from worker.guard import GuardedStore
-from worker.handling import Handling
-from worker.inbox import Inbox
+from worker.handling import assemble
 from worker.inbox.cleanup import InboxCleanup
 from worker.items import Item, prepare
 from worker.lanes import lanes, unstarted
 from worker.leases import LeaseKeeper
 from worker.logs import get_logger
 from worker.metrics import Metrics
-from worker.modes import mode_for
-from worker.outcomes import Outcomes
 from worker.outputs import DELIVERY_TIMEOUT, Outputs
 from worker.registry import ResolvedRoute
 from worker.server import Health
 from worker.settings import Settings, client_config
+from worker.startup import check_eviction_policy, warn_missing_topics
 
 
 class Worker:
@@ -102,46 +98,28 @@ class Worker:
         self._leases = LeaseKeeper(store, dedup.lease_seconds, metrics, health, self._log)
         metrics.in_flight.set_function(self._leases.running)
         self._completed = CompletedIds(dedup.local_cache_size, dedup.ttl_seconds)
-        outcomes = Outcomes(metrics, self._log, settings.log.level == "DEBUG")
-        self._completions = Completions(
-            self._store,
-            self._leases,
-            self._completed,
-            metrics,
-            outcomes,
-            dedup.complete_linger_ms,
-            dedup.ttl_seconds,
-            self._on_loop_thread,
-        )
-        self._dead_letters = DeadLetterWriter(
-            self._outputs, metrics, outcomes, self._log, settings.retry, self._sleep
-        )
-        self._modes = {
-            topic: mode_for(route, dedup.max_stored_reply_bytes) for topic, route in routes.items()
-        }
         self._pools = {
             topic: ThreadPoolExecutor(route.max_in_flight, thread_name_prefix=f"lanes-{topic}")
             for topic, route in routes.items()
             if route.max_in_flight > 1
         }
         self._event_loop = EventLoopThread() if any(r.is_async for r in routes.values()) else None
-        self._handling = Handling(
+        self._handling = assemble(
             settings,
-            self._modes,
+            routes,
             self._store,
             self._leases,
             self._outputs,
-            self._completions,
-            self._dead_letters,
             self._completed,
-            Inbox(settings.inbox, settings.kafka.group_id, self._log),
             self._event_loop,
             metrics,
-            outcomes,
             self._log,
             self._sleep,
             self._new_token,
+            self._on_loop_thread,
         )
+        self._completions = self._handling.completions
+        self._modes = self._handling.modes
         self._cleanup = (
             InboxCleanup(settings, metrics, self._log) if settings.inbox.url is not None else None
         )
@@ -159,8 +137,8 @@ class Worker:
         idle_since = time.monotonic()
         try:
             self._store.ping()
-            self._check_eviction_policy()
-            self._warn_missing_topics()
+            check_eviction_policy(self._store.eviction_policy(), self._settings.redis, self._log)
+            warn_missing_topics(self._routes, self._consumer, self._log)
             self._consumer.subscribe(list(self._routes))
             self._leases.start()
             if self._cleanup is not None:
@@ -186,27 +164,6 @@ class Worker:
 
     def _bound_reached(self) -> bool:
         return self._max_messages is not None and self.finished >= self._max_messages
-
-    def _check_eviction_policy(self) -> None:
-        policy = self._store.eviction_policy()
-        if policy is None:
-            self._log.warning(
-                "could not read the dedup store's maxmemory-policy; make sure it is noeviction"
-            )
-        elif policy != "noeviction" and not self._settings.redis.allow_eviction:
-            raise ConfigError(
-                "redis.allow_eviction",
-                f"Redis runs with maxmemory-policy {policy}: when full it evicts keys, and an "
-                "evicted dedup record is a forgotten id whose duplicates would run again. "
-                "Set maxmemory-policy noeviction, or set redis.allow_eviction = true to "
-                "accept that risk",
-            )
-
-    def _warn_missing_topics(self) -> None:
-        for route in self._routes.values():
-            topics = {route.topic, route.dlq_topic, route.output_topic or route.topic}
-            for topic in sorted(self._consumer.missing_topics(topics)):
-                self._log.warning("topic does not exist (yet)", topic=topic, route=route.topic)
 
     def _close(self) -> None:
         self._stopping = True
@@ -288,7 +245,7 @@ class Worker:
                 continue
             if item.message is None:
                 assert item.rejection is not None
-                self._dead_letters.write(item, item.rejection)
+                self._handling.dead_letters.write(item, item.rejection)
                 continue
             id = item.message.id
             if id in seen:

@@ -1,0 +1,23 @@
+"""The default mode: a duplicate is skipped and counted."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from worker.dedup.base import Claim
+from worker.items import Item
+from worker.replies import Kept
+
+if TYPE_CHECKING:
+    from worker.handling import Handling
+
+
+class SkipDuplicates:
+    uses_cache = True
+
+    def duplicate(self, handling: Handling, item: Item, claim: Claim) -> None:
+        handling.skip(item, claim)
+
+    def reply(self, outputs: Callable[[], Sequence[Kept]]) -> str:
+        return ""
