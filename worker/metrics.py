@@ -183,6 +183,8 @@ class Metrics:
             self.handler_duration.labels(topic)
             self.claim_waits.labels(topic)
             self.lease_lost.labels(topic)
+            self.replies_replayed.labels(topic)
+            self.duplicates_detected.labels(topic, "duplicate")
         for operation in STORE_OPERATIONS:
             self.store_errors.labels(operation)
             self.store_duration.labels(operation)

@@ -9,6 +9,7 @@ import asyncio
 import os
 import threading
 import time
+import uuid
 from typing import ClassVar
 
 from worker import Context, Message, PermanentFailure
@@ -106,3 +107,10 @@ async def in_lanes_async(message: Message, ctx: Context) -> None:
     await asyncio.sleep(0.02)
     _record(message)
     Lanes.leave()
+
+
+def reply_once(message: Message, ctx: Context) -> None:
+    """Records the run and replies with a value no second run could repeat."""
+    _record(message)
+    ctx.emit(f"reply to {message.id}, run {uuid.uuid4().hex}", key=message.key)
+    ctx.emit(b"audit", topic=os.environ.get("AUDIT_TOPIC") or None)
