@@ -50,6 +50,10 @@ class CompletedIds:
                 found[id] = claim
         return found
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
     def put(self, id: str, claim: Claim) -> None:
         self.put_each([(id, claim)])
 

@@ -16,9 +16,11 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from prometheus_client import CollectorRegistry
 
 from worker.dedup import open_store
-from worker.errors import ConfigError
+from worker.dlq_replay import Selection, replay
+from worker.errors import ConfigError, StoreUnavailable
 from worker.logs import Scrubber, configure_logging, get_logger
 from worker.metrics import Metrics
+from worker.operate import forget_ids, show_ids
 from worker.registry import ResolvedRoute, resolve_routes
 from worker.server import Health, HttpServer
 from worker.settings import Settings, client_config, load_settings
@@ -52,6 +54,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate.add_argument("--duplicate-share", type=float, default=0.3)
     generate.add_argument("--interval", type=float, default=1.0, help="seconds per round")
     generate.add_argument("--rounds", type=int, default=0, help="0: until stopped")
+    ids = commands.add_parser("ids", help="inspect or forget message ids in the dedup store")
+    ids_commands = ids.add_subparsers(dest="ids_command", required=True)
+    show = ids_commands.add_parser("show", help="each id's state in the dedup store")
+    show.add_argument("ids", nargs="+", metavar="ID")
+    show.add_argument("--json", action="store_true")
+    forget = ids_commands.add_parser("forget", help="delete completed ids: later copies run")
+    forget.add_argument("ids", nargs="+", metavar="ID")
+    forget.add_argument("--force", action="store_true", help="forget ids in progress too")
+    dlq = commands.add_parser("dlq", help="the dead-letter topics")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    replay = dlq_commands.add_parser("replay", help="re-publish dead letters, once each")
+    replay.add_argument("--topic", required=True, help="the dead-letter topic")
+    replay.add_argument("--reason", action="append", default=[], help="only this dlq-reason")
+    replay.add_argument("--id", action="append", default=[], help="only this message id")
+    replay.add_argument("--limit", type=int, help="replay at most this many")
+    replay.add_argument("--max-replays", type=int, default=3, help="refuse records replayed more")
+    replay.add_argument("--dry-run", action="store_true", help="say what would be replayed")
+    replay.add_argument("--json", action="store_true")
+    for operator in (show, forget, replay):
+        operator.add_argument("--config", help="TOML file (default: $WORKER_CONFIG)")
     inbox = commands.add_parser("inbox", help="the database inbox of ctx.inbox() handlers")
     inbox_commands = inbox.add_subparsers(dest="inbox_command", required=True)
     ddl = inbox_commands.add_parser("ddl", help="print the inbox table's DDL, for migrations")
@@ -80,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "inbox":
         return _print_inbox_ddl(args.config)
+    if args.command in ("ids", "dlq"):
+        return _operate(args)
     try:
         settings, routes = prepare(args.config)
     except ConfigError as exc:
@@ -101,6 +125,26 @@ def prepare(config_path: str | None) -> tuple[Settings, dict[str, ResolvedRoute]
 
         import_psycopg()
     return settings, routes
+
+
+def _operate(args: argparse.Namespace) -> int:
+    """The operators' commands, on the worker's configuration (handlers not imported)."""
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"idempotent-worker: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log, settings.secret_values())
+    try:
+        if args.command == "ids" and args.ids_command == "show":
+            return show_ids(settings, args.ids, args.json, sys.stdout)
+        if args.command == "ids":
+            return forget_ids(settings, args.ids, args.force, sys.stdout)
+        selection = Selection(args.reason, args.id, args.limit, args.max_replays)
+        return replay(settings, args.topic, selection, args.dry_run, args.json)
+    except StoreUnavailable as exc:
+        print(f"idempotent-worker: the dedup store is unavailable: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 def _print_inbox_ddl(config_path: str | None) -> int:

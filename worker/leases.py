@@ -11,6 +11,9 @@ changes, the store lost its records, so completed ids can run again. The worker 
 undo that and keeps running, but it says so: an error log line and
 ``idempotent_worker_dedup_store_resets_total``. The check also keeps ``/readyz``
 honest on a replica with nothing to consume, which would not otherwise meet an outage.
+It also watches the store's forget counter (``idempotent-worker ids forget``): when it
+moves, the replica drops its local cache of completed ids, which may hold a forgotten
+one.
 
 A Python thread cannot be killed, so a handler past its route's timeout ends the
 process: the thread logs it and exits with ``EXIT_HANDLER_TIMEOUT``. The message's
@@ -59,6 +62,7 @@ class LeaseKeeper:
         health: Health,
         log: FilteringBoundLogger,
         on_timeout: Callable[[], None] = lambda: os._exit(EXIT_HANDLER_TIMEOUT),
+        on_forgotten: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._lease = lease_seconds
@@ -67,6 +71,8 @@ class LeaseKeeper:
         self._health = health
         self._log = log
         self._on_timeout = on_timeout
+        self._on_forgotten = on_forgotten
+        self._forgets: int | None = None
         self._held: dict[str, set[str]] = {}  # token -> ids
         self._running: dict[int, _Running] = {}  # handlers running now, by handle
         self._handles = itertools.count()
@@ -135,6 +141,7 @@ class LeaseKeeper:
             if time.monotonic() >= next_renewal:
                 self._renew()
                 self._check_epoch()
+                self._check_forgets()
                 next_renewal = time.monotonic() + self._interval
 
     def _timed(self, operation: str, call: Callable[..., T], *args: Any) -> T | None:
@@ -163,6 +170,15 @@ class LeaseKeeper:
                 "persistence): ids completed before now can run again if redelivered"
             )
         self._epoch = epoch
+
+    def _check_forgets(self) -> None:
+        forgets = self._timed("forgets", self._store.forgets)
+        if forgets is None:
+            return
+        if self._forgets is not None and forgets != self._forgets:
+            self._log.info("ids were forgotten: dropping the local cache of completed ids")
+            self._on_forgotten()
+        self._forgets = forgets
 
     def _renew(self) -> None:
         with self._lock:

@@ -95,9 +95,16 @@ class Worker:
             dedup.lease_seconds,
             self._on_loop_thread,
         )
-        self._leases = LeaseKeeper(store, dedup.lease_seconds, metrics, health, self._log)
-        metrics.in_flight.set_function(self._leases.running)
         self._completed = CompletedIds(dedup.local_cache_size, dedup.ttl_seconds)
+        self._leases = LeaseKeeper(
+            store,
+            dedup.lease_seconds,
+            metrics,
+            health,
+            self._log,
+            on_forgotten=self._completed.clear,
+        )
+        metrics.in_flight.set_function(self._leases.running)
         self._pools = {
             topic: ThreadPoolExecutor(route.max_in_flight, thread_name_prefix=f"lanes-{topic}")
             for topic, route in routes.items()

@@ -13,7 +13,9 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _HANDLER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-STORE_OPERATIONS = ("claim", "begin", "complete", "release", "renew", "epoch", "ping")
+STORE_OPERATIONS = (
+    "claim", "begin", "complete", "release", "renew", "epoch", "forgets", "ping",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

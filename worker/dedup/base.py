@@ -54,6 +54,27 @@ class Claim:
     counts its run with ``begin`` just before it starts."""
 
 
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    """What the store holds for one id, for operators (``idempotent-worker ids show``)."""
+
+    state: State
+    runs: int | None = None
+    """Runs of the handler begun and not finished (in progress, or a claim let go)."""
+    owner: str | None = None
+    """IN_PROGRESS: the claim's token (``<host>-<pid>-<worker>:<n>``)."""
+    lease_left_ms: int | None = None
+    origin: str | None = None
+    """COMPLETED: ``topic/partition/offset`` of the record that completed it."""
+    fingerprint: str | None = None
+    ttl_left_ms: int | None = None
+    """How long the record lives on."""
+
+
+Forgotten = Literal["completed", "in_progress", "absent", "refused"]
+"""What ``forget`` found: ``refused`` is a claim in progress left alone (no force)."""
+
+
 FIRST_CLAIM = Claim(ClaimStatus.CLAIMED, attempt=1)
 CLAIMED = Claim(ClaimStatus.CLAIMED)
 BUSY = Claim(ClaimStatus.BUSY)
@@ -116,6 +137,17 @@ class DedupStore(Protocol):
 
     def state(self, id: str) -> State:
         """The current state of ``id`` (for tests and diagnostics)."""
+
+    def inspect(self, id: str) -> Inspection:
+        """Everything the store holds for ``id``."""
+
+    def forget(self, ids: Sequence[str], force: bool) -> list[Forgotten]:
+        """Delete each id's record, so that a later copy runs again: completed ones, and
+        claims in progress only with ``force``; then count a forget (``forgets``)."""
+
+    def forgets(self) -> int:
+        """How many times ids were forgotten: replicas that see it change drop their
+        local caches of completed ids."""
 
     def eviction_policy(self) -> str | None:
         """The store's policy for evicting keys when full; None if it cannot be read."""

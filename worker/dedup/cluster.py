@@ -48,7 +48,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from worker.dedup.base import Attempts, Claim, Completion, State
+from worker.dedup.base import Attempts, Claim, Completion, Forgotten, Inspection, State
 from worker.dedup.redis import (
     NOT_DURABLE,
     Durability,
@@ -61,6 +61,9 @@ from worker.dedup.scripts import (
     CLAIM,
     COMPLETE,
     EPOCH,
+    FORGET,
+    FORGETS,
+    INSPECT,
     RELEASE,
     RENEW,
     RUNS_TTL_SECONDS,
@@ -68,6 +71,7 @@ from worker.dedup.scripts import (
     ms,
     pack,
     parse_claim,
+    parse_inspection,
     parse_state,
 )
 from worker.errors import StoreUnavailable
@@ -213,6 +217,22 @@ class RedisClusterDedupStore:
 
     def state(self, id: str) -> State:
         return parse_state(self._one(STATE, id, []))
+
+    def inspect(self, id: str) -> Inspection:
+        return parse_inspection(self._one(INSPECT, id, []))
+
+    def forget(self, ids: Sequence[str], force: bool) -> list[Forgotten]:
+        found = self._per_id(FORGET, ids, lambda indexes: ["force" if force else ""])
+        self._execute([self._forgets_call("incr")])
+        return [str(state) for state in found]  # type: ignore[misc]
+
+    def forgets(self) -> int:
+        return int(self._execute([self._forgets_call("")])[0])
+
+    def _forgets_call(self, action: str) -> _Call:
+        """The forget counter lives beside the first bucket's epoch marker."""
+        key = f"{self._prefix}#forgets:{{{self._tags[0]}}}"
+        return _Call(FORGETS, self._slots[0], [key], [action])
 
     def eviction_policy(self) -> str | None:
         """The first primary's policy that is not ``noeviction``, else ``noeviction``;

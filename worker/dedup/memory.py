@@ -19,6 +19,8 @@ from worker.dedup.base import (
     Claim,
     ClaimStatus,
     Completion,
+    Forgotten,
+    Inspection,
     State,
 )
 
@@ -39,6 +41,7 @@ class MemoryDedupStore:
         self._records: dict[str, _Record] = {}
         self._attempts: dict[str, int] = {}
         self._epoch: str | None = None
+        self._forgets = 0
         self._lock = threading.Lock()
 
     def _live(self, id: str) -> _Record | None:
@@ -137,6 +140,37 @@ class MemoryDedupStore:
         with self._lock:
             record = self._live(id)
             return State.ABSENT if record is None else record.state
+
+    def inspect(self, id: str) -> Inspection:
+        with self._lock:
+            record = self._live(id)
+            runs = self._attempts.get(id)
+            if record is None:
+                return Inspection(State.ABSENT, runs=runs)
+            left = int((record.expires_at - self._clock()) * 1000)
+            if record.state is State.COMPLETED:
+                fingerprint = record.fingerprint or None
+                return Inspection(
+                    State.COMPLETED, None, None, None, record.origin, fingerprint, left
+                )
+            return Inspection(State.IN_PROGRESS, runs, record.token, left)
+
+    def forget(self, ids: Sequence[str], force: bool) -> list[Forgotten]:
+        found: list[Forgotten] = []
+        with self._lock:
+            for id in ids:
+                record = self._live(id)
+                if record is not None and record.state is State.IN_PROGRESS and not force:
+                    found.append("refused")
+                    continue
+                found.append("absent" if record is None else record.state.value)
+                self._records.pop(id, None)
+                self._attempts.pop(id, None)
+            self._forgets += 1
+        return found
+
+    def forgets(self) -> int:
+        return self._forgets
 
     def eviction_policy(self) -> str | None:
         return "noeviction"

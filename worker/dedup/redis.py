@@ -26,12 +26,15 @@ from redis.commands.core import Script
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from worker.dedup.base import Attempts, Claim, Completion, State
+from worker.dedup.base import Attempts, Claim, Completion, Forgotten, Inspection, State
 from worker.dedup.scripts import (
     BEGIN,
     CLAIM,
     COMPLETE,
     EPOCH,
+    FORGET,
+    FORGETS,
+    INSPECT,
     RELEASE,
     RENEW,
     RUNS_TTL_SECONDS,
@@ -39,6 +42,7 @@ from worker.dedup.scripts import (
     ms,
     pack,
     parse_claim,
+    parse_inspection,
     parse_state,
 )
 from worker.errors import StoreUnavailable
@@ -88,6 +92,10 @@ class RedisDedupStore:
         self._begin = client.register_script(BEGIN)
         self._epoch = client.register_script(EPOCH)
         self._state = client.register_script(STATE)
+        self._inspect = client.register_script(INSPECT)
+        self._forget = client.register_script(FORGET)
+        self._forgets = client.register_script(FORGETS)
+        self._forgets_key = key_prefix + "#forgets"
 
     @classmethod
     def from_url(
@@ -201,6 +209,18 @@ class RedisDedupStore:
 
     def state(self, id: str) -> State:
         return parse_state(redis_call(lambda: self._state(keys=[self._prefix + id])))
+
+    def inspect(self, id: str) -> Inspection:
+        return parse_inspection(redis_call(lambda: self._inspect(keys=[self._prefix + id])))
+
+    def forget(self, ids: Sequence[str], force: bool) -> list[Forgotten]:
+        keys = self._record_keys(ids)
+        found = redis_call(lambda: self._forget(keys=keys, args=["force" if force else ""]))
+        redis_call(lambda: self._forgets(keys=[self._forgets_key], args=["incr"]))
+        return [str(state) for state in found]  # type: ignore[misc]
+
+    def forgets(self) -> int:
+        return int(redis_call(lambda: self._forgets(keys=[self._forgets_key], args=[""])))
 
     def eviction_policy(self) -> str | None:
         return redis_call(lambda: read_eviction_policy(self._client))

@@ -6,8 +6,9 @@ the packing of their arguments and replies. The record layout is described in
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from worker.dedup.base import BUSY, CLAIMED, FIRST_CLAIM, Claim, ClaimStatus, State
+from worker.dedup.base import BUSY, CLAIMED, FIRST_CLAIM, Claim, ClaimStatus, Inspection, State
 
 RUNS_TTL_SECONDS = 24 * 3600
 """How long an in-progress record, and with it the runs counted, outlives its last claim."""
@@ -208,6 +209,49 @@ return 'in_progress'
 """
 )
 
+# KEYS: the id's record key. The record (or false), its TTL in ms, and the time in ms.
+INSPECT = (
+    _COMMON
+    + """
+return {redis.call('GET', KEYS[1]) or false, redis.call('PTTL', KEYS[1]), now_ms()}
+"""
+)
+
+# KEYS: the ids' record keys. ARGV: "force" to delete claims in progress too. Per id,
+# what it was: completed, in_progress, absent, or refused (in progress, not forced).
+FORGET = (
+    _COMMON
+    + """
+local now = now_ms()
+local out = {}
+for i, key in ipairs(KEYS) do
+  local value = redis.call('GET', key)
+  local token, ends = progress(value)
+  if not value then
+    out[i] = 'absent'
+  elseif string.sub(value, 1, 2) == 'c|' then
+    out[i] = 'completed'
+  elseif token and token ~= '' and ends > now then
+    out[i] = ARGV[1] == 'force' and 'in_progress' or 'refused'
+  else
+    out[i] = 'absent'  -- a claim let go or expired: only its runs are counted
+  end
+  if out[i] ~= 'refused' then
+    redis.call('DEL', key)
+  end
+end
+return out
+"""
+)
+
+# KEYS: the forget counter's key. ARGV: "incr" to count one more. The count.
+FORGETS = """
+if ARGV[1] == 'incr' then
+  return redis.call('INCR', KEYS[1])
+end
+return tonumber(redis.call('GET', KEYS[1]) or '0')
+"""
+
 # KEYS: the epoch marker's key. ARGV: a new epoch. The marker, set to ARGV[1] if missing.
 EPOCH = """
 local value = redis.call('GET', KEYS[1])
@@ -231,6 +275,24 @@ def ms(seconds: float) -> int:
 
 def parse_state(name: str) -> State:
     return {"absent": State.ABSENT, "completed": State.COMPLETED}.get(name, State.IN_PROGRESS)
+
+
+def parse_inspection(reply: list[Any]) -> Inspection:
+    value, ttl, now = reply
+    if not value:
+        return Inspection(State.ABSENT)
+    if value.startswith("c|"):
+        claim = parse_claim(value)
+        return Inspection(
+            State.COMPLETED, origin=claim.origin, fingerprint=claim.fingerprint, ttl_left_ms=ttl
+        )
+    _, token, lease, runs = [*value.split("|"), "", "", ""][:4]
+    left = int(lease or 0) - int(now)
+    if not token or left <= 0:  # let go or expired: free to claim, its runs counted
+        return Inspection(State.ABSENT, runs=int(runs or 0), ttl_left_ms=ttl)
+    return Inspection(
+        State.IN_PROGRESS, runs=int(runs or 0), owner=token, lease_left_ms=left, ttl_left_ms=ttl
+    )
 
 
 def parse_claim(reply: str) -> Claim:
