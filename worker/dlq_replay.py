@@ -12,8 +12,9 @@ dedup store under its dead-letter position (prefix ``<key_prefix>:dlq-replay``),
 a record replayed before is not replayed again even when filters made the earlier run
 skip records before it; and a consumer group of its own on the dead-letter topic
 (``<group_id>.dlq-replay``) commits, per partition, past the records finished
-(replayed, refused, or replayed before), only once the re-published records are
-acknowledged.
+(replayed, replayed before, or refused for good: no original topic, value dropped),
+only once the re-published records are acknowledged. Records not selected, and those
+refused for their ``replay-count``, are not passed: a later run may select them.
 """
 
 from __future__ import annotations
@@ -65,8 +66,6 @@ def replay(
     selection: Selection,
     dry_run: bool,
     as_json: bool,
-    out: TextIO = sys.stdout,
-    progress: TextIO = sys.stderr,
 ) -> int:
     group = f"{settings.kafka.group_id}.dlq-replay"
     consumer = Consumer(
@@ -79,13 +78,13 @@ def replay(
     store = open_store(settings.redis, f"{settings.key_prefix}:dlq-replay")
     producer = Outputs(client_config(settings, dict(settings.kafka.producer)))
     try:
-        run = _Run(settings, topic, selection, dry_run, consumer, store, producer, progress)
+        run = _Run(settings, topic, selection, dry_run, consumer, store, producer, sys.stderr)
         report = run.read()
     finally:
         producer.close(DELIVERY_TIMEOUT)
         consumer.close()
         store.close()
-    _print(report, dry_run, as_json, out)
+    _print(report, dry_run, as_json, sys.stdout)
     return 0
 
 
@@ -157,6 +156,8 @@ class _Run:
         refusal = self._refusal(named)
         if refusal is not None:
             self.report.refused.setdefault(refusal, []).append(position)
+            if refusal == "max_replays":
+                return  # not passed: a later run with a higher --max-replays may want it
         elif self._replayed_before(position):
             self.report.before.append(position)
         else:

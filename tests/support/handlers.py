@@ -114,3 +114,10 @@ def reply_once(message: Message, ctx: Context) -> None:
     _record(message)
     ctx.emit(f"reply to {message.id}, run {uuid.uuid4().hex}", key=message.key)
     ctx.emit(b"audit", topic=os.environ.get("AUDIT_TOPIC") or None)
+
+
+def rejects_listed(message: Message, ctx: Context) -> None:
+    """Fails permanently for the ids in ``REJECT_IDS``; records the others."""
+    if message.id in os.environ.get("REJECT_IDS", "").split(","):
+        raise PermanentFailure(f"{message.id} rejected")
+    _record(message)
