@@ -432,3 +432,46 @@ def test_min_replicas_holds_writes_until_a_replica_acknowledges(redis_sentinel):
     finally:
         met.close()
         unmet.close()
+
+
+def test_a_completion_keeps_a_reply_for_duplicates(store):
+    store.claim(["r", "plain"], "t1", LEASE)
+    replies = [
+        Completion("r", "t1", "t/0/1", "fp", '[{"topic":null}]'),
+        Completion("plain", "t1", "t/0/2", "fp"),
+    ]
+    assert store.complete(replies, 60) == [True, True]
+    kept, plain = store.claim(["r", "plain"], "t2", LEASE)
+    assert (kept.status, kept.reply, kept.fingerprint) == (
+        ClaimStatus.COMPLETED,
+        '[{"topic":null}]',
+        "fp",
+    )
+    assert (plain.reply, plain.fingerprint) == (None, "fp")
+
+
+def test_inspect_tells_each_state(store):
+    assert store.inspect("i").state is State.ABSENT
+    store.claim(["i"], "owner:1", 30)
+    busy = store.inspect("i")
+    assert (busy.state, busy.owner, busy.runs) == (State.IN_PROGRESS, "owner:1", 1)
+    assert 0 < busy.lease_left_ms <= 30_000
+    complete(store, "i", "owner:1", 60, "t/0/9", "fp")
+    done = store.inspect("i")
+    assert (done.state, done.origin, done.fingerprint) == (State.COMPLETED, "t/0/9", "fp")
+    assert 0 < done.ttl_left_ms <= 60_000
+
+
+def test_forget_deletes_completed_ids_and_claims_only_when_forced(store):
+    store.claim(["done", "busy"], "t1", 30)
+    complete(store, "done", "t1", 60, "t/0/1")
+    before = store.forgets()
+    assert store.forget(["done", "busy", "never"], force=False) == [
+        "completed",
+        "refused",
+        "absent",
+    ]
+    assert store.state("done") is State.ABSENT and store.state("busy") is State.IN_PROGRESS
+    assert store.forget(["busy"], force=True) == ["in_progress"]
+    assert store.claim(["busy"], "t2", LEASE)[0].status is ClaimStatus.CLAIMED
+    assert store.forgets() == before + 2

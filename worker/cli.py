@@ -54,26 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate.add_argument("--duplicate-share", type=float, default=0.3)
     generate.add_argument("--interval", type=float, default=1.0, help="seconds per round")
     generate.add_argument("--rounds", type=int, default=0, help="0: until stopped")
-    ids = commands.add_parser("ids", help="inspect or forget message ids in the dedup store")
-    ids_commands = ids.add_subparsers(dest="ids_command", required=True)
-    show = ids_commands.add_parser("show", help="each id's state in the dedup store")
-    show.add_argument("ids", nargs="+", metavar="ID")
-    show.add_argument("--json", action="store_true")
-    forget = ids_commands.add_parser("forget", help="delete completed ids: later copies run")
-    forget.add_argument("ids", nargs="+", metavar="ID")
-    forget.add_argument("--force", action="store_true", help="forget ids in progress too")
-    dlq = commands.add_parser("dlq", help="the dead-letter topics")
-    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
-    replay = dlq_commands.add_parser("replay", help="re-publish dead letters, once each")
-    replay.add_argument("--topic", required=True, help="the dead-letter topic")
-    replay.add_argument("--reason", action="append", default=[], help="only this dlq-reason")
-    replay.add_argument("--id", action="append", default=[], help="only this message id")
-    replay.add_argument("--limit", type=int, help="replay at most this many")
-    replay.add_argument("--max-replays", type=int, default=3, help="refuse records replayed more")
-    replay.add_argument("--dry-run", action="store_true", help="say what would be replayed")
-    replay.add_argument("--json", action="store_true")
-    for operator in (show, forget, replay):
-        operator.add_argument("--config", help="TOML file (default: $WORKER_CONFIG)")
+    _add_operator_commands(commands)
     inbox = commands.add_parser("inbox", help="the database inbox of ctx.inbox() handlers")
     inbox_commands = inbox.add_subparsers(dest="inbox_command", required=True)
     ddl = inbox_commands.add_parser("ddl", help="print the inbox table's DDL, for migrations")
@@ -113,6 +94,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configuration OK: {len(routes)} route(s): {', '.join(routes)}")
         return 0
     return run_worker(settings, routes, args.max_messages, args.idle_timeout)
+
+
+def _add_operator_commands(commands: Any) -> None:
+    """``ids show``, ``ids forget`` and ``dlq replay``."""
+    ids = commands.add_parser("ids", help="inspect or forget message ids in the dedup store")
+    ids_commands = ids.add_subparsers(dest="ids_command", required=True)
+    show = ids_commands.add_parser("show", help="each id's state in the dedup store")
+    show.add_argument("ids", nargs="+", metavar="ID")
+    show.add_argument("--json", action="store_true")
+    forget = ids_commands.add_parser("forget", help="delete completed ids: later copies run")
+    forget.add_argument("ids", nargs="+", metavar="ID")
+    forget.add_argument("--force", action="store_true", help="forget ids in progress too")
+    dlq = commands.add_parser("dlq", help="the dead-letter topics")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    replay = dlq_commands.add_parser("replay", help="re-publish dead letters, once each")
+    replay.add_argument("--topic", required=True, help="the dead-letter topic")
+    replay.add_argument("--reason", action="append", default=[], help="only this dlq-reason")
+    replay.add_argument("--id", action="append", default=[], help="only this message id")
+    replay.add_argument("--limit", type=int, help="replay at most this many")
+    replay.add_argument("--max-replays", type=int, default=3, help="refuse records replayed more")
+    replay.add_argument("--dry-run", action="store_true", help="say what would be replayed")
+    replay.add_argument("--json", action="store_true")
+    for operator in (show, forget, replay):
+        operator.add_argument("--config", help="TOML file (default: $WORKER_CONFIG)")
 
 
 def prepare(config_path: str | None) -> tuple[Settings, dict[str, ResolvedRoute]]:

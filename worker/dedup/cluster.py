@@ -136,7 +136,18 @@ class RedisClusterDedupStore:
         self._bucket_prefixes = [f"{key_prefix}:{{{tag}}}:" for tag in self._tags]
         self._scripts = {
             text: hashlib.sha1(text.encode()).hexdigest()
-            for text in (CLAIM, BEGIN, COMPLETE, RELEASE, RENEW, STATE, EPOCH)
+            for text in (
+                CLAIM,
+                BEGIN,
+                COMPLETE,
+                RELEASE,
+                RENEW,
+                STATE,
+                EPOCH,
+                INSPECT,
+                FORGET,
+                FORGETS,
+            )
         }
 
     @classmethod
