@@ -37,6 +37,9 @@ from worker.outputs import DELIVERY_TIMEOUT, Delivery, Outputs
 from worker.records import coordinates, header_pairs
 from worker.settings import Settings, client_config
 
+LISTED = 50
+"""Records listed one per line in the text summary."""
+
 IDLE_SECONDS = 2.0
 """The dead-letter topic is read until nothing new arrives for this long."""
 
@@ -278,11 +281,16 @@ def _print(report: Report, dry_run: bool, as_json: bool, out: TextIO) -> None:
         print(json.dumps(summary, indent=2), file=out)
         return
     verb = "would replay" if dry_run else "replayed"
-    for position in report.replayed:
-        print(f"{verb} {position}", file=out)
-    for reason, positions in sorted(report.refused.items()):
-        for position in positions:
-            print(f"refused {position}: {reason}", file=out)
+    lines = [f"{verb} {position}" for position in report.replayed]
+    lines += [
+        f"refused {position}: {reason}"
+        for reason, positions in sorted(report.refused.items())
+        for position in positions
+    ]
+    for line in lines[:LISTED]:
+        print(line, file=out)
+    if len(lines) > LISTED:
+        print(f"... and {len(lines) - LISTED} more (--json lists them all)", file=out)
     counts = ", ".join(f"{reason} {count}" for reason, count in sorted(Counter(refused).items()))
     print(
         f"selected {report.selected}, {verb} {len(report.replayed)}, replayed before "
