@@ -5,6 +5,7 @@ cleanup of old rows. The worker-level and fault scenarios are in test_inbox_work
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import threading
@@ -65,6 +66,14 @@ def context(inbox: Inbox, id: str, value: bytes = b"v", attempt: int = 1) -> Han
     return HandlerContext(message, attempt, lambda: LOG, "out", inbox, "fp-" + id, "orders/0/7")
 
 
+def applied(inbox: Inbox, conn: psycopg.Connection[Any], id: str) -> HandlerContext:
+    """A run whose only effect is its output: the inbox row holds it."""
+    ctx = context(inbox, id)
+    with ctx.inbox(conn):
+        ctx.emit(f"{id} applied")
+    return ctx
+
+
 def rows(conn: psycopg.Connection[Any], table: str) -> list[tuple[Any, ...]]:
     result = conn.execute(f'SELECT * FROM "{table}" ORDER BY 1').fetchall()
     conn.commit()
@@ -119,8 +128,7 @@ def test_a_body_that_raises_leaves_neither_its_writes_nor_the_row(conn, business
 
 
 def test_inside_an_open_transaction_the_inbox_is_a_savepoint_of_it(conn, business, inbox):
-    with context(inbox, "first").inbox(conn):  # creates the table, outside the test's transaction
-        pass
+    applied(inbox, conn, "first")  # creates the table, outside the test's transaction
     conn.execute(f'INSERT INTO "{business}" VALUES (%s, %s)', ("before", b""))
     ctx = context(inbox, "c")
     with ctx.inbox(conn):
@@ -179,17 +187,15 @@ def test_outputs_over_the_cap_fail_permanently_and_roll_back(conn, business, nam
 
 
 def test_one_block_per_run(conn, inbox):
-    ctx = context(inbox, "twice")
-    with ctx.inbox(conn):
-        pass
+    ctx = applied(inbox, conn, "twice")
     with pytest.raises(PermanentFailure, match="once per run"), ctx.inbox(conn):
-        pass
+        pytest.fail("a second block ran")
 
 
 def test_a_connection_of_another_kind_is_refused_by_name(conn, inbox, postgres_url):
     wrong = r"psycopg Connection .* not str"
     with pytest.raises(TypeError, match=wrong), context(inbox, "x").inbox("postgresql://"):
-        pass
+        pytest.fail("entered with a string")
 
     async def mixed_up() -> None:
         async with await psycopg.AsyncConnection.connect(postgres_url) as aconn:
@@ -197,10 +203,10 @@ def test_a_connection_of_another_kind_is_refused_by_name(conn, inbox, postgres_u
                 pytest.raises(TypeError, match="needs `async with"),
                 context(inbox, "y").inbox(aconn),
             ):
-                pass
+                pytest.fail("entered an AsyncConnection synchronously")
         with pytest.raises(TypeError, match="takes a psycopg AsyncConnection, not Connection"):
             async with context(inbox, "y").inbox(conn):
-                pass
+                pytest.fail("entered a Connection asynchronously")
 
     asyncio.run(mixed_up())
     sqlite = create_engine("sqlite://")
@@ -209,19 +215,17 @@ def test_a_connection_of_another_kind_is_refused_by_name(conn, inbox, postgres_u
         pytest.raises(TypeError, match="PostgreSQL, not sqlite"),
         context(inbox, "z").inbox(session),
     ):
-        pass
+        pytest.fail("entered on SQLite")
 
 
 def test_async_connection(postgres_url, conn, business, inbox):
     async def handle(id: str, attempt: int) -> HandlerContext:
         ctx = context(inbox, id, attempt=attempt)
         async with await psycopg.AsyncConnection.connect(postgres_url) as aconn:
-            try:
+            with contextlib.suppress(AlreadyApplied):  # the second run: ctx.applied says so
                 async with ctx.inbox(aconn):
                     await aconn.execute(f'INSERT INTO "{business}" VALUES (%s, %s)', (id, b"v"))
                     ctx.emit("async")
-            except AlreadyApplied:
-                pass
         return ctx
 
     first = asyncio.run(handle("async", 1))
@@ -239,13 +243,10 @@ def test_sqlalchemy(postgres_url, conn, business, inbox, kind):
     def handle(attempt: int) -> HandlerContext:
         ctx = context(inbox, kind, attempt=attempt)
         opened = Session(engine) if kind == "Session" else engine.connect()
-        with opened as db:
-            try:
-                with ctx.inbox(db):
-                    db.execute(insert, {"id": kind, "value": b"v"})
-                    ctx.emit(kind)
-            except AlreadyApplied:
-                pass
+        # The second run raises AlreadyApplied on entering: ctx.applied tells.
+        with opened as db, contextlib.suppress(AlreadyApplied), ctx.inbox(db):
+            db.execute(insert, {"id": kind, "value": b"v"})
+            ctx.emit(kind)
         return ctx
 
     assert handle(1).applied is None
@@ -260,8 +261,7 @@ def test_a_table_in_its_own_schema(conn, names):
     conn.execute(f'CREATE SCHEMA "{schema}"')
     conn.commit()
     inbox = Inbox(InboxSettings(schema=schema, table="Inbox"), "g", LOG)
-    with context(inbox, "s").inbox(conn):
-        pass
+    applied(inbox, conn, "s")
     assert inbox_rows(conn, inbox) == [("s", "fp-s", "orders/0/7")]
 
 
@@ -276,8 +276,7 @@ def test_inbox_ddl_prints_what_the_worker_creates(conn, names, tmp_path):
         conn.execute(statement)  # as a migration tool would run it
     conn.commit()
     inbox = Inbox(InboxSettings(table=table), "g", LOG)
-    with context(inbox, "m").inbox(conn):
-        pass
+    applied(inbox, conn, "m")
     assert inbox_rows(conn, inbox) == [("m", "fp-m", "orders/0/7")]
 
 
