@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import handlers  # noqa: E402
-from worker import embedded  # noqa: E402
+from worker import embedded, embedded_postgres  # noqa: E402
 from worker.cli import run_worker  # noqa: E402
 from worker.dedup.base import FIRST_CLAIM, Completion  # noqa: E402
 from worker.dedup.redis import RedisDedupStore  # noqa: E402
@@ -388,7 +388,7 @@ def postgres() -> Iterator[str]:
     if url := os.environ.get("POSTGRES_URL"):
         yield url
     else:
-        with embedded.Postgres() as server:
+        with embedded_postgres.Postgres() as server:
             yield server.url
 
 

@@ -126,7 +126,9 @@ class Worker:
             self._on_loop_thread,
         )
         self._completions = self._handling.completions
-        self._modes = self._handling.modes
+        modes = self._handling.modes
+        self._uncached = {topic for topic, mode in modes.items() if not mode.uses_cache}
+        """Routes whose duplicates the local cache may not answer (see worker/modes)."""
         self._cleanup = (
             InboxCleanup(settings, metrics, self._log) if settings.inbox.url is not None else None
         )
@@ -196,12 +198,15 @@ class Worker:
             self._metrics.topic(topic).consumed.inc(count)
         token = self._new_token()
         ids = dict.fromkeys(i.message.id for i in items if i.message is not None)
-        # Ids this replica saw completed lately need no round trip: they are duplicates.
-        cached = dict.fromkeys(
-            i.message.id
-            for i in items
-            if i.message is not None and self._modes[i.route.topic].uses_cache
-        )
+        # Ids this replica saw completed lately need no round trip: they are duplicates
+        # (except on routes whose mode needs the store's record, e.g. a kept reply).
+        cached = ids
+        if self._uncached:
+            cached = dict.fromkeys(
+                i.message.id
+                for i in items
+                if i.message is not None and i.route.topic not in self._uncached
+            )
         claims = self._completed.get_each(cached)
         claims.update(self._claim([id for id in ids if id not in claims], token))
         futures = [
@@ -259,7 +264,7 @@ class Worker:
                 # An earlier record of this lane carried the same id and is finished by
                 # now: look up how it ended (locally if it completed).
                 own_token = self._new_token()
-                cache = self._modes[item.route.topic].uses_cache
+                cache = item.route.topic not in self._uncached
                 claim = (cache and self._completed.get(id)) or self._handling.acquire(
                     item, own_token
                 )

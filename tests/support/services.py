@@ -21,7 +21,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from worker import embedded
+from worker import embedded, embedded_postgres
 
 SENTINEL_PASSWORD = "s3cret-sentinel"
 """What the session's Sentinels ask of their clients (the Redis servers ask nothing)."""
@@ -90,5 +90,5 @@ def postgres_url() -> Iterator[str]:
         with PostgresContainer(POSTGRES_IMAGE, driver=None) as postgres:
             yield postgres.get_connection_url()
     else:
-        with embedded.Postgres() as server:
+        with embedded_postgres.Postgres() as server:
             yield server.url
