@@ -42,6 +42,7 @@ class Completions:
         outcomes: Outcomes,
         linger_ms: float,
         ttl_seconds: int,
+        position_ttl_seconds: int | None,
         on_loop_thread: Callable[[], bool],
     ) -> None:
         self._store = store
@@ -51,6 +52,7 @@ class Completions:
         self._outcomes = outcomes
         self._linger = linger_ms / 1000
         self._ttl = ttl_seconds
+        self._position_ttl = position_ttl_seconds
         self._on_loop_thread = on_loop_thread
         self._handled: list[Handled] = []
         self._since = 0.0
@@ -79,7 +81,7 @@ class Completions:
             if not handled:
                 return
             completions = [h.completion for h in handled]
-            results = self._store.complete(completions, self._ttl)
+            results = self._store.complete(completions, self._ttl, self._position_ttl)
             self._leases.drop_each((c.token, c.id) for c in completions)
             remembered: list[tuple[str, Claim]] = []
             succeeded: Counter[str] = Counter()
@@ -87,9 +89,11 @@ class Completions:
                 if not completed:
                     self._outcomes.lease_lost(h.item, h.attempt, h.seconds)
                     continue
-                # The local cache never holds replies: routes that replay ask the store.
-                claim = Claim(ClaimStatus.COMPLETED, completion.origin, completion.fingerprint)
-                remembered.append((completion.id, claim))
+                if completion.sequence is None:
+                    # The local cache never holds replies (routes that replay ask the
+                    # store), nor entities (sequence routes compare with positions).
+                    claim = Claim(ClaimStatus.COMPLETED, completion.origin, completion.fingerprint)
+                    remembered.append((completion.id, claim))
                 if h.item.applied:
                     self._metrics.duplicates.labels(h.item.route.topic, "inbox").inc()
                     self._outcomes.log(h.item, "duplicate", reason="inbox", attempt=h.attempt)

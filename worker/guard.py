@@ -50,10 +50,21 @@ class GuardedStore:
         claims = self._call("claim", self._store.claim, ids, token, self._lease)
         return dict(zip(ids, claims, strict=True))
 
-    def complete(self, completions: Sequence[Completion], ttl_seconds: int) -> list[bool]:
+    def claim_positions(self, entities: Sequence[tuple[str, int]], token: str) -> dict[str, Claim]:
+        claims = self._call("claim", self._store.claim_positions, entities, token, self._lease)
+        return {entity: claim for (entity, _), claim in zip(entities, claims, strict=True)}
+
+    def complete(
+        self,
+        completions: Sequence[Completion],
+        ttl_seconds: int,
+        position_ttl_seconds: int | None = None,
+    ) -> list[bool]:
         """An ambiguous failure (e.g. a timeout after Redis applied it) is retried: the
         script re-reads each record and answers True if it is completed under its token."""
-        return self._call("complete", self._store.complete, completions, ttl_seconds)
+        return self._call(
+            "complete", self._store.complete, completions, ttl_seconds, position_ttl_seconds
+        )
 
     def begin(self, id: str, token: str) -> int:
         return self._call("begin", self._store.begin, id, token)

@@ -84,29 +84,35 @@ class Handling:
     def handle(self, item: Item, claim: Claim | None, token: str) -> None:
         if claim is None:
             return
+        mode = self.modes[item.route.topic]
         if claim.status is ClaimStatus.COMPLETED:
-            self.modes[item.route.topic].duplicate(self, item, claim)
-        else:
+            mode.duplicate(self, item, claim)
+        elif mode.admit(self, item, claim, token):
             self.run(item, token, claim.attempt)
 
     def acquire(self, item: Item, token: str) -> Claim | None:
-        """Claim one id, waiting while another claim holds it. None if stopping meanwhile."""
-        id = item.id
-        claim = self._store.claim([id], token)[id]
+        """Claim one message's id (or entity), waiting while another claim holds it. None
+        if stopping meanwhile."""
+        claim = self._claim(item, token)
         if claim.status is ClaimStatus.BUSY:
             # Perhaps our own completion, not written yet: write it, then look again.
             self.completions.flush()
-            claim = self._store.claim([id], token)[id]
+            claim = self._claim(item, token)
         if claim.status is ClaimStatus.BUSY:
             self.metrics.claim_waits.labels(item.route.topic).inc()
-            self.log.info("waiting for another claim", id=id, origin=item.origin)
+            self.log.info("waiting for another claim", id=item.id, origin=item.origin)
         while claim.status is ClaimStatus.BUSY:
             if not self.sleep(CLAIM_WAIT_INTERVAL):
                 return None
-            claim = self._store.claim([id], token)[id]
+            claim = self._claim(item, token)
         if claim.status is ClaimStatus.CLAIMED:
-            self._leases.hold(token, [id])
+            self._leases.hold(token, [item.key])
         return claim
+
+    def _claim(self, item: Item, token: str) -> Claim:
+        if item.sequence is None:
+            return self._store.claim([item.key], token)[item.key]
+        return self._store.claim_positions([(item.key, item.sequence)], token)[item.key]
 
     # -- duplicates ----------------------------------------------------------------------
 
@@ -142,7 +148,7 @@ class Handling:
                 # Runs of this id began before and did not finish: it may be the message
                 # that kills its worker. Complete what was handled before it runs.
                 self.completions.flush()
-                attempt = self._store.begin(item.id, token)
+                attempt = self._store.begin(item.key, token)
             if attempt == 0:
                 # The claim expired before the run (a long wait on Redis): claim afresh.
                 token = self._new_token()
@@ -157,7 +163,7 @@ class Handling:
                 exhausted = DeadLetter(
                     "attempts_exhausted", "AttemptsExhausted", detail, attempt - 1, item.id
                 )
-                self._give_up(item, token, exhausted)
+                self.give_up(item, token, exhausted)
                 return
             self.completions.flush_if_lingered()
             started = time.perf_counter()
@@ -167,12 +173,12 @@ class Handling:
                 self.completions.add(Handled(item, result, attempt, elapsed))
                 return
             if isinstance(result, LeaseLost):
-                self._leases.drop(token, [item.id])
+                self._leases.drop(token, [item.key])
                 self.outcomes.lease_lost(item, attempt, elapsed)
                 return
             letter = self.failed(item, attempt, result)
             if letter is not None:
-                self._give_up(item, token, letter)
+                self.give_up(item, token, letter)
                 return
             retried = self._retry(item, token, self.backoff(attempt, result))
             if retried is None:
@@ -198,8 +204,8 @@ class Handling:
     def _retry(self, item: Item, token: str, delay: float) -> tuple[str, int] | None:
         """Let the claim go, wait ``delay``, claim the id again under a new token: that
         token and the claim's attempt, or None if the message ended meanwhile."""
-        self._leases.drop(token, [item.id])
-        self._store.release([item.id], token, "keep")
+        self._leases.drop(token, [item.key])
+        self._store.release([item.key], token, "keep")
         if not self.sleep(delay):
             return None
         token = self._new_token()
@@ -208,18 +214,18 @@ class Handling:
 
     def _reclaim(self, item: Item, token: str) -> Claim | None:
         """Claim the message's id again: the claim, or None if it was finished meanwhile
-        (then handled here) or the worker is stopping."""
+        (then handled here, by the route's mode) or the worker is stopping."""
         claim = self.acquire(item, token)
         if claim is not None and claim.status is ClaimStatus.COMPLETED:
-            self.skip(item, claim)
+            self.modes[item.route.topic].duplicate(self, item, claim)
             return None
         return claim
 
-    def _give_up(self, item: Item, token: str, letter: DeadLetter) -> None:
+    def give_up(self, item: Item, token: str, letter: DeadLetter) -> None:
         """Dead-letter a claimed message, then drop its claim and its attempt count."""
         self.dead_letters.write(item, letter)
-        self._leases.drop(token, [item.id])
-        self._store.release([item.id], token, "clear")
+        self._leases.drop(token, [item.key])
+        self._store.release([item.key], token, "clear")
 
     def backoff(self, attempt: int, failure: Exception) -> float:
         retry = self._settings.retry
@@ -266,7 +272,7 @@ class Handling:
                 default = route.default_topic(message.headers)
                 correlation = route.correlation(message.headers)
                 outputs = resolve(ctx.applied.outputs, default, correlation)
-            self.produce(outputs, message.id, token)
+            self.produce(outputs, item.key, token)
         except Exception as exc:  # a handler may raise anything: that is its way to fail
             return exc
         finally:
@@ -278,7 +284,8 @@ class Handling:
         mode = self.modes[item.route.topic]
         applied = ctx.applied
         if applied is None:
-            return Completion(item.id, token, item.origin, item.fingerprint, mode.reply(ctx.kept))
+            reply = mode.reply(ctx.kept)
+            return Completion(item.key, token, item.origin, item.fingerprint, reply, item.sequence)
         item.applied = True
         if applied.fingerprint != item.fingerprint:
             self.log.warning(
@@ -288,14 +295,16 @@ class Handling:
             )
         # The inbox's row is the first run's: remember its payload, origin and outputs.
         reply = mode.reply(lambda: applied.outputs)
-        return Completion(item.id, token, applied.origin, applied.fingerprint, reply)
+        return Completion(
+            item.key, token, applied.origin, applied.fingerprint, reply, item.sequence
+        )
 
-    def produce(self, outputs: Sequence[Output], id: str, token: str | None) -> None:
+    def produce(self, outputs: Sequence[Output], key: str, token: str | None) -> None:
         """Produce ``outputs`` and wait for the broker; with ``token``, only while its
-        claim holds (a replica that lost it publishes nothing)."""
+        claim of ``key`` holds (a replica that lost it publishes nothing)."""
         if not outputs:
             return
-        if token is not None and not self._store.renew([id], token)[0]:
+        if token is not None and not self._store.renew([key], token)[0]:
             raise LeaseLost("the claim was lost while the handler ran")
         deliveries = [
             self._outputs.send(o.topic, o.value, key=o.key, headers=o.headers) for o in outputs
@@ -324,7 +333,7 @@ def assemble(
     outcomes = Outcomes(metrics, log, settings.log.level == "DEBUG")
     completions = Completions(
         store, leases, cache, metrics, outcomes, dedup.complete_linger_ms, dedup.ttl_seconds,
-        on_loop_thread,
+        dedup.sequence_ttl_seconds, on_loop_thread,
     )  # fmt: skip
     dead_letters = DeadLetterWriter(outputs, metrics, outcomes, log, settings.retry, sleep)
     modes = {

@@ -14,6 +14,9 @@ from collections.abc import Callable, Mapping
 from worker.errors import MessageIdError
 
 MAX_ID_LENGTH = 512
+MAX_SEQUENCE_DIGITS = 20
+"""A sequence is a non-negative integer of at most this many digits (any 64-bit one)."""
+SEPARATOR = "\x1f"
 
 IdExtractor = Callable[[str, int, int, bytes | None, bytes | None, Mapping[str, bytes | None]], str]
 """``(topic, partition, offset, key, value, headers) -> id``."""
@@ -38,6 +41,86 @@ def parse_id_spec(spec: str) -> IdExtractor:
     )
 
 
+PositionExtractor = Callable[
+    [str, int, int, bytes | None, bytes | None, Mapping[str, bytes | None]], tuple[str, int]
+]
+"""``(topic, partition, offset, key, value, headers) -> (entity, sequence)``."""
+
+
+def parse_position_specs(entity_spec: str, sequence_spec: str) -> PositionExtractor:
+    """The extractor of a sequence route's entity and sequence (``entity`` is ``key``,
+    ``header:<name>`` or ``json:<path>``; ``sequence`` is ``header:<name>`` or
+    ``json:<path>``). Failures are reported as ``entity_*`` or ``sequence_*``."""
+    entity = _renamed(parse_entity_spec(entity_spec), "entity")
+    sequence = _renamed(parse_sequence_spec(sequence_spec), "sequence")
+
+    def extract(
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Mapping[str, bytes | None],
+    ) -> tuple[str, int]:
+        number = int(sequence(topic, partition, offset, key, value, headers))
+        return entity(topic, partition, offset, key, value, headers), number
+
+    return extract
+
+
+def parse_entity_spec(spec: str) -> IdExtractor:
+    if spec in ("hash", "coordinates"):
+        raise ValueError(f"'{spec}' is not an entity spec: use key, header:<name> or json:<path>")
+    return parse_id_spec(spec)
+
+
+def parse_sequence_spec(spec: str) -> IdExtractor:
+    """An extractor of the sequence as decimal digits (checked, no leading zeros)."""
+    if not (spec.startswith("header:") or spec.startswith("json:")):
+        raise ValueError(f"'{spec}' is not a sequence spec: use header:<name> or json:<path>")
+    text = parse_id_spec(spec)
+    what = spec.replace(":", " ", 1)
+
+    def extract(
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Mapping[str, bytes | None],
+    ) -> str:
+        digits = text(topic, partition, offset, key, value, headers)
+        if not (digits.isascii() and digits.isdigit()) or len(digits) > MAX_SEQUENCE_DIGITS:
+            raise MessageIdError(
+                "id_invalid",
+                f"{what} is {digits[:40]!r}: not a non-negative integer of at most "
+                f"{MAX_SEQUENCE_DIGITS} digits",
+            )
+        return str(int(digits))
+
+    return extract
+
+
+def _renamed(extract: IdExtractor, part: str) -> IdExtractor:
+    """``extract`` with its ``id_*`` failure reasons reported as ``<part>_*``."""
+
+    def renamed(
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Mapping[str, bytes | None],
+    ) -> str:
+        try:
+            return extract(topic, partition, offset, key, value, headers)
+        except MessageIdError as exc:
+            reason = part + exc.reason[2:] if exc.reason.startswith("id_") else exc.reason
+            raise MessageIdError(reason, exc.detail) from None
+
+    return renamed
+
+
 def _text(raw: bytes, what: str) -> str:
     try:
         text = raw.decode("utf-8")
@@ -51,6 +134,9 @@ def _checked(text: str, what: str) -> str:
         raise MessageIdError("id_missing", f"{what} is empty")
     if len(text) > MAX_ID_LENGTH:
         raise MessageIdError("id_invalid", f"{what} is longer than {MAX_ID_LENGTH} characters")
+    if SEPARATOR in text:
+        # Reserved: it separates the topic from the entity in a sequence route's claim key.
+        raise MessageIdError("id_invalid", f"{what} contains the character U+001F")
     return text
 
 

@@ -10,6 +10,7 @@ from confluent_kafka import Message as KafkaMessage
 
 from worker.deadletter import DeadLetter
 from worker.errors import MessageIdError
+from worker.ids import SEPARATOR
 from worker.records import coordinates, header_pairs
 from worker.registry import ResolvedRoute
 from worker.types import Message
@@ -30,6 +31,11 @@ class Item:
     """The inbox found the id's effects committed by an earlier run (a duplicate)."""
     done: bool = False
     """Finished (completed, skipped or dead-lettered): its offset may be committed."""
+    key: str = ""
+    """What the message claims in the dedup store: its id, or on a sequence route its
+    entity (``<topic>\\x1f<entity>``, one claim and one position per entity)."""
+    sequence: int | None = None
+    """On a sequence route, the message's position in its entity's history."""
 
     @property
     def id(self) -> str:
@@ -57,8 +63,13 @@ def prepare(
         )
         letter = DeadLetter("payload_too_large", "PayloadTooLarge", detail, 0, drop_value=True)
         return Item(record, route, origin, None, fingerprint, letter)
+    sequence = None
     try:
-        id = route.extract_id(topic, partition, offset, key, value, headers)
+        if route.extract_position is None:
+            id = claimed = route.extract_id(topic, partition, offset, key, value, headers)
+        else:
+            entity, sequence = route.extract_position(topic, partition, offset, key, value, headers)
+            id, claimed = f"{entity}@{sequence}", f"{topic}{SEPARATOR}{entity}"
     except MessageIdError as exc:
         letter = DeadLetter(exc.reason, "MessageIdError", exc.detail, 0)
         return Item(record, route, origin, None, fingerprint, letter)
@@ -66,4 +77,4 @@ def prepare(
     message = Message(
         id, topic, partition, offset, key, value, headers, timestamp if kind else None
     )
-    return Item(record, route, origin, message, fingerprint)
+    return Item(record, route, origin, message, fingerprint, key=claimed, sequence=sequence)

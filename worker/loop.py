@@ -197,18 +197,17 @@ class Worker:
         for topic, count in Counter(item.route.topic for item in items).items():
             self._metrics.topic(topic).consumed.inc(count)
         token = self._new_token()
-        ids = dict.fromkeys(i.message.id for i in items if i.message is not None)
+        firsts: dict[str, Item] = {}  # the first message with each id (or entity)
+        for item in items:
+            if item.message is not None:
+                firsts.setdefault(item.key, item)
         # Ids this replica saw completed lately need no round trip: they are duplicates
         # (except on routes whose mode needs the store's record, e.g. a kept reply).
-        cached = ids
+        cached = firsts
         if self._uncached:
-            cached = dict.fromkeys(
-                i.message.id
-                for i in items
-                if i.message is not None and i.route.topic not in self._uncached
-            )
+            cached = {k: i for k, i in firsts.items() if i.route.topic not in self._uncached}
         claims = self._completed.get_each(cached)
-        claims.update(self._claim([id for id in ids if id not in claims], token))
+        claims.update(self._claim([i for k, i in firsts.items() if k not in claims], token))
         futures = [
             pool.submit(self._run_lane, lane, claims, token)
             for topic, pool in self._pools.items()
@@ -259,19 +258,19 @@ class Worker:
                 assert item.rejection is not None
                 self._handling.dead_letters.write(item, item.rejection)
                 continue
-            id = item.message.id
-            if id in seen:
-                # An earlier record of this lane carried the same id and is finished by
-                # now: look up how it ended (locally if it completed).
+            key = item.key
+            if key in seen:
+                # An earlier record of this lane carried the same id (or entity) and is
+                # finished by now: look up how it ended (locally if it completed).
                 own_token = self._new_token()
                 cache = item.route.topic not in self._uncached
-                claim = (cache and self._completed.get(id)) or self._handling.acquire(
+                claim = (cache and self._completed.get(key)) or self._handling.acquire(
                     item, own_token
                 )
                 self._handling.handle(item, claim, own_token)
                 continue
-            seen.add(id)
-            claim = claims[id]
+            seen.add(key)
+            claim = claims[key]
             if claim.status is ClaimStatus.BUSY:
                 # Another replica holds this id. Keeping our claims on this lane's later
                 # ids while we wait could leave two replicas waiting for each other:
@@ -282,19 +281,28 @@ class Worker:
                 claims.update(self._claim(later, token))
             self._handling.handle(item, claim, token)
 
-    def _claim(self, ids: Sequence[str], token: str) -> dict[str, Claim]:
-        """Claim ``ids``; the lease keeper renews those we got until they are finished."""
-        if not ids:
-            return {}
-        claims = self._store.claim(ids, token)
+    def _claim(self, items: Sequence[Item], token: str) -> dict[str, Claim]:
+        """Claim the ids (or entities) of ``items``, each with its own; the lease keeper
+        renews those we got until they are finished."""
+        ids = [item.key for item in items if item.sequence is None]
+        claims = self._store.claim(ids, token) if ids else {}
+        entities = [(item.key, item.sequence) for item in items if item.sequence is not None]
+        if entities:
+            claims.update(self._store.claim_positions(entities, token))
         self._leases.hold(token, (i for i, c in claims.items() if c.status is ClaimStatus.CLAIMED))
         return claims
 
     def _give_back(
-        self, ids: Sequence[str], claims: Mapping[str, Claim], token: str, *, wait_out_outage: bool
+        self,
+        items: Sequence[Item],
+        claims: Mapping[str, Claim],
+        token: str,
+        *,
+        wait_out_outage: bool,
     ) -> None:
         """Release claims whose messages did not start; a run their claim counted is
         uncounted again. Without ``wait_out_outage`` it is best effort: leases expire."""
+        ids = [item.key for item in items]
         self._leases.drop(token, ids)
         release = self._store.release if wait_out_outage else self._store.release_if_reachable
         release([id for id in ids if claims[id].attempt], token, "clear")
@@ -304,9 +312,9 @@ class Worker:
         self, items: Sequence[Item], claims: Mapping[str, Claim], token: str, seen: set[str]
     ) -> None:
         """Give up this batch's claims of ``items``, which will not run here."""
-        ids = unstarted(items, claims, seen)
-        seen.update(ids)
-        self._give_back(ids, claims, token, wait_out_outage=False)
+        unclaimed = unstarted(items, claims, seen)
+        seen.update(item.key for item in unclaimed)
+        self._give_back(unclaimed, claims, token, wait_out_outage=False)
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -50,7 +50,8 @@ class Metrics:
             "record again (e.g. after a crash before commit); reason=inbox: the database "
             "inbox held the id applied by a run that died before completing it; "
             "reason=replayed: its kept reply was produced again; reason=reply_not_kept: "
-            "its reply was too large to keep; reason=conflict: another payload, skipped.",
+            "its reply was too large to keep; reason=conflict: another payload, skipped; "
+            "reason=stale: at or below its entity's position (sequence routes).",
             ["topic", "reason"],
             registry=registry,
         )
@@ -59,6 +60,13 @@ class Metrics:
             'Duplicates found on routes in shadow mode (dedup = "shadow"), which handle '
             "them all the same; reasons as for duplicates_skipped.",
             ["topic", "reason"],
+            registry=registry,
+        )
+        self.sequence_gaps = Counter(
+            PREFIX + "sequence_gaps",
+            'Messages of sequence routes (dedup = "sequence") more than one above their '
+            'entity\'s position: handled, or dead-lettered with on_gap = "dead_letter".',
+            ["topic"],
             registry=registry,
         )
         self.replies_replayed = Counter(

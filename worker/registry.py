@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from worker.errors import ConfigError
-from worker.ids import IdExtractor, parse_id_spec
-from worker.settings import Route, Settings
+from worker.ids import IdExtractor, PositionExtractor, parse_id_spec, parse_position_specs
+from worker.route_settings import Route
+from worker.settings import Settings
 from worker.types import Handler
 
 
@@ -25,11 +26,14 @@ class ResolvedRoute:
     max_in_flight: int
     is_async: bool
     dedup: str
-    """``id`` or ``shadow`` (see worker/modes.py)."""
+    """``id``, ``shadow`` or ``sequence`` (see worker/modes/)."""
     on_duplicate: str
     reply_header: str | None
     """The header naming the topic of outputs that name none (``reply_to``)."""
     correlation_header: str | None
+    extract_position: PositionExtractor | None = None
+    """``dedup = "sequence"``: the message's entity and sequence."""
+    on_gap: str = "process"
 
     def default_topic(self, headers: Mapping[str, bytes]) -> str | None:
         """Where a message's outputs that name no topic go: its reply header's topic,
@@ -92,4 +96,10 @@ def _resolve(index: int, route: Route, timeout_seconds: float) -> ResolvedRoute:
         on_duplicate=route.on_duplicate,
         reply_header=route.reply_to.removeprefix("header:") if route.reply_to else None,
         correlation_header=route.correlation_header,
+        extract_position=(
+            parse_position_specs(route.entity, route.sequence)
+            if route.entity is not None and route.sequence is not None
+            else None
+        ),
+        on_gap=route.on_gap,
     )

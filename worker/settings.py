@@ -16,8 +16,6 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -32,7 +30,7 @@ from pydantic_settings import (
 )
 
 from worker.errors import ConfigError
-from worker.ids import parse_id_spec
+from worker.route_settings import CombinationError, Route, Section
 
 ClientValue = str | int | float | bool
 
@@ -63,11 +61,7 @@ SECRET_CLIENT_OPTION_MARKERS = ("password", "secret", "sasl.oauthbearer.config",
 _config_file: ContextVar[Path | None] = ContextVar("_config_file", default=None)
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class KafkaSettings(_Section):
+class KafkaSettings(Section):
     bootstrap_servers: str = Field(min_length=1)
     group_id: str = Field(min_length=1)
     client: dict[str, ClientValue] = Field(default_factory=dict)
@@ -98,7 +92,7 @@ class KafkaSettings(_Section):
         return float(options.get("max.poll.interval.ms", 300_000)) / 1000
 
 
-class RedisSettings(_Section):
+class RedisSettings(Section):
     url: SecretStr
     socket_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
     tls_ca_file: str | None = None
@@ -147,19 +141,19 @@ class RedisSettings(_Section):
     def _check_topology(self) -> RedisSettings:
         if bool(self.sentinel_master) != bool(self.sentinels):
             key = "redis.sentinels" if self.sentinel_master else "redis.sentinel_master"
-            raise _CombinationError(
+            raise CombinationError(
                 key, "redis.sentinel_master and redis.sentinels are set together, or neither"
             )
         if self.sentinel_master and self.cluster:
-            raise _CombinationError(
+            raise CombinationError(
                 "redis.sentinel_master", "a Redis Cluster fails over by itself: not with Sentinel"
             )
         if self.sentinel_master and urlsplit(self.url.get_secret_value()).scheme == "unix":
-            raise _CombinationError(
+            raise CombinationError(
                 "redis.url", "must be a redis:// or rediss:// URL with redis.sentinel_master"
             )
         if self.min_replicas and self.replica_timeout_ms >= 1000 * self.socket_timeout_seconds:
-            raise _CombinationError(
+            raise CombinationError(
                 "redis.replica_timeout_ms",
                 "must be shorter than redis.socket_timeout_seconds: a WAIT for replicas that "
                 "runs out must answer before the client gives up on the connection",
@@ -167,11 +161,11 @@ class RedisSettings(_Section):
         if self.cluster:
             parts = urlsplit(self.url.get_secret_value())
             if parts.scheme == "unix":
-                raise _CombinationError(
+                raise CombinationError(
                     "redis.url", "must be a redis:// or rediss:// URL with redis.cluster"
                 )
             if parts.path.strip("/") not in ("", "0"):
-                raise _CombinationError(
+                raise CombinationError(
                     "redis.url", "a Redis Cluster has only database 0 (redis.cluster is set)"
                 )
         return self
@@ -193,7 +187,7 @@ class RedisSettings(_Section):
         return parts._replace(netloc=f"{user}:***@{host}{port}").geturl()
 
 
-class DedupSettings(_Section):
+class DedupSettings(Section):
     key_prefix: str | None = Field(default=None, min_length=1)
     """Namespace of dedup keys; derived from the group id when unset."""
     ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
@@ -211,13 +205,17 @@ class DedupSettings(_Section):
     """The most output bytes (keys, values, headers) a completed record keeps for
     duplicates to replay (``on_duplicate = "replay"``); above it nothing is kept and
     duplicates are skipped (reason reply_not_kept)."""
+    sequence_ttl_seconds: int | None = Field(default=None, ge=1)
+    """How long a sequence route's entity position lives after its last advance; unset:
+    until deleted. An entity whose position expired starts over: its next message sets
+    the position, whatever its number."""
 
 
 SqlName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,49}$")]
 """A PostgreSQL identifier the worker quotes as written (room left for index names)."""
 
 
-class InboxSettings(_Section):
+class InboxSettings(Section):
     """The transactional inbox of database handlers (``ctx.inbox(conn)``)."""
 
     table: SqlName = "idempotent_worker_inbox"
@@ -248,70 +246,24 @@ class InboxSettings(_Section):
         return url
 
 
-class RetrySettings(_Section):
+class RetrySettings(Section):
     max_attempts: int = Field(default=5, ge=1, le=1000)
     backoff_initial_seconds: float = Field(default=0.2, ge=0)
     backoff_max_seconds: float = Field(default=10.0, ge=0)
 
 
-class HttpSettings(_Section):
+class HttpSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
 
 
-class LogSettings(_Section):
+class LogSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "console"] = "json"
 
 
-class ShutdownSettings(_Section):
+class ShutdownSettings(Section):
     grace_seconds: float = Field(default=30.0, gt=0)
-
-
-TopicName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
-"""What Kafka accepts as a topic name."""
-
-
-class Route(_Section):
-    topic: TopicName
-    handler: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    id: str = "header:message-id"
-    output_topic: TopicName | None = None
-    dlq_topic: TopicName | None = None
-    max_in_flight: int = Field(default=1, ge=1, le=1024)
-    """Messages of this route handled at once. Messages with the same Kafka key (or id)
-    still run one after another, in order."""
-    timeout_seconds: float | None = Field(default=None, gt=0)
-    """A handler running longer ends the process (see worker/leases.py); default: 90% of
-    max.poll.interval.ms."""
-    dedup: Literal["id", "shadow"] = "id"
-    """``id``: a completed id's duplicates are not handled. ``shadow``: they are detected
-    and counted, and handled all the same."""
-    on_duplicate: Literal["skip", "replay"] = "skip"
-    """``replay``: a duplicate produces again the outputs its id's first run emitted."""
-    reply_to: str | None = Field(default=None, pattern=r"^header:.+$")
-    """``header:<name>``: outputs that name no topic go to the topic in this header of
-    the message (then to ``output_topic`` if it has none)."""
-    correlation_header: str | None = Field(default=None, min_length=1)
-    """A header of the message copied onto each output that names no topic."""
-
-    @model_validator(mode="after")
-    def _check_modes(self) -> Route:
-        if self.dedup == "shadow" and self.on_duplicate == "replay":
-            raise _CombinationError(
-                "on_duplicate", "a shadow route runs every duplicate: it has nothing to replay"
-            )
-        return self
-
-    @field_validator("id")
-    @classmethod
-    def _check_id(cls, spec: str) -> str:
-        parse_id_spec(spec)
-        return spec
-
-    @property
-    def dead_letter_topic(self) -> str:
-        return self.dlq_topic or f"{self.topic}.dlq"
 
 
 class Settings(BaseSettings):
@@ -360,20 +312,20 @@ class Settings(BaseSettings):
     def _check_combinations(self) -> Settings:
         max_poll = self.kafka.max_poll_interval_seconds
         if self.dedup.lease_seconds >= max_poll:
-            raise _CombinationError(
+            raise CombinationError(
                 "dedup.lease_seconds",
                 f"must be shorter than max.poll.interval.ms ({max_poll:g} s): waiting for "
                 "another replica's claim can take a whole lease, and the consumer would "
                 "be expelled from its group meanwhile",
             )
         if self.retry.backoff_max_seconds >= max_poll:
-            raise _CombinationError(
+            raise CombinationError(
                 "retry.backoff_max_seconds",
                 f"must be shorter than max.poll.interval.ms ({max_poll:g} s)",
             )
         for index, route in enumerate(self.routes):
             if route.timeout_seconds is not None and route.timeout_seconds >= max_poll:
-                raise _CombinationError(
+                raise CombinationError(
                     f"routes[{index}].timeout_seconds",
                     f"must be shorter than max.poll.interval.ms ({max_poll:g} s): the handler "
                     "runs on the polling thread, and the consumer would be expelled from its "
@@ -381,7 +333,7 @@ class Settings(BaseSettings):
                 )
         socket_timeout = self.redis.socket_timeout_seconds
         if self.dedup.lease_seconds < 3 * socket_timeout:
-            raise _CombinationError(
+            raise CombinationError(
                 "dedup.lease_seconds",
                 f"must be at least 3 x redis.socket_timeout_seconds ({3 * socket_timeout:g} s): "
                 "leases are renewed every lease/3, and a renewal that times out must leave "
@@ -390,15 +342,15 @@ class Settings(BaseSettings):
         producer = {**self.kafka.client, **self.kafka.producer}
         message_max = int(producer.get("message.max.bytes", 1_000_000))
         if self.kafka.max_payload_bytes > message_max - 65_536:
-            raise _CombinationError(
+            raise CombinationError(
                 "kafka.max_payload_bytes",
                 f"must leave 64 KiB under the producer's message.max.bytes ({message_max}) "
                 "for the dead-letter headers, or a large message could not be dead-lettered",
             )
         if self.dedup.ttl_seconds <= self.dedup.lease_seconds:
-            raise _CombinationError("dedup.ttl_seconds", "must be longer than dedup.lease_seconds")
+            raise CombinationError("dedup.ttl_seconds", "must be longer than dedup.lease_seconds")
         if self.redis.cluster and ("{" in self.key_prefix or "}" in self.key_prefix):
-            raise _CombinationError(
+            raise CombinationError(
                 "dedup.key_prefix",
                 "must not contain { or } with redis.cluster: the worker puts its own hash "
                 "tag in every key",
@@ -430,12 +382,6 @@ class Settings(BaseSettings):
         return [secret for secret in secrets if secret]
 
 
-class _CombinationError(ValueError):
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(problem)
-        self.key = key
-
-
 def load_settings(config_path: str | Path | None = None) -> Settings:
     """Build the settings from the TOML file (argument or ``WORKER_CONFIG``) and the environment.
 
@@ -463,7 +409,7 @@ def _to_config_error(exc: ValidationError) -> ConfigError:
     error = exc.errors(include_input=False, include_url=False)[0]
     key = _dotted(error["loc"])
     cause = (error.get("ctx") or {}).get("error")
-    if isinstance(cause, _CombinationError):
+    if isinstance(cause, CombinationError):
         # A key without a dot is relative to where the check ran (a route).
         relative = key and "." not in cause.key
         return ConfigError(f"{key}.{cause.key}" if relative else cause.key, str(cause))

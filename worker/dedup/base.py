@@ -48,6 +48,9 @@ class Claim:
     reply: str | None = None
     """For COMPLETED: what the completion stored for duplicates to replay (a route with
     ``on_duplicate = "replay"``; see worker/replies.py), None if nothing was."""
+    position: int | None = None
+    """From ``claim_positions``: the entity's recorded position (None: no record yet). With
+    COMPLETED, the message's sequence is at or below it (stale) and nothing was claimed."""
     attempt: int = 0
     """For CLAIMED: 1 when the id had no runs counted and this claim counted its first;
     0 when runs were counted before (they crashed, timed out or failed), so the caller
@@ -90,6 +93,10 @@ class Completion:
     fingerprint: str = ""
     reply: str = ""
     """Kept with the completed record for duplicates to replay; "" keeps nothing."""
+    sequence: int | None = None
+    """Set for an entity claimed with ``claim_positions``: completing raises the entity's
+    position to it (never lowers it) and ends the claim; ``origin``, ``fingerprint`` and
+    ``reply`` are not kept."""
 
 
 class DedupStore(Protocol):
@@ -102,15 +109,30 @@ class DedupStore(Protocol):
         (``attempt`` 1), so the common case costs no ``begin`` round trip. Releasing such
         a claim unstarted should clear the count again (``attempts="clear"``)."""
 
+    def claim_positions(
+        self, entities: Sequence[tuple[str, int]], token: str, lease_seconds: float
+    ) -> list[Claim]:
+        """For each ``(entity, sequence)``, in one atomic step: COMPLETED (stale, nothing
+        claimed) if ``sequence`` is at or below the entity's position, else the entity's
+        claim as ``claim`` takes an id's (CLAIMED or BUSY), with the position in
+        ``Claim.position``. The other operations take an entity's claim like an id's."""
+
     def begin(self, id: str, token: str) -> int:
         """Count a run of ``id``'s handler about to start under ``token``'s claim.
 
         Returns the number of this run over every replica and restart (a run whose worker
         died counts), or 0 if ``token`` no longer holds the claim."""
 
-    def complete(self, completions: Sequence[Completion], ttl_seconds: int) -> list[bool]:
+    def complete(
+        self,
+        completions: Sequence[Completion],
+        ttl_seconds: int,
+        position_ttl_seconds: int | None = None,
+    ) -> list[bool]:
         """Mark each claimed id completed for ``ttl_seconds``, remembering its origin and
-        fingerprint, and forget its attempt count; all in one step. Per id:
+        fingerprint, and forget its attempt count; all in one step. A completion with a
+        ``sequence`` raises its entity's position instead (kept ``position_ttl_seconds``
+        from then, or for good) and deletes the entity's claim. Per id:
 
         True if the record is now completed under the completion's token: also when it
         already was (an ambiguous earlier attempt can simply be repeated), and when the

@@ -67,12 +67,16 @@ from worker.dedup.scripts import (
     RELEASE,
     RENEW,
     RUNS_TTL_SECONDS,
+    SEQUENCE_CLAIM,
+    SEQUENCE_COMPLETE,
     STATE,
     ms,
     pack,
     parse_claim,
     parse_inspection,
+    parse_position_claim,
     parse_state,
+    split_completions,
 )
 from worker.errors import StoreUnavailable
 
@@ -108,7 +112,7 @@ class _Call:
 _REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError, NoScriptError)
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, SlotNotCoveredError)
 _TOPOLOGY_CHANGED = (*_UNREACHABLE, ClusterDownError)
-_DURABLE = (CLAIM, COMPLETE, EPOCH)
+_DURABLE = (CLAIM, COMPLETE, EPOCH, SEQUENCE_CLAIM, SEQUENCE_COMPLETE)
 """The calls that wait for ``redis.min_replicas`` replicas: the writes the worker relies
 on, and the epoch check that tells ``/readyz`` whether the store can take them."""
 
@@ -134,6 +138,7 @@ class RedisClusterDedupStore:
         self._tags = bucket_tags()
         self._slots = [key_slot(tag.encode()) for tag in self._tags]
         self._bucket_prefixes = [f"{key_prefix}:{{{tag}}}:" for tag in self._tags]
+        self._position_prefixes = [f"{key_prefix}={{{tag}}}:" for tag in self._tags]
         self._scripts = {
             text: hashlib.sha1(text.encode()).hexdigest()
             for text in (
@@ -147,6 +152,8 @@ class RedisClusterDedupStore:
                 INSPECT,
                 FORGET,
                 FORGETS,
+                SEQUENCE_CLAIM,
+                SEQUENCE_COMPLETE,
             )
         }
 
@@ -193,20 +200,52 @@ class RedisClusterDedupStore:
         replies = self._per_id(CLAIM, ids, lambda indexes: args)
         return [parse_claim(reply) for reply in replies]
 
+    def claim_positions(
+        self, entities: Sequence[tuple[str, int]], token: str, lease_seconds: float
+    ) -> list[Claim]:
+        def args(indexes: list[int]) -> list[Any]:
+            sequences = pack([str(entities[i][1]) for i in indexes])
+            return [token, ms(lease_seconds), RUNS_TTL_SECONDS, sequences]
+
+        keys = [entity for entity, _ in entities]
+        replies = self._per_id(SEQUENCE_CLAIM, keys, args, positions=True)
+        return [parse_position_claim(reply) for reply in replies]
+
     def begin(self, id: str, token: str) -> int:
         return int(self._one(BEGIN, id, [token, RUNS_TTL_SECONDS]))
 
-    def complete(self, completions: Sequence[Completion], ttl_seconds: int) -> list[bool]:
+    def complete(
+        self,
+        completions: Sequence[Completion],
+        ttl_seconds: int,
+        position_ttl_seconds: int | None = None,
+    ) -> list[bool]:
+        ids, entities = split_completions(completions)
+
         def args(indexes: list[int]) -> list[Any]:
             fields = [
                 field
-                for c in (completions[i] for i in indexes)
+                for c in (completions[ids[i]] for i in indexes)
                 for field in (c.id, c.token, c.origin, c.fingerprint, c.reply)
             ]
             return ["", ttl_seconds, pack(fields)]
 
-        replies = self._per_id(COMPLETE, [c.id for c in completions], args)
-        return [bool(reply) for reply in replies]
+        def position_args(indexes: list[int]) -> list[Any]:
+            raised = (completions[entities[i]] for i in indexes)
+            return [
+                position_ttl_seconds or "",
+                pack([f for c in raised for f in (c.token, str(c.sequence))]),
+            ]
+
+        done: dict[int, bool] = {}
+        if ids:
+            replies = self._per_id(COMPLETE, [completions[i].id for i in ids], args)
+            done.update(zip(ids, map(bool, replies), strict=True))
+        if entities:
+            keys = [completions[i].id for i in entities]
+            replies = self._per_id(SEQUENCE_COMPLETE, keys, position_args, positions=True)
+            done.update(zip(entities, map(bool, replies), strict=True))
+        return [done[i] for i in range(len(completions))]
 
     def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:
         _, calls = self._calls(RELEASE, ids, lambda indexes: [token, attempts, RUNS_TTL_SECONDS])
@@ -276,22 +315,33 @@ class RedisClusterDedupStore:
         return self._execute(self._calls(script, [id], lambda indexes: args)[1])[0]
 
     def _calls(
-        self, script: str, ids: Sequence[str], args: Callable[[list[int]], list[Any]]
+        self,
+        script: str,
+        ids: Sequence[str],
+        args: Callable[[list[int]], list[Any]],
+        positions: bool = False,
     ) -> tuple[list[list[int]], list[_Call]]:
-        """``script`` once per bucket over its ids' keys, ``args(indexes)`` its ARGV; with
-        each call, the indexes in ``ids`` of its keys."""
+        """``script`` once per bucket over its ids' keys (with ``positions``, the
+        entities' claim keys, then their position keys), ``args(indexes)`` its ARGV;
+        with each call, the indexes in ``ids`` of its keys."""
         groups = list(self._by_bucket(ids).items())
-        calls = [
-            _Call(script, self._slots[b], [self._bucket_prefixes[b] + ids[i] for i in ix], args(ix))
-            for b, ix in groups
-        ]
+        calls = []
+        for bucket, indexes in groups:
+            keys = [self._bucket_prefixes[bucket] + ids[i] for i in indexes]
+            if positions:
+                keys += [self._position_prefixes[bucket] + ids[i] for i in indexes]
+            calls.append(_Call(script, self._slots[bucket], keys, args(indexes)))
         return [ix for _, ix in groups], calls
 
     def _per_id(
-        self, script: str, ids: Sequence[str], args: Callable[[list[int]], list[Any]]
+        self,
+        script: str,
+        ids: Sequence[str],
+        args: Callable[[list[int]], list[Any]],
+        positions: bool = False,
     ) -> list[Any]:
         """The per-id replies of ``script`` over ``ids`` (see ``_calls``), in their order."""
-        indexes, calls = self._calls(script, ids, args)
+        indexes, calls = self._calls(script, ids, args, positions)
         replies: list[Any] = [None] * len(ids)
         for call_indexes, reply in zip(indexes, self._execute(calls), strict=True):
             for index, value in zip(call_indexes, reply, strict=True):

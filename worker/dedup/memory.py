@@ -6,6 +6,8 @@ injectable clock so tests can expire leases without sleeping.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,9 +42,10 @@ class MemoryDedupStore:
         self._clock = clock
         self._records: dict[str, _Record] = {}
         self._attempts: dict[str, int] = {}
+        self._positions: dict[str, tuple[int, float]] = {}  # entity -> (position, expiry)
         self._epoch: str | None = None
         self._forgets = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def _live(self, id: str) -> _Record | None:
         record = self._records.get(id)
@@ -74,12 +77,39 @@ class MemoryDedupStore:
                     claims.append(BUSY)
             return claims
 
-    def complete(self, completions: Sequence[Completion], ttl_seconds: int) -> list[bool]:
-        with self._lock:
-            return [self._complete(c, ttl_seconds) for c in completions]
+    def claim_positions(
+        self, entities: Sequence[tuple[str, int]], token: str, lease_seconds: float
+    ) -> list[Claim]:
+        claims = []
+        with self._lock:  # reentrant: each entity's claim is taken with its position read
+            for entity, sequence in entities:
+                position = self._position(entity)
+                if position is not None and sequence <= position:
+                    claims.append(Claim(ClaimStatus.COMPLETED, position=position))
+                    continue
+                (claim,) = self.claim([entity], token, lease_seconds)
+                claims.append(dataclasses.replace(claim, position=position))
+        return claims
 
-    def _complete(self, completion: Completion, ttl_seconds: int) -> bool:
+    def _position(self, entity: str) -> int | None:
+        position, expires_at = self._positions.get(entity, (None, math.inf))
+        return position if expires_at > self._clock() else None
+
+    def complete(
+        self,
+        completions: Sequence[Completion],
+        ttl_seconds: int,
+        position_ttl_seconds: int | None = None,
+    ) -> list[bool]:
+        with self._lock:
+            return [self._complete(c, ttl_seconds, position_ttl_seconds) for c in completions]
+
+    def _complete(
+        self, completion: Completion, ttl_seconds: int, position_ttl_seconds: int | None
+    ) -> bool:
         record = self._live(completion.id)
+        if completion.sequence is not None:
+            return self._raise(completion, completion.sequence, record, position_ttl_seconds)
         if record is not None and record.token != completion.token:
             return False
         if record is None or record.state is State.IN_PROGRESS:
@@ -89,6 +119,19 @@ class MemoryDedupStore:
                 completion.fingerprint, completion.reply,
             )  # fmt: skip
             self._attempts.pop(completion.id, None)
+        return True
+
+    def _raise(
+        self, completion: Completion, sequence: int, record: _Record | None, ttl: int | None
+    ) -> bool:
+        position = self._position(completion.id)
+        if record is not None and record.token != completion.token:
+            return position is not None and sequence <= position
+        if position is None or sequence > position:
+            expires_at = math.inf if ttl is None else self._clock() + ttl
+            self._positions[completion.id] = (sequence, expires_at)
+        self._records.pop(completion.id, None)
+        self._attempts.pop(completion.id, None)
         return True
 
     def begin(self, id: str, token: str) -> int:
@@ -134,6 +177,7 @@ class MemoryDedupStore:
         with self._lock:
             self._records.clear()
             self._attempts.clear()
+            self._positions.clear()
             self._epoch = None
 
     def state(self, id: str) -> State:

@@ -38,12 +38,16 @@ from worker.dedup.scripts import (
     RELEASE,
     RENEW,
     RUNS_TTL_SECONDS,
+    SEQUENCE_CLAIM,
+    SEQUENCE_COMPLETE,
     STATE,
     ms,
     pack,
     parse_claim,
     parse_inspection,
+    parse_position_claim,
     parse_state,
+    split_completions,
 )
 from worker.errors import StoreUnavailable
 
@@ -96,6 +100,9 @@ class RedisDedupStore:
         self._forget = client.register_script(FORGET)
         self._forgets = client.register_script(FORGETS)
         self._forgets_key = key_prefix + "#forgets"
+        self._positions = key_prefix + "="
+        self._claim_positions = client.register_script(SEQUENCE_CLAIM)
+        self._complete_positions = client.register_script(SEQUENCE_COMPLETE)
 
     @classmethod
     def from_url(
@@ -161,6 +168,21 @@ class RedisDedupStore:
         replies: list[str] = self._durable(self._claim, args)
         return [parse_claim(reply) for reply in replies]
 
+    def claim_positions(
+        self, entities: Sequence[tuple[str, int]], token: str, lease_seconds: float
+    ) -> list[Claim]:
+        if not entities:
+            return []
+        keys = self._entity_keys([entity for entity, _ in entities])
+        sequences = pack([str(sequence) for _, sequence in entities])
+        args: list[Any] = [token, ms(lease_seconds), RUNS_TTL_SECONDS, sequences]
+        replies: list[str] = self._durable(self._claim_positions, args, keys)
+        return [parse_position_claim(reply) for reply in replies]
+
+    def _entity_keys(self, entities: Sequence[str]) -> list[str]:
+        """Each entity's claim key, then each one's position key."""
+        return [self._prefix + e for e in entities] + [self._positions + e for e in entities]
+
     def _durable(self, script: Script, args: list[Any], keys: list[str] | None = None) -> Any:
         """``script``'s reply, once ``redis.min_replicas`` replicas have its writes."""
         if not self._durability.min_replicas:
@@ -180,13 +202,30 @@ class RedisDedupStore:
         keys, args = self._record_keys([id]), [token, str(RUNS_TTL_SECONDS)]
         return int(redis_call(lambda: self._begin(keys=keys, args=args)))
 
-    def complete(self, completions: Sequence[Completion], ttl_seconds: int) -> list[bool]:
-        if not completions:
-            return []
-        fields = [f for c in completions for f in (c.id, c.token, c.origin, c.fingerprint, c.reply)]
-        args: list[Any] = [self._prefix, ttl_seconds, pack(fields)]
-        replies = self._durable(self._complete, args)
-        return [bool(reply) for reply in replies]
+    def complete(
+        self,
+        completions: Sequence[Completion],
+        ttl_seconds: int,
+        position_ttl_seconds: int | None = None,
+    ) -> list[bool]:
+        ids, entities = split_completions(completions)
+        done: dict[int, bool] = {}
+        if ids:
+            fields = [
+                f
+                for c in (completions[i] for i in ids)
+                for f in (c.id, c.token, c.origin, c.fingerprint, c.reply)
+            ]
+            args: list[Any] = [self._prefix, ttl_seconds, pack(fields)]
+            done.update(zip(ids, map(bool, self._durable(self._complete, args)), strict=True))
+        if entities:
+            raised = [completions[i] for i in entities]
+            keys = self._entity_keys([c.id for c in raised])
+            fields = [f for c in raised for f in (c.token, str(c.sequence))]
+            args = [position_ttl_seconds or "", pack(fields)]
+            replies = self._durable(self._complete_positions, args, keys)
+            done.update(zip(entities, map(bool, replies), strict=True))
+        return [done[i] for i in range(len(completions))]
 
     def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:
         if not ids:

@@ -8,7 +8,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from worker.dedup.base import BUSY, CLAIMED, FIRST_CLAIM, Claim, ClaimStatus, Inspection, State
+from worker.dedup.base import (
+    BUSY,
+    CLAIMED,
+    FIRST_CLAIM,
+    Claim,
+    ClaimStatus,
+    Completion,
+    Inspection,
+    State,
+)
 
 RUNS_TTL_SECONDS = 24 * 3600
 """How long an in-progress record, and with it the runs counted, outlives its last claim."""
@@ -88,6 +97,99 @@ for i, key in ipairs(record_keys(ARGV[1], unpack(ARGV[5]))) do
     else
       out[i] = value
     end
+  end
+end
+return out
+"""
+)
+
+# Sequence routes (worker/modes/sequence.py): an entity has a claim key, an in-progress
+# record as above that exists only while the entity is claimed (or its runs counted),
+# and a position key beside it holding the highest sequence applied, in decimal digits.
+# Sequences are compared as digit strings (no leading zeros), so any 64-bit one is exact.
+_POSITIONS = """
+local function at_or_below(sequence, position)
+  if #sequence ~= #position then
+    return #sequence < #position
+  end
+  return sequence <= position
+end
+"""
+
+# KEYS: each entity's claim key, then each entity's position key, in the same order.
+# ARGV: token, lease in ms, runs TTL in s, packed sequences. Per entity: "s|<position>"
+# if the sequence is at or below the position (stale: nothing claimed); "+1|<position>"
+# or "?|<position>" if the caller holds the claim now, as CLAIM's "+1" and "?" (the
+# position empty if the entity has none); else the claim record that stops it.
+SEQUENCE_CLAIM = (
+    _COMMON
+    + _POSITIONS
+    + """
+local now = now_ms()
+local lease = now + tonumber(ARGV[2])
+local first = in_progress(ARGV[1], lease, 1)
+local sequences = unpack(ARGV[4])
+local n = #sequences
+local out = {}
+for i = 1, n do
+  local position = redis.call('GET', KEYS[n + i])
+  if position and at_or_below(sequences[i], position) then
+    out[i] = 's|' .. position
+  else
+    position = position or ''
+    if redis.call('SET', KEYS[i], first, 'NX', 'EX', ARGV[3]) then
+      out[i] = '+1|' .. position
+    else
+      local value = redis.call('GET', KEYS[i])
+      local token, ends, runs = progress(value)
+      if token and (token == ARGV[1] or ends <= now) then
+        redis.call('SET', KEYS[i], in_progress(ARGV[1], lease, runs), 'EX', ARGV[3])
+        out[i] = '?|' .. position
+      else
+        out[i] = value
+      end
+    end
+  end
+end
+return out
+"""
+)
+
+# KEYS: as SEQUENCE_CLAIM's. ARGV: the positions' TTL in s ("" for none), packed per
+# entity: its token and sequence. Per entity, 1 if its position is now at or above the
+# sequence: raised (never lowered) and the claim deleted when the token's claim (even
+# with its lease over), a claim nobody holds or no claim is found; also when another
+# holds the claim and the position is already there (an ambiguous completion repeated).
+# Else 0: the lease was lost.
+SEQUENCE_COMPLETE = (
+    _COMMON
+    + _POSITIONS
+    + """
+local now = now_ms()
+local fields = unpack(ARGV[2])
+local n = #fields / 2
+local out = {}
+for i = 1, n do
+  local token, sequence = fields[2 * i - 1], fields[2 * i]
+  local value = redis.call('GET', KEYS[i])
+  local owner, ends = progress(value)
+  local position = redis.call('GET', KEYS[n + i])
+  if not value or owner == token or (owner and ends <= now) then
+    if not position or not at_or_below(sequence, position) then
+      if ARGV[1] == '' then
+        redis.call('SET', KEYS[n + i], sequence)
+      else
+        redis.call('SET', KEYS[n + i], sequence, 'EX', ARGV[1])
+      end
+    end
+    if value then
+      redis.call('DEL', KEYS[i])
+    end
+    out[i] = 1
+  elseif position and at_or_below(sequence, position) then
+    out[i] = 1
+  else
+    out[i] = 0
   end
 end
 return out
@@ -269,6 +371,15 @@ def pack(fields: Sequence[str]) -> bytes:
     return b"".join(b"%d:%s" % (len(field), field) for field in encoded)
 
 
+def split_completions(completions: Sequence[Completion]) -> tuple[list[int], list[int]]:
+    """The indexes of the completions of ids, and of those raising entities' positions."""
+    ids: list[int] = []
+    entities: list[int] = []
+    for index, completion in enumerate(completions):
+        (ids if completion.sequence is None else entities).append(index)
+    return ids, entities
+
+
 def ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -293,6 +404,19 @@ def parse_inspection(reply: list[Any]) -> Inspection:
     return Inspection(
         State.IN_PROGRESS, runs=int(runs or 0), owner=token, lease_left_ms=left, ttl_left_ms=ttl
     )
+
+
+def parse_position_claim(reply: str) -> Claim:
+    """A reply of SEQUENCE_CLAIM."""
+    kind, _, position = reply.partition("|")
+    known = int(position) if position.isdigit() else None
+    if kind == "s":
+        return Claim(ClaimStatus.COMPLETED, position=known)
+    if kind == "+1":
+        return Claim(ClaimStatus.CLAIMED, position=known, attempt=1)
+    if kind == "?":
+        return Claim(ClaimStatus.CLAIMED, position=known)
+    return BUSY
 
 
 def parse_claim(reply: str) -> Claim:

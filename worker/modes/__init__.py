@@ -25,6 +25,9 @@ class DedupMode(Protocol):
     def duplicate(self, handling: Handling, item: Item, claim: Claim) -> None:
         """Finish ``item``, whose id ``claim`` found completed."""
 
+    def admit(self, handling: Handling, item: Item, claim: Claim, token: str) -> bool:
+        """Whether ``item``, claimed under ``token``, runs; if not, the mode finished it."""
+
     def reply(self, outputs: Callable[[], Sequence[Kept]]) -> str:
         """What a completion keeps for later duplicates ("" for nothing)."""
 
@@ -38,9 +41,12 @@ def duplicate_reason(item: Item, claim: Claim) -> str:
 
 def mode_for(route: ResolvedRoute, max_stored_reply_bytes: int) -> DedupMode:
     from worker.modes.replay import ReplayReplies
+    from worker.modes.sequence import Positions
     from worker.modes.shadow import Shadow
     from worker.modes.skip import SkipDuplicates
 
+    if route.dedup == "sequence":
+        return Positions(route.on_gap)
     if route.dedup == "shadow":
         return Shadow()
     if route.on_duplicate == "replay":

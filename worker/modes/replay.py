@@ -29,6 +29,9 @@ class ReplayReplies:
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
 
+    def admit(self, handling: Handling, item: Item, claim: Claim, token: str) -> bool:
+        return True
+
     def duplicate(self, handling: Handling, item: Item, claim: Claim) -> None:
         same_payload = claim.fingerprint is None or claim.fingerprint == item.fingerprint
         if claim.reply is None or not same_payload or claim.origin == item.origin:

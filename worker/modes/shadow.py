@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 class Shadow:
     uses_cache = True
 
+    def admit(self, handling: Handling, item: Item, claim: Claim, token: str) -> bool:
+        return True
+
     def duplicate(self, handling: Handling, item: Item, claim: Claim) -> None:
         reason = duplicate_reason(item, claim)
         handling.metrics.duplicates_detected.labels(item.route.topic, reason).inc()

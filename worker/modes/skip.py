@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 class SkipDuplicates:
     uses_cache = True
 
+    def admit(self, handling: Handling, item: Item, claim: Claim, token: str) -> bool:
+        return True
+
     def duplicate(self, handling: Handling, item: Item, claim: Claim) -> None:
         handling.skip(item, claim)
 
