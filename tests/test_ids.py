@@ -3,7 +3,7 @@ import hashlib
 import pytest
 
 from worker.errors import MessageIdError
-from worker.ids import MAX_ID_LENGTH, parse_id_spec
+from worker.ids import MAX_ID_LENGTH, parse_id_spec, parse_position_specs
 
 
 def extract(spec, *, key=None, value=None, headers=None, topic="t", partition=1, offset=7):
@@ -77,3 +77,54 @@ def test_overlong_id_is_invalid():
 def test_bad_specs_are_rejected(spec):
     with pytest.raises(ValueError, match="is not an id spec"):
         parse_id_spec(spec)
+
+
+def position(entity, sequence, *, key=None, value=None, headers=None):
+    extract = parse_position_specs(entity, sequence)
+    return extract("t", 0, 1, key, value, headers or {})
+
+
+def test_entity_and_sequence_from_key_header_or_json():
+    assert position("key", "header:version", key=b"o-1", headers={"version": b"7"}) == ("o-1", 7)
+    value = b'{"order": {"id": "o-2", "version": 12}}'
+    assert position("json:order.id", "json:order.version", value=value) == ("o-2", 12)
+    assert position("header:e", "json:v", headers={"e": b"o-3"}, value=b'{"v": "0042"}') == (
+        "o-3",
+        42,
+    )
+    assert position("key", "header:v", key=b"o", headers={"v": b"18446744073709551615"}) == (
+        "o",
+        2**64 - 1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "headers", "value", "reason"),
+    [
+        (None, {"v": b"1"}, None, "entity_missing"),
+        (b"\xff", {"v": b"1"}, None, "entity_not_utf8"),
+        (b"a\x1fb", {"v": b"1"}, None, "entity_invalid"),
+        (b"o", {}, None, "sequence_missing"),
+        (b"o", {"v": b"-1"}, None, "sequence_invalid"),
+        (b"o", {"v": b"1.5"}, None, "sequence_invalid"),
+        (b"o", {"v": b"\xd9\xa3"}, None, "sequence_invalid"),  # a non-ASCII digit
+        (b"o", {"v": b"1" * 21}, None, "sequence_invalid"),
+    ],
+)
+def test_entity_and_sequence_errors(key, headers, value, reason):
+    with pytest.raises(MessageIdError) as caught:
+        position("key", "header:v", key=key, headers=headers, value=value)
+    assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize("value", [b'{"v": -3}', b'{"v": true}', b'{"v": 2.0}', b'{"v": "x"}'])
+def test_a_json_sequence_is_a_non_negative_integer(value):
+    with pytest.raises(MessageIdError) as caught:
+        position("key", "json:v", key=b"o", value=value)
+    assert caught.value.reason == "sequence_invalid"
+
+
+def test_an_id_may_not_hold_the_separator_of_entity_claims():
+    with pytest.raises(MessageIdError) as caught:
+        extract("key", key=b"orders\x1f42")
+    assert caught.value.reason == "id_invalid"

@@ -164,6 +164,26 @@ def test_config_path_from_environment(config, monkeypatch):
             "redis.replica_timeout_ms",
             "socket_timeout_seconds",
         ),
+        (MINIMAL + 'dedup = "sequence"\nsequence = "header:v"\n', "routes[0].entity", "required"),
+        (MINIMAL + 'dedup = "sequence"\nentity = "key"\n', "routes[0].sequence", "required"),
+        (MINIMAL + 'entity = "key"\n', "routes[0].entity", 'dedup = "sequence"'),
+        (MINIMAL + 'on_gap = "dead_letter"\n', "routes[0].on_gap", 'dedup = "sequence"'),
+        (
+            MINIMAL + 'dedup = "sequence"\nentity = "hash"\nsequence = "header:v"\n',
+            "routes[0].entity",
+            "not an entity spec",
+        ),
+        (
+            MINIMAL + 'dedup = "sequence"\nentity = "key"\nsequence = "key"\n',
+            "routes[0].sequence",
+            "not a sequence spec",
+        ),
+        (
+            MINIMAL + 'dedup = "sequence"\nentity = "key"\nsequence = "json:v"\n'
+            'on_duplicate = "replay"\n',
+            "routes[0].on_duplicate",
+            "nothing to replay",
+        ),
         (MINIMAL + "[[[", "config", "not valid TOML"),
     ],
 )
