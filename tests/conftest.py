@@ -15,6 +15,8 @@ from tests.support import chaos, services
 from worker import embedded
 from worker.demo import create_topics
 
+pytest_plugins = ["tests.support.stores"]
+
 
 @pytest.fixture(scope="session")
 def service_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

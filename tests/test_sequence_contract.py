@@ -3,14 +3,7 @@ store: the in-memory one, Redis, Redis through Sentinel and a Redis Cluster."""
 
 import pytest
 
-from tests.test_dedup_contract import (  # noqa: F401  (fixtures)
-    LEASE,
-    cluster_store,
-    prefix_keys,
-    redis_store,
-    store,
-    store_and_wait,
-)
+from tests.support.stores import LEASE, prefix_keys
 from worker.dedup import ClaimStatus, State
 from worker.dedup.base import Completion
 

@@ -121,3 +121,15 @@ def rejects_listed(message: Message, ctx: Context) -> None:
     if message.id in os.environ.get("REJECT_IDS", "").split(","):
         raise PermanentFailure(f"{message.id} rejected")
     _record(message)
+
+
+def applies_in_order(message: Message, ctx: Context) -> None:
+    """Sequence routes: records ``<entity>@<version> <start> <end>`` once the run is done,
+    so that a test can check the order and the overlap of one entity's runs."""
+    start = time.time()
+    line = f"{message.id} {start:.6f} {time.time():.6f}\n".encode()
+    fd = os.open(os.environ["LEDGER_PATH"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
