@@ -90,15 +90,18 @@ class Handling:
         elif mode.admit(self, item, claim, token):
             self.run(item, token, claim.attempt)
 
-    def acquire(self, item: Item, token: str) -> Claim | None:
-        """Claim one message's id (or entity), waiting while another claim holds it. None
-        if stopping meanwhile."""
+    def acquire(
+        self, item: Item, token: str, before_wait: Callable[[], None] = lambda: None
+    ) -> Claim | None:
+        """Claim one message's id (or entity), waiting while another claim holds it (after
+        calling ``before_wait``). None if stopping meanwhile."""
         claim = self._claim(item, token)
         if claim.status is ClaimStatus.BUSY:
             # Perhaps our own completion, not written yet: write it, then look again.
             self.completions.flush()
             claim = self._claim(item, token)
         if claim.status is ClaimStatus.BUSY:
+            before_wait()
             self.metrics.claim_waits.labels(item.route.topic).inc()
             self.log.info("waiting for another claim", id=item.id, origin=item.origin)
         while claim.status is ClaimStatus.BUSY:

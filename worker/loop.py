@@ -264,26 +264,45 @@ class Worker:
                 # finished by now: look up how it ended (locally if it completed).
                 own_token = self._new_token()
                 cache = item.route.topic not in self._uncached
-                claim = (cache and self._completed.get(key)) or self._handling.acquire(
-                    item, own_token
+                claim = (cache and self._completed.get(key)) or self._acquire(
+                    item, own_token, lane[index + 1 :], claims, token, seen
                 )
                 self._handling.handle(item, claim, own_token)
                 continue
             seen.add(key)
             claim = claims[key]
             if claim.status is ClaimStatus.BUSY:
-                # Another replica holds this id. Keeping our claims on this lane's later
-                # ids while we wait could leave two replicas waiting for each other:
-                # let them go, and claim them again after the wait.
-                later = unstarted(lane[index + 1 :], claims, seen)
-                self._give_back(later, claims, token, wait_out_outage=True)
-                claim = self._handling.acquire(item, token)
-                claims.update(self._claim(later, token))
+                claim = self._acquire(item, token, lane[index + 1 :], claims, token, seen)
             self._handling.handle(item, claim, token)
+
+    def _acquire(
+        self,
+        item: Item,
+        own_token: str,
+        later: Sequence[Item],
+        claims: dict[str, Claim],
+        token: str,
+        seen: set[str],
+    ) -> Claim | None:
+        """Claim ``item``'s id (or entity) under ``own_token``, waiting while another
+        replica holds it. Keeping our claims on the lane's ``later`` messages meanwhile
+        could leave two replicas waiting for each other: before waiting they are let go,
+        and claimed again (under the batch's ``token``) after the wait."""
+        released: list[Item] = []
+
+        def let_go() -> None:
+            released.extend(unstarted(later, claims, seen))
+            self._give_back(released, claims, token, wait_out_outage=True)
+
+        claim = self._handling.acquire(item, own_token, before_wait=let_go)
+        claims.update(self._claim(released, token))
+        return claim
 
     def _claim(self, items: Sequence[Item], token: str) -> dict[str, Claim]:
         """Claim the ids (or entities) of ``items``, each with its own; the lease keeper
         renews those we got until they are finished."""
+        if not items:
+            return {}
         ids = [item.key for item in items if item.sequence is None]
         claims = self._store.claim(ids, token) if ids else {}
         entities = [(item.key, item.sequence) for item in items if item.sequence is not None]
