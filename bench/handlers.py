@@ -53,6 +53,18 @@ def noop(message: Message, ctx: Context) -> None:
     tally.record(message.id)
 
 
+class Sequence:
+    versions = 1
+    """Events per entity in bench/sequence.py's histories."""
+
+
+def noop_sequence(message: Message, ctx: Context) -> None:
+    """A no-op for sequence routes: ``e-<entity>@<version>`` is tallied as the id
+    bench/sequence.py gave the same event, ``b-<entity * versions + version - 1>``."""
+    entity, version = message.id.rsplit("@", 1)
+    tally.record(f"b-{int(entity[2:]) * Sequence.versions + int(version) - 1}")
+
+
 def sleeps_10ms(message: Message, ctx: Context) -> None:
     time.sleep(0.01)
     tally.record(message.id)

@@ -35,6 +35,10 @@ that inserts one row per message into PostgreSQL in a transaction of its own (``
 and the same handler with that transaction in ``ctx.inbox(conn)`` (``pi``), on
 ``--db-messages`` records; ``pi/p`` is what the inbox costs.
 
+Then sequence mode against id mode (``--sequence-only`` runs just this; see
+bench/sequence.py): msg/s and Redis memory per id and per entity, over ``--entities``
+entities of 5 versions each.
+
 Kafka, Redis and PostgreSQL: ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` /
 ``POSTGRES_URL`` if set, else the local Tansu broker, ``redis-server`` and PostgreSQL
 server that the tests and the demo use.
@@ -65,6 +69,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import handlers  # noqa: E402
+from bench.sequence import sequence_cost  # noqa: E402
 from worker import embedded, embedded_postgres  # noqa: E402
 from worker.cli import run_worker  # noqa: E402
 from worker.dedup.base import FIRST_CLAIM, Completion  # noqa: E402
@@ -218,6 +223,7 @@ def worker_settings(
     handler: str,
     max_in_flight: int,
     redis_options: dict[str, Any] | None = None,
+    route: dict[str, Any] | None = None,
 ) -> Settings:
     return Settings(
         kafka={
@@ -227,7 +233,12 @@ def worker_settings(
         },
         redis={"url": url, **(redis_options or {})},
         routes=[
-            {"topic": topic, "handler": f"bench.handlers:{handler}", "max_in_flight": max_in_flight}
+            {
+                "topic": topic,
+                "handler": f"bench.handlers:{handler}",
+                "max_in_flight": max_in_flight,
+                **(route or {}),
+            }
         ],
         http={"port": 0},
         log={"level": "WARNING"},  # what would be logged at INFO is not per message anyway
@@ -242,8 +253,9 @@ def the_worker(
     handler: str,
     max_in_flight: int = 1,
     redis_options: dict[str, Any] | None = None,
+    route: dict[str, Any] | None = None,
 ) -> float:
-    settings = worker_settings(bootstrap, url, topic, handler, max_in_flight, redis_options)
+    settings = worker_settings(bootstrap, url, topic, handler, max_in_flight, redis_options, route)
     handlers.reset(count)
     code = run_worker(settings, resolve_routes(settings), max_messages=count)
     if code != 0:
@@ -445,6 +457,10 @@ def main() -> int:
     parser.add_argument(
         "--inbox-only", action="store_true", help="only the database inbox's cost per message"
     )
+    parser.add_argument(
+        "--sequence-only", action="store_true", help="only sequence mode against id mode"
+    )
+    parser.add_argument("--entities", type=int, help="for sequence mode (5 versions each)")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)
@@ -457,6 +473,7 @@ def main() -> int:
     slow = args.slow_messages or (2_000 if args.quick else 6_400)
     rss_messages = args.rss_messages or (100_000 if args.quick else 1_000_000)
     db_messages = args.db_messages or (2_000 if args.quick else 10_000)
+    entities = args.entities or (4_000 if args.quick else 20_000)
 
     with tempfile.TemporaryDirectory() as workdir, services(Path(workdir)) as (bootstrap, url):
         client = redis.Redis.from_url(url)
@@ -470,6 +487,9 @@ def main() -> int:
             return 0
         if args.inbox_only:
             inbox_cost(bootstrap, url, db_messages)
+            return 0
+        if args.sequence_only:
+            sequence_cost(bootstrap, url, entities, 5, the_worker)
             return 0
         # e at max_in_flight 1 handles 100 msg/s: give it a sixteenth of the messages.
         slow_topic, slower_topic = (f"bench-slow-{uuid.uuid4().hex[:8]}" for _ in range(2))
@@ -525,6 +545,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as workdir, services(Path(workdir)) as (bootstrap, _):
         store_scale(bootstrap, Path(workdir), messages)
         inbox_cost(bootstrap, url, db_messages)
+        sequence_cost(bootstrap, url, entities, 5, the_worker)
     print(f"\nevery variant handled every id exactly once; {describe_machine()}")
     return 0
 
