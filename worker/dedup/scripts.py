@@ -72,6 +72,22 @@ end
 local function in_progress(token, lease, runs)
   return 'p|' .. token .. '|' .. lease .. '|' .. runs
 end
+
+-- Take the claim at key for token (first: its record with one run counted): "+1" if
+-- it was free, "?" if the caller held it or its lease ended (runs counted before),
+-- else the record that stops it.
+local function take(key, token, lease, first, runs_ttl, now)
+  if redis.call('SET', key, first, 'NX', 'EX', runs_ttl) then
+    return '+1'
+  end
+  local value = redis.call('GET', key)
+  local owner, ends, runs = progress(value)
+  if owner and (owner == token or ends <= now) then
+    redis.call('SET', key, in_progress(token, lease, runs), 'EX', runs_ttl)
+    return '?'
+  end
+  return value
+end
 """
 
 # KEYS: the record keys, or none. ARGV: record-key prefix, token, lease in ms, runs TTL
@@ -86,18 +102,7 @@ local lease = now + tonumber(ARGV[3])
 local first = in_progress(ARGV[2], lease, 1)
 local out = {}
 for i, key in ipairs(record_keys(ARGV[1], unpack(ARGV[5]))) do
-  if redis.call('SET', key, first, 'NX', 'EX', ARGV[4]) then
-    out[i] = '+1'
-  else
-    local value = redis.call('GET', key)
-    local token, ends, runs = progress(value)
-    if token and (token == ARGV[2] or ends <= now) then
-      redis.call('SET', key, in_progress(ARGV[2], lease, runs), 'EX', ARGV[4])
-      out[i] = '?'
-    else
-      out[i] = value
-    end
-  end
+  out[i] = take(key, ARGV[2], lease, first, ARGV[4], now)
 end
 return out
 """
@@ -136,18 +141,9 @@ for i = 1, n do
   if position and at_or_below(sequences[i], position) then
     out[i] = 's|' .. position
   else
-    position = position or ''
-    if redis.call('SET', KEYS[i], first, 'NX', 'EX', ARGV[3]) then
-      out[i] = '+1|' .. position
-    else
-      local value = redis.call('GET', KEYS[i])
-      local token, ends, runs = progress(value)
-      if token and (token == ARGV[1] or ends <= now) then
-        redis.call('SET', KEYS[i], in_progress(ARGV[1], lease, runs), 'EX', ARGV[3])
-        out[i] = '?|' .. position
-      else
-        out[i] = value
-      end
+    out[i] = take(KEYS[i], ARGV[1], lease, first, ARGV[3], now)
+    if out[i] == '+1' or out[i] == '?' then
+      out[i] = out[i] .. '|' .. (position or '')
     end
   end
 end
