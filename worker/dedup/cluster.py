@@ -16,7 +16,8 @@ Redirects (MOVED, ASK), TRYAGAIN, CLUSTERDOWN, an empty script cache on a promot
 replica (NOSCRIPT) and connection errors while a primary fails over are retried for
 about one client timeout (worker/dedup/cluster_calls.py), following the new slot
 owners; past that the call fails with ``StoreUnavailable``, and the worker holds still
-as it does for a standalone outage. A repeated script is safe: each re-reads its records and checks the owner token.
+as it does for a standalone outage. A repeated script is safe: each re-reads its records
+and checks the owner token.
 
 Changing ``BUCKETS`` or the tag algorithm moves every id to another key, which forgets
 the dedup window: like a new key prefix.
