@@ -7,16 +7,28 @@ cd "$(dirname "$0")/.."
 # System packages: redis-server (dedup store of the demo and tests), prometheus
 # (promtool and the server the deploy tests run), postgresql (the inbox tests; Debian
 # keeps its server binaries under /usr/lib/postgresql/<version>/bin).
+# podman, runc and debootstrap build and run the container image (the image tier of the
+# tests, skipped with its reason where they are missing and cannot be installed).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1 \
   || missing+=(postgresql)
-if [ ${#missing[@]} -gt 0 ]; then
-  if ! command -v apt-get >/dev/null 2>&1; then
+optional=()
+for tool in podman runc debootstrap; do
+  command -v "$tool" >/dev/null 2>&1 || optional+=("$tool")
+done
+if ! command -v apt-get >/dev/null 2>&1; then
+  if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: ${missing[*]} missing and apt-get is not available; install them" >&2
     exit 1
   fi
+  [ ${#optional[@]} -eq 0 ] \
+    || echo "setup: ${optional[*]} missing: the container image tests will be skipped" >&2
+else
+  missing+=("${optional[@]}")
+fi
+if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "setup: installing ${missing[*]} with apt-get"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support import chaos, services
+from tests.support import chaos, figures, services
 from worker import embedded
 from worker.demo import create_topics
 
@@ -114,6 +114,9 @@ def pytest_configure(config: pytest.Config) -> None:
         handle, path = tempfile.mkstemp(prefix="fault-report-", suffix=".jsonl")
         os.close(handle)
         os.environ[chaos.REPORT_FILE] = path  # inherited by the xdist workers it starts
+        handle, path = tempfile.mkstemp(prefix="test-figures-", suffix=".txt")
+        os.close(handle)
+        os.environ[figures.FIGURES_FILE] = path
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -121,8 +124,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("fault scenarios")
         for line in table:
             terminalreporter.write_line(line)
+    if lines := figures.recorded():
+        terminalreporter.section("figures")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if not hasattr(config, "workerinput"):
         Path(os.environ.pop(chaos.REPORT_FILE)).unlink(missing_ok=True)
+        Path(os.environ.pop(figures.FIGURES_FILE)).unlink(missing_ok=True)

@@ -16,6 +16,7 @@ import pytest
 import redis
 from confluent_kafka import Producer
 
+from tests.support import figures
 from tests.support.chaos import PARTITIONS, Row, Scenario, report, wait_until
 from tests.support.harness import make_settings, run_worker
 from tests.support.kafka import Record, produce
@@ -169,9 +170,9 @@ def test_three_replicas_apply_each_entity_in_order_once_and_skip_what_is_stale(s
     assert positions(scenario.redis_url, scenario.group) == {
         f"e-{n}": versions for n in range(entities)
     }
-    print(
-        f"\nsequence: {published} published, {applied.total()} applied, "
-        f"{int(stale_metric)} stale skips, {len(sent)} entities, one key each"
+    figures.record(
+        f"sequence mode, 3 replicas: {published} published, {applied.total()} applied once "
+        f"each, {int(stale_metric)} stale skips, {entities} entities, one Redis key each"
     )
 
 

@@ -194,6 +194,7 @@ class Metrics:
             self.claim_waits.labels(topic)
             self.lease_lost.labels(topic)
             self.replies_replayed.labels(topic)
+            self.sequence_gaps.labels(topic)
             self.duplicates_detected.labels(topic, "duplicate")
         for operation in STORE_OPERATIONS:
             self.store_errors.labels(operation)
