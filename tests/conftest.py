@@ -100,13 +100,17 @@ def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ledger:
     return Ledger(path)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Fault scenarios run one at a time on one pytest-xdist worker (`make test` runs two):
     they time their processes' reactions, and two at once on two cores would starve
     each other. The rest of the suite runs beside them."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
     for item in items:
         if item.get_closest_marker("chaos"):
             item.add_marker(pytest.mark.xdist_group("faults"))
+        elif item.get_closest_marker("image"):  # one image build, beside the fault scenarios
+            item.add_marker(pytest.mark.xdist_group("image"))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -99,13 +99,12 @@ def ensure_base() -> Base:
                 if path.is_file():
                     path.unlink()
         (rootfs / "usr/local/bin/python").symlink_to("/usr/bin/python3")
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         changes = ["ENV LANG=C.UTF-8", 'CMD ["python3"]', f"LABEL {RECIPE_LABEL}={recipe}"]
-        imported = subprocess.run(
-            [*PODMAN, "import", *(f"--change={c}" for c in changes), "-", reference],
-            stdin=tar.stdout, capture_output=True, text=True, timeout=600, check=False,
-        )  # fmt: skip
-        tar.wait()
+        with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
+            imported = subprocess.run(
+                [*PODMAN, "import", *(f"--change={c}" for c in changes), "-", reference],
+                stdin=tar.stdout, capture_output=True, text=True, timeout=600, check=False,
+            )  # fmt: skip
         if imported.returncode != 0:
             raise RuntimeError(f"podman import failed: {imported.stderr.strip()[-2000:]}")
     return Base(reference, time.monotonic() - started, "stand-in built")
