@@ -65,8 +65,9 @@ class Route(Section):
                 "on_duplicate", "a shadow route runs every duplicate: it has nothing to replay"
             )
         if self.dedup != "sequence":
-            for key in ("entity", "sequence", "on_gap"):
-                if key in self.model_fields_set:
+            defaults = {"entity": None, "sequence": None, "on_gap": "process"}
+            for key, default in defaults.items():
+                if getattr(self, key) != default:
                     raise CombinationError(key, 'is only for routes with dedup = "sequence"')
             return self
         for key in ("entity", "sequence"):
