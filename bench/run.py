@@ -39,6 +39,10 @@ Then sequence mode against id mode (``--sequence-only`` runs just this; see
 bench/sequence.py): msg/s and Redis memory per id and per entity, over ``--entities``
 entities of 5 versions each.
 
+Last, the store's cost per message (``--cost-only`` runs just this; see
+bench/store_cost.py): Redis CPU per message with AOF fsynced at every write and where
+it goes, and Redis memory per completed id.
+
 Kafka, Redis and PostgreSQL: ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` /
 ``POSTGRES_URL`` if set, else the local Tansu broker, ``redis-server`` and PostgreSQL
 server that the tests and the demo use.
@@ -70,6 +74,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import handlers  # noqa: E402
 from bench.sequence import sequence_cost  # noqa: E402
+from bench.store_cost import store_cost  # noqa: E402
 from worker import embedded, embedded_postgres  # noqa: E402
 from worker.cli import run_worker  # noqa: E402
 from worker.dedup.base import FIRST_CLAIM, Completion  # noqa: E402
@@ -461,6 +466,9 @@ def main() -> int:
         "--sequence-only", action="store_true", help="only sequence mode against id mode"
     )
     parser.add_argument("--entities", type=int, help="for sequence mode (5 versions each)")
+    parser.add_argument(
+        "--cost-only", action="store_true", help="only the store's CPU and memory per message"
+    )
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)
@@ -487,6 +495,9 @@ def main() -> int:
             return 0
         if args.inbox_only:
             inbox_cost(bootstrap, url, db_messages)
+            return 0
+        if args.cost_only:
+            store_cost(bootstrap, Path(workdir), topic, messages, the_worker)
             return 0
         if args.sequence_only:
             sequence_cost(bootstrap, url, entities, 5, the_worker)
@@ -515,6 +526,7 @@ def main() -> int:
         for name, what, run in runs:
             rates[name] = run()
             print(f"{name:>4}  {what:<42} {rates[name]:>10,.0f} msg/s", flush=True)
+        store_cost(bootstrap, Path(workdir), topic, messages, the_worker)
         rss = measure_rss(bootstrap, url, rss_messages)
         client.close()
 
