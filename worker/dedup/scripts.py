@@ -73,6 +73,13 @@ local function in_progress(token, lease, runs)
   return 'p|' .. token .. '|' .. lease .. '|' .. runs
 end
 
+-- Whether a completion under token may write over value (a record, or false): the
+-- token's claim (even with its lease over), a claim nobody holds any more, or nothing.
+local function completable(value, token, now)
+  local owner, ends = progress(value)
+  return not value or owner == token or (owner ~= nil and ends <= now)
+end
+
 -- Take the claim at key for token (first: its record with one run counted): "+1" if
 -- it was free, "?" if the caller held it or its lease ended (runs counted before),
 -- else the record that stops it.
@@ -168,9 +175,8 @@ local out = {}
 for i = 1, n do
   local token, sequence = fields[2 * i - 1], fields[2 * i]
   local value = redis.call('GET', KEYS[i])
-  local owner, ends = progress(value)
   local position = redis.call('GET', KEYS[n + i])
-  if not value or owner == token or (owner and ends <= now) then
+  if completable(value, token, now) then
     if not position or not at_or_below(sequence, position) then
       if ARGV[1] == '' then
         redis.call('SET', KEYS[n + i], sequence)
@@ -225,8 +231,7 @@ for i, key in ipairs(record_keys(ARGV[1], ids)) do
   local token = fields[5 * i - 3]
   local done = 'c|' .. token .. '|'
   local value = redis.call('GET', key)
-  local owner, ends = progress(value)
-  if not value or owner == token or (owner and ends <= now) then
+  if completable(value, token, now) then
     local record = done .. fields[5 * i - 2] .. '|' .. fields[5 * i - 1]
     if fields[5 * i] ~= '' then
       record = record .. '|' .. fields[5 * i]
