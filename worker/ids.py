@@ -135,7 +135,8 @@ def _checked(text: str, what: str) -> str:
     if len(text) > MAX_ID_LENGTH:
         raise MessageIdError("id_invalid", f"{what} is longer than {MAX_ID_LENGTH} characters")
     if SEPARATOR in text:
-        # Reserved: it separates the topic from the entity in a sequence route's claim key.
+        # Reserved: it separates the topic from the entity in a sequence route's claim
+        # key, and the fields packed into one argument of the store's scripts.
         raise MessageIdError("id_invalid", f"{what} contains the character U+001F")
     return text
 

@@ -23,19 +23,17 @@ RUNS_TTL_SECONDS = 24 * 3600
 """How long an in-progress record, and with it the runs counted, outlives its last claim."""
 
 # Shared by every script. The batch scripts take their ids (and per-id fields) packed
-# into one argument as "<byte length>:<field>" repeated: one argument instead of
-# thousands is most of what a batch costs on the client. On a standalone Redis (or a
-# primary with replicas) they build the keys from the prefix they are given; on a
-# Cluster the caller declares the keys (KEYS), as Redis must see them to route the call
-# and to refuse it while a slot migrates (see worker/dedup/cluster.py).
+# into one argument, each field followed by the byte 0x1f (which no id, entity, token,
+# origin, fingerprint or JSON reply contains): one argument instead of thousands is most
+# of what a batch costs on the client, and Lua splits it with one pattern. On a
+# standalone Redis (or a primary with replicas) they build the keys from the prefix they
+# are given; on a Cluster the caller declares the keys (KEYS), as Redis must see them to
+# route the call and to refuse it while a slot migrates (see worker/dedup/cluster.py).
 _COMMON = """
 local function unpack(packed)
-  local out, pos = {}, 1
-  while pos <= #packed do
-    local colon = string.find(packed, ':', pos, true)
-    local length = tonumber(string.sub(packed, pos, colon - 1))
-    out[#out + 1] = string.sub(packed, colon + 1, colon + length)
-    pos = colon + length + 1
+  local out = {}
+  for field in string.gmatch(packed, '([^\\31]*)\\31') do
+    out[#out + 1] = field
   end
   return out
 end
@@ -366,10 +364,17 @@ return ARGV[1]
 """
 
 
+FIELD_END = "\x1f"
+
+
 def pack(fields: Sequence[str]) -> bytes:
-    """``fields`` as one argument for the batch scripts: ``<byte length>:<field>`` each."""
-    encoded = [field.encode() for field in fields]
-    return b"".join(b"%d:%s" % (len(field), field) for field in encoded)
+    """``fields`` as one argument for the batch scripts, each followed by ``FIELD_END``."""
+    if not fields:
+        return b""
+    packed = FIELD_END.join(fields) + FIELD_END
+    if packed.count(FIELD_END) != len(fields):
+        raise ValueError("a dedup store field contains U+001F")
+    return packed.encode()
 
 
 def split_completions(completions: Sequence[Completion]) -> tuple[list[int], list[int]]:
