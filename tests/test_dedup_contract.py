@@ -204,12 +204,71 @@ def test_clear_never_forgets_the_runs_of_another_claim(store):
     assert store.begin("a", "t3") == 3
 
 
-def test_redis_keeps_one_key_per_id(redis_store):
+def test_redis_keeps_records_as_fields_of_a_few_windows(redis_store):
     store, client, prefix = redis_store
     store.claim(["a", "b", "c"], "t1", LEASE)
     store.release(["b"], "t1")
-    assert complete(store, "c", "t1", 60, "t/0/3")
-    assert len(client.keys(f"{prefix}*")) == 3
+    assert complete(store, "c", "t1", 60, "t/0/3")  # another TTL than the store's: moved
+    windows = [name.decode() for name in client.zrange(f"{prefix}#windows", 0, -1)]
+    assert len(windows) == 2 and all(name.startswith(f"{prefix}/") for name in windows)
+    assert {field.decode() for name in windows for field in client.hkeys(name)} == {"a", "b", "c"}
+    assert sorted(k.decode() for k in client.keys(f"{prefix}*")) == sorted(
+        [f"{prefix}#windows", f"{prefix}#topics", *windows]
+    )
+    # the completion's window expires between one and 1.25 TTLs from now
+    [completed_in] = [name for name in windows if client.hexists(name, "c")]
+    assert 59_000 <= client.pttl(completed_in) <= 75_000
+
+
+def test_redis_completed_record_fits_32_bytes(redis_store):
+    store, client, prefix = redis_store
+    store.claim(["order-000000000001"], "host-1-abcdef01:7", LEASE)
+    fingerprint = "9f86d081884c7d65"
+    done = Completion("order-000000000001", "host-1-abcdef01:7", "orders/3/12345678", fingerprint)
+    assert store.complete([done], 60) == [True]
+    [window] = [n for n in client.keys(f"{prefix}/*") if client.hexists(n, "order-000000000001")]
+    assert len(client.hget(window, "order-000000000001")) <= 28  # sds header + NUL: 32 B
+    [claim] = RedisDedupStore.from_url(
+        client.connection_pool.connection_kwargs and store._client.connection_pool
+        and f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0",
+        prefix,
+    ).claim(["order-000000000001"], "t2", LEASE)  # another process: topic names from Redis
+    assert (claim.status, claim.origin, claim.fingerprint) == (
+        ClaimStatus.COMPLETED,
+        "orders/3/12345678",
+        fingerprint,
+    )
+    assert store.complete([done], 60) == [True]  # repeated: the same record
+    other = Completion("order-000000000001", "host-2-abcdef02:1", "orders/3/12345678", fingerprint)
+    assert store.complete([other], 60) == [False]
+
+
+def test_redis_honours_records_of_the_previous_layout_during_an_upgrade(redis_store):
+    """A store the previous version ran on: one key per id, ``c|<token>|<origin>|<fp>``
+    once completed, ``p|<token>|<lease end>|<runs>`` while in progress."""
+    store, client, prefix = redis_store
+    client.set(f"{prefix}#epoch", "old")
+    client.set(f"{prefix}:done", "c|old:1|t/0/1|f1", ex=3600)
+    far = int(time.time() * 1000) + 60_000
+    client.set(f"{prefix}:held", f"p|old:2|{far}|1", ex=3600)
+    client.set(f"{prefix}:crashed", "p|old:3|1|2", ex=3600)  # its lease ended long ago
+    assert store.epoch("new") == "old"  # the old records are read from now on
+    done, held, crashed = store.claim(["done", "held", "crashed"], "t1", LEASE)
+    assert (done.status, done.origin, done.fingerprint) == (ClaimStatus.COMPLETED, "t/0/1", "f1")
+    assert held.status is ClaimStatus.BUSY
+    assert (crashed.status, crashed.attempt) == (ClaimStatus.CLAIMED, 0)
+    assert not client.exists(f"{prefix}:crashed")  # taken over into this layout
+    assert store.begin("crashed", "t1") == 3
+    assert store.state("done") is State.COMPLETED
+    assert store.forget(["done"], force=False) == ["completed"]
+    assert not client.exists(f"{prefix}:done")
+
+
+def test_redis_reads_no_previous_layout_on_a_new_store(redis_store):
+    store, client, prefix = redis_store
+    store.epoch("new")  # no marker before: nothing of the previous layout can exist
+    client.set(f"{prefix}:stray", "c|old:1|t/0/1|f1")
+    assert store.claim(["stray"], "t1", LEASE)[0] == FIRST_CLAIM
 
 
 def test_redis_treats_a_claim_of_the_previous_layout_as_busy(redis_store):
@@ -294,14 +353,17 @@ def test_cluster_spreads_ids_over_every_primary(cluster_store):
     store, client, prefix = cluster_store
     ids = [f"id-{n}" for n in range(3000)]
     assert {claim.status for claim in store.claim(ids, "t1", 30)} == {ClaimStatus.CLAIMED}
-    per_primary = [
-        len(node.redis_connection.keys(f"{prefix}:*")) for node in client.get_primaries()
-    ]
+    per_primary = []
+    for node in client.get_primaries():
+        connection = node.redis_connection
+        windows = [key for key in connection.keys(f"{prefix}:*") if b"#" not in key]
+        per_primary.append(sum(connection.hlen(window) for window in windows))
     assert sum(per_primary) == 3000
     assert max(per_primary) <= 0.4 * 3000, per_primary
-    # one slot per key, and the same slot for every key of a bucket
-    assert all(client.keyslot(key) in set(store._slots) for key in client.keys(f"{prefix}:*",
-        target_nodes=redis.RedisCluster.PRIMARIES)[:50])  # fmt: skip
+    # every window and index in a bucket's slot
+    keys = client.keys(f"{prefix}:*", target_nodes=redis.RedisCluster.PRIMARIES)
+    assert len(keys) == 2 * BUCKETS  # one window and its index per bucket
+    assert {client.keyslot(key) for key in keys} == set(store._slots)
 
 
 def test_cluster_reloads_scripts_a_node_forgot(cluster_store):
@@ -378,7 +440,7 @@ def test_inspect_tells_each_state(store):
     complete(store, "i", "owner:1", 60, "t/0/9", "fp")
     done = store.inspect("i")
     assert (done.state, done.origin, done.fingerprint) == (State.COMPLETED, "t/0/9", "fp")
-    assert 0 < done.ttl_left_ms <= 60_000
+    assert 0 < done.ttl_left_ms <= 75_000  # a window outlives its records by up to 0.25 TTL
 
 
 def test_forget_deletes_completed_ids_and_claims_only_when_forced(store):

@@ -43,26 +43,24 @@ from worker.dedup.redis import (
     read_eviction_policy,
     redis_call,
 )
+from worker.dedup.encoding import RecordCodec, parse_position_claim
 from worker.dedup.scripts import (
     BEGIN,
     CLAIM,
     COMPLETE,
+    DEFAULT_TTL_SECONDS,
     EPOCH,
     FORGET,
     FORGETS,
     INSPECT,
     RELEASE,
     RENEW,
-    RUNS_TTL_SECONDS,
     SEQUENCE_CLAIM,
     SEQUENCE_COMPLETE,
-    STATE,
+    TOPICS,
+    legacy_horizon_ms,
     ms,
     pack,
-    parse_claim,
-    parse_inspection,
-    parse_position_claim,
-    parse_state,
     split_completions,
 )
 
@@ -93,15 +91,19 @@ class RedisClusterDedupStore:
         *,
         timeout: float = 2.0,
         durability: Durability = NOT_DURABLE,
+        ttl_seconds: int = DEFAULT_TTL_SECONDS,
     ) -> None:
-        """``connect`` builds the cluster client (see ``ClusterCalls``)."""
+        """``connect`` builds the cluster client (see ``ClusterCalls``); ``ttl_seconds``
+        as for ``RedisDedupStore``."""
         self._prefix = key_prefix
+        self._ttl = ttl_seconds
+        self._codec = RecordCodec()
         self._tags = bucket_tags()
         self._slots = [key_slot(tag.encode()) for tag in self._tags]
-        self._bucket_prefixes = [f"{key_prefix}:{{{tag}}}:" for tag in self._tags]
+        self._bases = [f"{key_prefix}:{{{tag}}}" for tag in self._tags]
         self._position_prefixes = [f"{key_prefix}={{{tag}}}:" for tag in self._tags]
         scripts = [
-            CLAIM, BEGIN, COMPLETE, RELEASE, RENEW, STATE, EPOCH, INSPECT, FORGET, FORGETS,
+            CLAIM, BEGIN, COMPLETE, RELEASE, RENEW, EPOCH, INSPECT, FORGET, FORGETS, TOPICS,
             SEQUENCE_CLAIM, SEQUENCE_COMPLETE,
         ]  # fmt: skip
         # The writes the worker relies on, and the epoch check that tells /readyz whether
@@ -118,11 +120,14 @@ class RedisClusterDedupStore:
         timeout: float = 2.0,
         tls_ca_file: str | None = None,
         durability: Durability = NOT_DURABLE,
+        ttl_seconds: int = DEFAULT_TTL_SECONDS,
     ) -> RedisClusterDedupStore:
         def connect() -> RedisCluster:
             return RedisCluster.from_url(url, **client_options(timeout, tls_ca_file))
 
-        return cls(connect, key_prefix, timeout=timeout, durability=durability)
+        return cls(
+            connect, key_prefix, timeout=timeout, durability=durability, ttl_seconds=ttl_seconds
+        )
 
     def _bucket(self, id: str) -> int:
         return zlib.crc32(id.encode()) % len(self._tags)
@@ -137,23 +142,27 @@ class RedisClusterDedupStore:
     # -- the store -------------------------------------------------------------------
 
     def claim(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[Claim]:
-        args = ["", token, ms(lease_seconds), RUNS_TTL_SECONDS, ""]
-        replies = self._per_id(CLAIM, ids, lambda indexes: args)
-        return [parse_claim(reply) for reply in replies]
+        def args(indexes: list[int], base: str) -> list[Any]:
+            return [base, token, ms(lease_seconds), self._ttl, pack([ids[i] for i in indexes])]
+
+        replies = self._per_id(CLAIM, ids, args)
+        if self._codec.unknown(replies):
+            self._codec.learn(self._topics({}))
+        return [self._codec.claim(reply) for reply in replies]
 
     def claim_positions(
         self, entities: Sequence[tuple[str, int]], token: str, lease_seconds: float
     ) -> list[Claim]:
-        def args(indexes: list[int]) -> list[Any]:
-            sequences = pack([str(entities[i][1]) for i in indexes])
-            return [token, ms(lease_seconds), RUNS_TTL_SECONDS, sequences]
+        def args(indexes: list[int], base: str) -> list[Any]:
+            fields = [f for i in indexes for f in (entities[i][0], str(entities[i][1]))]
+            return [base, token, ms(lease_seconds), self._ttl, *fields]
 
-        keys = [entity for entity, _ in entities]
-        replies = self._per_id(SEQUENCE_CLAIM, keys, args, positions=True)
+        names = [entity for entity, _ in entities]
+        replies = self._per_id(SEQUENCE_CLAIM, names, args, positions=True)
         return [parse_position_claim(reply) for reply in replies]
 
     def begin(self, id: str, token: str) -> int:
-        return int(self._one(BEGIN, id, [token, RUNS_TTL_SECONDS]))
+        return int(self._one(BEGIN, id, lambda base: [base, id, token]))
 
     def complete(
         self,
@@ -163,67 +172,86 @@ class RedisClusterDedupStore:
     ) -> list[bool]:
         ids, entities = split_completions(completions)
 
-        def args(indexes: list[int]) -> list[Any]:
-            fields = [
-                field
-                for c in (completions[ids[i]] for i in indexes)
-                for field in (c.id, c.token, c.origin, c.fingerprint, c.reply)
-            ]
-            return ["", ttl_seconds, pack(fields)]
+        def args(indexes: list[int], base: str) -> list[Any]:
+            completed = (completions[ids[i]] for i in indexes)
+            fields = [f for c in completed for f in (c.id, c.token, self._codec.record(c))]
+            return [base, ttl_seconds, pack(fields)]
 
-        def position_args(indexes: list[int]) -> list[Any]:
+        def position_args(indexes: list[int], base: str) -> list[Any]:
             raised = (completions[entities[i]] for i in indexes)
-            return [
-                position_ttl_seconds or "",
-                pack([f for c in raised for f in (c.token, str(c.sequence))]),
-            ]
+            fields = [f for c in raised for f in (c.id, c.token, str(c.sequence))]
+            return [base, position_ttl_seconds or "", *fields]
 
         done: dict[int, bool] = {}
         if ids:
+            if new := self._codec.unregistered(completions[i] for i in ids):
+                self._codec.learn(self._topics(new))
             replies = self._per_id(COMPLETE, [completions[i].id for i in ids], args)
             done.update(zip(ids, map(bool, replies), strict=True))
         if entities:
-            keys = [completions[i].id for i in entities]
-            replies = self._per_id(SEQUENCE_COMPLETE, keys, position_args, positions=True)
+            names = [completions[i].id for i in entities]
+            replies = self._per_id(SEQUENCE_COMPLETE, names, position_args, positions=True)
             done.update(zip(entities, map(bool, replies), strict=True))
         return [done[i] for i in range(len(completions))]
 
     def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:
-        _, calls = self._calls(RELEASE, ids, lambda indexes: [token, attempts, RUNS_TTL_SECONDS])
+        def args(indexes: list[int], base: str) -> list[Any]:
+            return [base, token, attempts, *(ids[i] for i in indexes)]
+
+        _, calls = self._calls(RELEASE, ids, args)
         return sum(int(reply) for reply in self._calls_to.execute(calls))
 
     def renew(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[bool]:
-        args = [token, ms(lease_seconds), RUNS_TTL_SECONDS]
-        return [bool(reply) for reply in self._per_id(RENEW, ids, lambda indexes: args)]
+        def args(indexes: list[int], base: str) -> list[Any]:
+            return [base, token, ms(lease_seconds), *(ids[i] for i in indexes)]
+
+        return [bool(reply) for reply in self._per_id(RENEW, ids, args)]
 
     def epoch(self, candidate: str) -> str:
         """Every bucket has a marker, so that a primary that lost its records (an empty
         replica promoted, a restart without persistence) shows as a changed epoch."""
         calls = [
-            Call(EPOCH, slot, [f"{self._prefix}#epoch:{{{tag}}}"], [candidate])
-            for tag, slot in zip(self._tags, self._slots, strict=True)
+            Call(
+                EPOCH,
+                slot,
+                [f"{self._prefix}#epoch:{{{tag}}}", f"{base}#windows"],
+                [candidate, legacy_horizon_ms(self._ttl)],
+            )
+            for tag, slot, base in zip(self._tags, self._slots, self._bases, strict=True)
         ]
         markers = [str(marker) for marker in self._calls_to.execute(calls)]
         return markers[0] if len(set(markers)) == 1 else ",".join(markers)
 
     def state(self, id: str) -> State:
-        return parse_state(self._one(STATE, id, []))
+        return self.inspect(id).state
 
     def inspect(self, id: str) -> Inspection:
-        return parse_inspection(self._one(INSPECT, id, []))
+        reply = self._one(INSPECT, id, lambda base: [base, id])
+        if self._codec.unknown([reply[0]]):
+            self._codec.learn(self._topics({}))
+        return self._codec.inspection(reply)
 
     def forget(self, ids: Sequence[str], force: bool) -> list[Forgotten]:
-        found = self._per_id(FORGET, ids, lambda indexes: ["force" if force else ""])
-        self._calls_to.execute([self._forgets_call("incr")])
+        def args(indexes: list[int], base: str) -> list[Any]:
+            return [base, "force" if force else "", *(ids[i] for i in indexes)]
+
+        found = self._per_id(FORGET, ids, args)
+        self._calls_to.execute([self._first_bucket_call(FORGETS, "#forgets", ["incr"])])
         return [str(state) for state in found]  # type: ignore[misc]
 
     def forgets(self) -> int:
-        return int(self._calls_to.execute([self._forgets_call("")])[0])
+        return int(self._calls_to.execute([self._first_bucket_call(FORGETS, "#forgets", [""])])[0])
 
-    def _forgets_call(self, action: str) -> Call:
-        """The forget counter lives beside the first bucket's epoch marker."""
-        key = f"{self._prefix}#forgets:{{{self._tags[0]}}}"
-        return Call(FORGETS, self._slots[0], [key], [action])
+    def _topics(self, new: dict[str, str]) -> dict[str, str]:
+        """As ``RedisDedupStore._topics``."""
+        args = [f for pair in new.items() for f in pair]
+        [known] = self._calls_to.execute([self._first_bucket_call(TOPICS, "#topics", args)])
+        return dict(zip(known[::2], known[1::2], strict=True))
+
+    def _first_bucket_call(self, script: str, name: str, args: list[Any]) -> Call:
+        """The forget counter and the topic names live beside the first bucket's epoch
+        marker."""
+        return Call(script, self._slots[0], [f"{self._prefix}{name}:{{{self._tags[0]}}}"], args)
 
     def eviction_policy(self) -> str | None:
         """The first primary's policy that is not ``noeviction``, else ``noeviction``;
@@ -245,33 +273,34 @@ class RedisClusterDedupStore:
 
     # -- calls spread over the primaries ---------------------------------------------
 
-    def _one(self, script: str, id: str, args: list[Any]) -> Any:
-        return self._calls_to.execute(self._calls(script, [id], lambda indexes: args)[1])[0]
+    def _one(self, script: str, id: str, args: Callable[[str], list[Any]]) -> Any:
+        return self._calls_to.execute(self._calls(script, [id], lambda _, b: args(b))[1])[0]
 
     def _calls(
         self,
         script: str,
         ids: Sequence[str],
-        args: Callable[[list[int]], list[Any]],
+        args: Callable[[list[int], str], list[Any]],
         positions: bool = False,
     ) -> tuple[list[list[int]], list[Call]]:
-        """``script`` once per bucket over its ids' keys (with ``positions``, the
-        entities' claim keys, then their position keys), ``args(indexes)`` its ARGV;
-        with each call, the indexes in ``ids`` of its keys."""
+        """``script`` once per bucket over its ids (with ``positions``, the entities'
+        position keys too), ``args(indexes, base)`` its ARGV; with each call, the
+        indexes in ``ids`` of its names."""
         groups = list(self._by_bucket(ids).items())
         calls = []
         for bucket, indexes in groups:
-            keys = [self._bucket_prefixes[bucket] + ids[i] for i in indexes]
+            base = self._bases[bucket]
+            keys = [f"{base}#windows"]
             if positions:
                 keys += [self._position_prefixes[bucket] + ids[i] for i in indexes]
-            calls.append(Call(script, self._slots[bucket], keys, args(indexes)))
+            calls.append(Call(script, self._slots[bucket], keys, args(indexes, base)))
         return [ix for _, ix in groups], calls
 
     def _per_id(
         self,
         script: str,
         ids: Sequence[str],
-        args: Callable[[list[int]], list[Any]],
+        args: Callable[[list[int], str], list[Any]],
         positions: bool = False,
     ) -> list[Any]:
         """The per-id replies of ``script`` over ``ids`` (see ``_calls``), in their order."""

@@ -1,16 +1,24 @@
-"""The Redis dedup store: one key per message id, every transition one Lua script.
+"""The Redis dedup store: records kept as fields of a few hashes, every transition one
+Lua script.
 
-A record is a string value. In progress it is ``p|<token>|<lease end>|<runs>``: the
-claim's owner, the end of its lease in Redis's own clock (milliseconds), and how many
-runs of the handler began, over every replica; the key lives ``RUNS_TTL_SECONDS``
-after its last claim, so that a message that crashes its worker is noticed by
-whichever replica claims it next. A claim whose lease ended is free to take. Completed,
-it is ``c|<token>|<origin>|<fingerprint>`` with the dedup TTL, followed by ``|<reply>``
-when the completion kept one for duplicates to replay.
+A record is named by its message id (a sequence route's claim by ``<topic>\x1f<entity>``)
+and lives in a *window*: a hash ``<prefix>/<expiry in ms>`` that takes the records
+written during a quarter of the dedup TTL and expires as a whole, 1.25 TTLs after it was
+opened, so every record lives between one and 1.25 TTLs. ``<prefix>#windows`` indexes
+the live windows by expiry (about five), and a claim looks for its ids in each, newest
+first, with one ``HMGET`` per window; claims and completions are written with one
+variadic ``HSET``. A completion overwrites its claim in place. What the values hold is
+described in ``worker/dedup/encoding.py``; a completed record takes about 106 bytes of
+Redis memory with 18-character ids, against 240 for the previous layout's key per id.
 
-One key and, for a message seen once, three commands: a SET NX at claim, a GET and a
-SET at completion. A whole poll batch is claimed in one script call, and completions
-are written in groups, so dedup costs two round trips per group of messages.
+The previous layout (one key ``<prefix>:<id>`` per record) is read for as long as its
+records may live after the first epoch check of this layout on the store (see EPOCH in
+worker/dedup/scripts.py), so a rolling upgrade honours what the old version completed or
+holds; the new version never writes it. A sequence route's positions are keys of their
+own, ``<prefix>=<topic>\x1f<entity>``.
+
+A whole poll batch is claimed in one script call, and completions are written in groups,
+so dedup costs two round trips per group of messages.
 """
 
 from __future__ import annotations
@@ -22,31 +30,28 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
-from redis.commands.core import Script
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from worker.dedup.base import Attempts, Claim, Completion, Forgotten, Inspection, State
+from worker.dedup.encoding import RecordCodec, parse_position_claim
 from worker.dedup.scripts import (
     BEGIN,
     CLAIM,
     COMPLETE,
+    DEFAULT_TTL_SECONDS,
     EPOCH,
     FORGET,
     FORGETS,
     INSPECT,
     RELEASE,
     RENEW,
-    RUNS_TTL_SECONDS,
     SEQUENCE_CLAIM,
     SEQUENCE_COMPLETE,
-    STATE,
+    TOPICS,
+    legacy_horizon_ms,
     ms,
     pack,
-    parse_claim,
-    parse_inspection,
-    parse_position_claim,
-    parse_state,
     split_completions,
 )
 from worker.errors import StoreUnavailable
@@ -83,26 +88,31 @@ class RedisDedupStore:
         key_prefix: str,
         durability: Durability = NOT_DURABLE,
         also_close: Sequence[redis.Redis] = (),
+        ttl_seconds: int = DEFAULT_TTL_SECONDS,
     ) -> None:
+        """``ttl_seconds`` is the dedup TTL the worker completes with: claims are written
+        into the windows its completions will use."""
         self._client = client
         self._also_close = also_close
         self._durability = durability
-        self._prefix = key_prefix + ":"
+        self._ttl = ttl_seconds
+        self._base = key_prefix
+        self._index = [key_prefix + "#windows"]
         self._epoch_key = key_prefix + "#epoch"
-        self._claim = client.register_script(CLAIM)
-        self._complete = client.register_script(COMPLETE)
-        self._release = client.register_script(RELEASE)
-        self._renew = client.register_script(RENEW)
-        self._begin = client.register_script(BEGIN)
-        self._epoch = client.register_script(EPOCH)
-        self._state = client.register_script(STATE)
-        self._inspect = client.register_script(INSPECT)
-        self._forget = client.register_script(FORGET)
-        self._forgets = client.register_script(FORGETS)
         self._forgets_key = key_prefix + "#forgets"
+        self._topics_key = key_prefix + "#topics"
         self._positions = key_prefix + "="
-        self._claim_positions = client.register_script(SEQUENCE_CLAIM)
-        self._complete_positions = client.register_script(SEQUENCE_COMPLETE)
+        self._codec = RecordCodec()
+        scripts = {
+            name: client.register_script(text)
+            for name, text in [
+                ("claim", CLAIM), ("complete", COMPLETE), ("release", RELEASE),
+                ("renew", RENEW), ("begin", BEGIN), ("epoch", EPOCH), ("inspect", INSPECT),
+                ("forget", FORGET), ("forgets", FORGETS), ("topics", TOPICS),
+                ("claim_positions", SEQUENCE_CLAIM), ("complete_positions", SEQUENCE_COMPLETE),
+            ]
+        }  # fmt: skip
+        self._scripts = scripts
 
     @classmethod
     def from_url(
@@ -113,9 +123,10 @@ class RedisDedupStore:
         timeout: float = 2.0,
         tls_ca_file: str | None = None,
         durability: Durability = NOT_DURABLE,
+        ttl_seconds: int = DEFAULT_TTL_SECONDS,
     ) -> RedisDedupStore:
         client = redis.Redis.from_url(url, **client_options(timeout, tls_ca_file))
-        return cls(client, key_prefix, durability)
+        return cls(client, key_prefix, durability, ttl_seconds=ttl_seconds)
 
     @classmethod
     def from_sentinel(
@@ -131,6 +142,7 @@ class RedisDedupStore:
         sentinel_username: str | None = None,
         sentinel_password: str | None = None,
         sentinel_tls: bool = False,
+        ttl_seconds: int = DEFAULT_TTL_SECONDS,
     ) -> RedisDedupStore:
         """A store on the primary the Sentinels know as ``master``; ``url`` gives only the
         scheme, the credentials and the database. A connection to the primary that fails
@@ -154,43 +166,38 @@ class RedisDedupStore:
             ssl=tls,
             **client_options(timeout, tls_ca_file if tls else None),
         )
-        return cls(sentinel.master_for(master), key_prefix, durability, sentinel.sentinels)
-
-    def _record_keys(self, ids: Sequence[str]) -> list[str]:
-        return [self._prefix + id for id in ids]
+        master_client = sentinel.master_for(master)
+        return cls(master_client, key_prefix, durability, sentinel.sentinels, ttl_seconds)
 
     def claim(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[Claim]:
         if not ids:
             return []
-        args: list[Any] = [
-            self._prefix, token, ms(lease_seconds), RUNS_TTL_SECONDS, pack(ids),
-        ]  # fmt: skip
-        replies: list[str] = self._durable(self._claim, args)
-        return [parse_claim(reply) for reply in replies]
+        args = [self._base, token, ms(lease_seconds), self._ttl, pack(ids)]
+        replies: list[str] = self._durable("claim", args)
+        if self._codec.unknown(replies):
+            self._codec.learn(self._topics({}))
+        return [self._codec.claim(reply) for reply in replies]
 
     def claim_positions(
         self, entities: Sequence[tuple[str, int]], token: str, lease_seconds: float
     ) -> list[Claim]:
         if not entities:
             return []
-        keys = self._entity_keys([entity for entity, _ in entities])
-        sequences = pack([str(sequence) for _, sequence in entities])
-        args: list[Any] = [token, ms(lease_seconds), RUNS_TTL_SECONDS, sequences]
-        replies: list[str] = self._durable(self._claim_positions, args, keys)
+        keys = self._index + [self._positions + entity for entity, _ in entities]
+        fields = [f for entity, sequence in entities for f in (entity, str(sequence))]
+        args = [self._base, token, ms(lease_seconds), self._ttl, *fields]
+        replies: list[str] = self._durable("claim_positions", args, keys)
         return [parse_position_claim(reply) for reply in replies]
 
-    def _entity_keys(self, entities: Sequence[str]) -> list[str]:
-        """Each entity's claim key, then each one's position key."""
-        return [self._prefix + e for e in entities] + [self._positions + e for e in entities]
-
-    def _durable(self, script: Script, args: list[Any], keys: list[str] | None = None) -> Any:
+    def _durable(self, script: str, args: list[Any], keys: list[str] | None = None) -> Any:
         """``script``'s reply, once ``redis.min_replicas`` replicas have its writes."""
+        run, keys = self._scripts[script], keys or self._index
         if not self._durability.min_replicas:
-            return redis_call(lambda: script(keys=keys, args=args))
+            return redis_call(lambda: run(keys=keys, args=args))
 
         def write_and_wait() -> list[Any]:
             pipe: Any = self._client.pipeline(transaction=False)
-            script(keys=keys, args=args, client=pipe)
+            run(keys=keys, args=args, client=pipe)
             pipe.execute_command("WAIT", self._durability.min_replicas, self._durability.timeout_ms)
             return list(pipe.execute())
 
@@ -198,9 +205,18 @@ class RedisDedupStore:
         self._durability.check(int(acknowledged))
         return reply
 
+    def _call(self, script: str, args: list[Any], keys: list[str] | None = None) -> Any:
+        run = self._scripts[script]
+        return redis_call(lambda: run(keys=keys or self._index, args=args))
+
+    def _topics(self, new: dict[str, str]) -> dict[str, str]:
+        """Register ``new`` topics by short hash (unless taken); every one the store names."""
+        args = [f for pair in new.items() for f in pair]
+        known = self._call("topics", args, [self._topics_key])
+        return dict(zip(known[::2], known[1::2], strict=True))
+
     def begin(self, id: str, token: str) -> int:
-        keys, args = self._record_keys([id]), [token, str(RUNS_TTL_SECONDS)]
-        return int(redis_call(lambda: self._begin(keys=keys, args=args)))
+        return int(self._call("begin", [self._base, id, token]))
 
     def complete(
         self,
@@ -211,55 +227,54 @@ class RedisDedupStore:
         ids, entities = split_completions(completions)
         done: dict[int, bool] = {}
         if ids:
-            fields = [
-                f
-                for c in (completions[i] for i in ids)
-                for f in (c.id, c.token, c.origin, c.fingerprint, c.reply)
-            ]
-            args: list[Any] = [self._prefix, ttl_seconds, pack(fields)]
-            done.update(zip(ids, map(bool, self._durable(self._complete, args)), strict=True))
+            completed = [completions[i] for i in ids]
+            if new := self._codec.unregistered(completed):
+                self._codec.learn(self._topics(new))
+            fields = [f for c in completed for f in (c.id, c.token, self._codec.record(c))]
+            args: list[Any] = [self._base, ttl_seconds, pack(fields)]
+            done.update(zip(ids, map(bool, self._durable("complete", args)), strict=True))
         if entities:
             raised = [completions[i] for i in entities]
-            keys = self._entity_keys([c.id for c in raised])
-            fields = [f for c in raised for f in (c.token, str(c.sequence))]
-            args = [position_ttl_seconds or "", pack(fields)]
-            replies = self._durable(self._complete_positions, args, keys)
+            keys = self._index + [self._positions + c.id for c in raised]
+            fields = [f for c in raised for f in (c.id, c.token, str(c.sequence))]
+            args = [self._base, position_ttl_seconds or "", *fields]
+            replies = self._durable("complete_positions", args, keys)
             done.update(zip(entities, map(bool, replies), strict=True))
         return [done[i] for i in range(len(completions))]
 
     def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:
         if not ids:
             return 0
-        keys, args = self._record_keys(ids), [token, attempts, str(RUNS_TTL_SECONDS)]
-        return int(redis_call(lambda: self._release(keys=keys, args=args)))
+        return int(self._call("release", [self._base, token, attempts, *ids]))
 
     def renew(self, ids: Sequence[str], token: str, lease_seconds: float) -> list[bool]:
         if not ids:
             return []
-        keys = self._record_keys(ids)
-        args: list[Any] = [token, ms(lease_seconds), RUNS_TTL_SECONDS]
-        replies = redis_call(lambda: self._renew(keys=keys, args=args))
+        replies = self._call("renew", [self._base, token, ms(lease_seconds), *ids])
         return [bool(reply) for reply in replies]
 
     def epoch(self, candidate: str) -> str:
         """Waits for ``redis.min_replicas`` too: the check also tells ``/readyz`` whether
         the store can take the worker's writes, and without its replicas it cannot."""
-        return str(self._durable(self._epoch, [candidate], [self._epoch_key]))
+        keys = [self._epoch_key, *self._index]
+        return str(self._durable("epoch", [candidate, legacy_horizon_ms(self._ttl)], keys))
 
     def state(self, id: str) -> State:
-        return parse_state(redis_call(lambda: self._state(keys=[self._prefix + id])))
+        return self.inspect(id).state
 
     def inspect(self, id: str) -> Inspection:
-        return parse_inspection(redis_call(lambda: self._inspect(keys=[self._prefix + id])))
+        reply = self._call("inspect", [self._base, id])
+        if self._codec.unknown([reply[0]]):
+            self._codec.learn(self._topics({}))
+        return self._codec.inspection(reply)
 
     def forget(self, ids: Sequence[str], force: bool) -> list[Forgotten]:
-        keys = self._record_keys(ids)
-        found = redis_call(lambda: self._forget(keys=keys, args=["force" if force else ""]))
-        redis_call(lambda: self._forgets(keys=[self._forgets_key], args=["incr"]))
+        found = self._call("forget", [self._base, "force" if force else "", *ids])
+        self._call("forgets", ["incr"], [self._forgets_key])
         return [str(state) for state in found]  # type: ignore[misc]
 
     def forgets(self) -> int:
-        return int(redis_call(lambda: self._forgets(keys=[self._forgets_key], args=[""])))
+        return int(self._call("forgets", [""], [self._forgets_key]))
 
     def eviction_policy(self) -> str | None:
         return redis_call(lambda: read_eviction_policy(self._client))

@@ -1,35 +1,42 @@
 """The dedup records' Lua scripts, shared by the Redis and the Redis Cluster stores, and
-the packing of their arguments and replies. The record layout is described in
-``worker/dedup/redis.py``; every script checks the claim's owner token.
+the packing of their arguments. The layout is described in ``worker/dedup/redis.py``;
+the records' values in ``worker/dedup/encoding.py``. Every script checks the claim's
+owner token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from worker.dedup.base import (
-    BUSY,
-    CLAIMED,
-    FIRST_CLAIM,
-    Claim,
-    ClaimStatus,
-    Completion,
-    Inspection,
-    State,
-)
+from worker.dedup.base import Completion
 
 RUNS_TTL_SECONDS = 24 * 3600
-"""How long an in-progress record, and with it the runs counted, outlives its last claim."""
+"""How long a record of the previous layout outlived its last claim: with the dedup TTL,
+how long the scripts still look for such records after an upgrade."""
 
-# Shared by every script. The batch scripts take their ids (and per-id fields) packed
-# into one argument, each field followed by the byte 0x1f (which no id, entity, token,
-# origin, fingerprint or JSON reply contains): one argument instead of thousands is most
-# of what a batch costs on the client, and Lua splits it with one pattern. On a
-# standalone Redis (or a primary with replicas) they build the keys from the prefix they
-# are given; on a Cluster the caller declares the keys (KEYS), as Redis must see them to
-# route the call and to refuse it while a slot migrates (see worker/dedup/cluster.py).
+DEFAULT_TTL_SECONDS = 7 * 24 * 3600
+"""``dedup.ttl_seconds``'s default."""
+
+
+def legacy_horizon_ms(ttl_seconds: int) -> int:
+    """How long after an upgrade records of the previous layout may still exist."""
+    return max(ttl_seconds, RUNS_TTL_SECONDS) * 1000
+
+
+# Shared by every script but FORGETS, EPOCH and TOPICS. KEYS[1] is the index of the windows (a sorted set: each
+# window's key scored by its expiry in ms, and "layout:<ms>" scored +inf, until when
+# records of the previous layout may still exist). ARGV[1] is the base every key is
+# named from: "<prefix>" on one Redis, "<prefix>:{<tag>}" on a Cluster, where the
+# windows and the previous layout's keys share the index's slot.
+#
+# CLAIM and COMPLETE, which every message costs, take their ids (and per-id fields)
+# packed into one argument, each field followed by the byte 0x1f (which no id, token,
+# record or JSON reply contains): one argument instead of thousands is most of what a
+# batch costs on the client, and Lua splits it with one pattern. The scripts that may
+# be given an entity's name, which holds 0x1f, take one argument per field.
 _COMMON = """
+local spread = unpack
+
 local function unpack(packed)
   local out = {}
   for field in string.gmatch(packed, '([^\\31]*)\\31') do
@@ -38,21 +45,126 @@ local function unpack(packed)
   return out
 end
 
--- KEYS if the caller declared them, else the prefix joined to each id.
-local function record_keys(prefix, ids)
-  if #KEYS > 0 then
-    return KEYS
+-- ARGV from the index first on, as a list: names that may hold 0x1f (an entity's).
+local function args_from(first)
+  local out = {}
+  for i = first, #ARGV do
+    out[#out + 1] = ARGV[i]
   end
-  local keys = {}
-  for i, id in ipairs(ids) do
-    keys[i] = prefix .. id
-  end
-  return keys
+  return out
 end
 
 local function now_ms()
   local time = redis.call('TIME')
   return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- command(key, ...list...) in slices, so that no call passes Lua's stack limit.
+local function each_slice(command, key, list)
+  local out = {}
+  for first = 1, #list, 4000 do
+    local reply = redis.call(command, key, spread(list, first, math.min(first + 3999, #list)))
+    if type(reply) == 'table' then
+      for _, value in ipairs(reply) do
+        out[#out + 1] = value
+      end
+    end
+  end
+  return out
+end
+
+-- The live windows, newest first, and whether the previous layout may still be read:
+-- until the time the epoch check set, or always if it never ran on this index.
+local function live_windows(now)
+  local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES')
+  local windows = {keys = {}, expiries = {}, legacy = true}
+  for i = #live - 1, 1, -2 do
+    local until_ms = string.match(live[i], '^layout:(%d+)$')
+    if until_ms then
+      windows.legacy = tonumber(until_ms) > now
+    else
+      windows.keys[#windows.keys + 1] = live[i]
+      windows.expiries[live[i]] = tonumber(live[i + 1])
+    end
+  end
+  return windows
+end
+
+-- Each name's record, and where it is: a window, or its key of the previous layout.
+local function find(names, windows, base)
+  local values, at = {}, {}
+  local open = {}
+  for i = 1, #names do
+    open[i] = i
+  end
+  for _, window in ipairs(windows.keys) do
+    if #open == 0 then
+      break
+    end
+    local fields = {}
+    for j, i in ipairs(open) do
+      fields[j] = names[i]
+    end
+    local found = each_slice('HMGET', window, fields)
+    local still = {}
+    for j, i in ipairs(open) do
+      if found[j] then
+        values[i], at[i] = found[j], window
+      else
+        still[#still + 1] = i
+      end
+    end
+    open = still
+  end
+  if windows.legacy then
+    for _, i in ipairs(open) do
+      local key = base .. ':' .. names[i]
+      local value = redis.call('GET', key)
+      if value then
+        values[i], at[i] = value, key
+      end
+    end
+  end
+  return values, at
+end
+
+-- The window for records that must live until need (ms): one expiring between need
+-- and need + span, else a new one expiring at need + span.
+local function window_for(windows, base, need, span)
+  for _, window in ipairs(windows.keys) do
+    local expiry = windows.expiries[window]
+    if expiry >= need and expiry <= need + span then
+      return window
+    end
+  end
+  local expiry = need + span
+  local window = base .. '/' .. expiry
+  redis.call('ZADD', KEYS[1], expiry, window)
+  table.insert(windows.keys, 1, window)
+  windows.expiries[window] = expiry
+  return window
+end
+
+-- Write the field/value pairs into window; the window expires with its index entry.
+local function put(window, pairs, windows)
+  if #pairs > 0 then
+    each_slice('HSET', window, pairs)
+    redis.call('PEXPIREAT', window, windows.expiries[window], 'NX')
+  end
+end
+
+-- Delete name's record where it is (a window's field, or a key of the previous layout).
+local function remove(name, where, base)
+  if where == base .. ':' .. name then
+    redis.call('DEL', where)
+  else
+    redis.call('HDEL', where, name)
+  end
+end
+
+-- Forget the windows that expired.
+local function prune(now)
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 end
 
 -- An in-progress record's token, lease end and runs; nil for anything else.
@@ -71,52 +183,70 @@ local function in_progress(token, lease, runs)
   return 'p|' .. token .. '|' .. lease .. '|' .. runs
 end
 
--- Whether a completion under token may write over value (a record, or false): the
+-- Whether a completion under token may write over value (a record, or nil): the
 -- token's claim (even with its lease over), a claim nobody holds any more, or nothing.
 local function completable(value, token, now)
   local owner, ends = progress(value)
   return not value or owner == token or (owner ~= nil and ends <= now)
 end
 
--- Take the claim at key for token (first: its record with one run counted): "+1" if
--- it was free, "?" if the caller held it or its lease ended (runs counted before),
--- else the record that stops it.
-local function take(key, token, lease, first, runs_ttl, now)
-  if redis.call('SET', key, first, 'NX', 'EX', runs_ttl) then
-    return '+1'
+local function is_completed(value)
+  return value ~= nil and string.sub(value, 1, 2) ~= 'p|'
+end
+
+-- Take the claims of names for token (their records in values, found at at): each
+-- reply is "+1" if it was free (one run counted), "?" if the caller held it or its lease
+-- ended (runs counted before), else the record that stops it. Claims written go to
+-- target; a claim taken over elsewhere moves there.
+local function take(names, values, at, token, lease, now, target, windows, base)
+  local out, writes = {}, {}
+  local first = in_progress(token, lease, 1)
+  for i, name in ipairs(names) do
+    local value = values[i]
+    local owner, ends, runs = progress(value)
+    if not value then
+      writes[#writes + 1] = name
+      writes[#writes + 1] = first
+      out[i] = '+1'
+    elseif owner and (owner == token or ends <= now) then
+      writes[#writes + 1] = name
+      writes[#writes + 1] = in_progress(token, lease, runs)
+      if at[i] ~= target then
+        remove(name, at[i], base)
+      end
+      out[i] = '?'
+    else
+      out[i] = value
+    end
   end
-  local value = redis.call('GET', key)
-  local owner, ends, runs = progress(value)
-  if owner and (owner == token or ends <= now) then
-    redis.call('SET', key, in_progress(token, lease, runs), 'EX', runs_ttl)
-    return '?'
-  end
-  return value
+  put(target, writes, windows)
+  return out
 end
 """
 
-# KEYS: the record keys, or none. ARGV: record-key prefix, token, lease in ms, runs TTL
-# in s, packed ids (empty with KEYS). Per id: "+1"
-# when the caller holds the claim now and this claim counted the id's first run; "?"
-# when it holds the claim and runs were counted before; else the record that stops it.
+# KEYS: the index. ARGV: base, token, lease in ms, dedup TTL in s, packed ids. Per id:
+# "+1" when the caller holds the claim now and this claim counted the id's first run;
+# "?" when it holds the claim and runs were counted before; else the record that stops
+# it (completed, or another's claim).
 CLAIM = (
     _COMMON
     + """
 local now = now_ms()
-local lease = now + tonumber(ARGV[3])
-local first = in_progress(ARGV[2], lease, 1)
-local out = {}
-for i, key in ipairs(record_keys(ARGV[1], unpack(ARGV[5]))) do
-  out[i] = take(key, ARGV[2], lease, first, ARGV[4], now)
-end
-return out
+local base, ttl = ARGV[1], tonumber(ARGV[4]) * 1000
+prune(now)
+local windows = live_windows(now)
+local ids = unpack(ARGV[5])
+local values, at = find(ids, windows, base)
+local target = window_for(windows, base, now + ttl, ttl / 4)
+return take(ids, values, at, ARGV[2], now + tonumber(ARGV[3]), now, target, windows, base)
 """
 )
 
-# Sequence routes (worker/modes/sequence.py): an entity has a claim key, an in-progress
-# record as above that exists only while the entity is claimed (or its runs counted),
-# and a position key beside it holding the highest sequence applied, in decimal digits.
-# Sequences are compared as digit strings (no leading zeros), so any 64-bit one is exact.
+# Sequence routes (worker/modes/sequence.py): an entity's claim is a record as an id's,
+# named "<topic>\\31<entity>", that exists only while the entity is claimed (or its runs
+# counted), and its position is a key of its own holding the highest sequence applied,
+# in decimal digits. Sequences are compared as digit strings (no leading zeros), so any
+# 64-bit one is exact.
 _POSITIONS = """
 local function at_or_below(sequence, position)
   if #sequence ~= #position then
@@ -126,8 +256,8 @@ local function at_or_below(sequence, position)
 end
 """
 
-# KEYS: each entity's claim key, then each entity's position key, in the same order.
-# ARGV: token, lease in ms, runs TTL in s, packed sequences. Per entity: "s|<position>"
+# KEYS: the index, then each entity's position key. ARGV: base, token, lease in ms,
+# dedup TTL in s, then per entity its name and sequence. Per entity: "s|<position>"
 # if the sequence is at or below the position (stale: nothing claimed); "+1|<position>"
 # or "?|<position>" if the caller holds the claim now, as CLAIM's "+1" and "?" (the
 # position empty if the entity has none); else the claim record that stops it.
@@ -136,54 +266,69 @@ SEQUENCE_CLAIM = (
     + _POSITIONS
     + """
 local now = now_ms()
-local lease = now + tonumber(ARGV[2])
-local first = in_progress(ARGV[1], lease, 1)
-local sequences = unpack(ARGV[4])
-local n = #sequences
-local out = {}
-for i = 1, n do
-  local position = redis.call('GET', KEYS[n + i])
-  if position and at_or_below(sequences[i], position) then
+local base, ttl = ARGV[1], tonumber(ARGV[4]) * 1000
+prune(now)
+local windows = live_windows(now)
+local fields = args_from(5)
+local out, names, slots, positions = {}, {}, {}, {}
+for i = 1, #fields / 2 do
+  local position = redis.call('GET', KEYS[i + 1])
+  if position and at_or_below(fields[2 * i], position) then
     out[i] = 's|' .. position
   else
-    out[i] = take(KEYS[i], ARGV[1], lease, first, ARGV[3], now)
-    if out[i] == '+1' or out[i] == '?' then
-      out[i] = out[i] .. '|' .. (position or '')
-    end
+    slots[#names + 1] = i
+    names[#names + 1] = fields[2 * i - 1]
+    positions[i] = position or ''
+  end
+end
+local values, at = find(names, windows, base)
+local target = window_for(windows, base, now + ttl, ttl / 4)
+local taken = take(names, values, at, ARGV[2], now + tonumber(ARGV[3]), now, target, windows, base)
+for j, reply in ipairs(taken) do
+  local i = slots[j]
+  out[i] = reply
+  if reply == '+1' or reply == '?' then
+    out[i] = reply .. '|' .. positions[i]
   end
 end
 return out
 """
 )
 
-# KEYS: as SEQUENCE_CLAIM's. ARGV: the positions' TTL in s ("" for none), packed per
-# entity: its token and sequence. Per entity, 1 if its position is now at or above the
-# sequence: raised (never lowered) and the claim deleted when the token's claim (even
-# with its lease over), a claim nobody holds or no claim is found; also when another
-# holds the claim and the position is already there (an ambiguous completion repeated).
-# Else 0: the lease was lost.
+# KEYS: the index, then each entity's position key. ARGV: base, the positions' TTL in s
+# ("" for none), then per entity its name, token and sequence. Per entity, 1 if its
+# position is now at or above the sequence: raised (never lowered) and the claim deleted
+# when the token's claim (even with its lease over), a claim nobody holds or no claim is
+# found; also when another holds the claim and the position is already there (an
+# ambiguous completion repeated). Else 0: the lease was lost.
 SEQUENCE_COMPLETE = (
     _COMMON
     + _POSITIONS
     + """
 local now = now_ms()
-local fields = unpack(ARGV[2])
-local n = #fields / 2
+local base = ARGV[1]
+local windows = live_windows(now)
+local fields = args_from(3)
+local n = #fields / 3
+local names = {}
+for i = 1, n do
+  names[i] = fields[3 * i - 2]
+end
+local values, at = find(names, windows, base)
 local out = {}
 for i = 1, n do
-  local token, sequence = fields[2 * i - 1], fields[2 * i]
-  local value = redis.call('GET', KEYS[i])
-  local position = redis.call('GET', KEYS[n + i])
-  if completable(value, token, now) then
+  local token, sequence = fields[3 * i - 1], fields[3 * i]
+  local position = redis.call('GET', KEYS[i + 1])
+  if completable(values[i], token, now) then
     if not position or not at_or_below(sequence, position) then
-      if ARGV[1] == '' then
-        redis.call('SET', KEYS[n + i], sequence)
+      if ARGV[2] == '' then
+        redis.call('SET', KEYS[i + 1], sequence)
       else
-        redis.call('SET', KEYS[n + i], sequence, 'EX', ARGV[1])
+        redis.call('SET', KEYS[i + 1], sequence, 'EX', ARGV[2])
       end
     end
-    if value then
-      redis.call('DEL', KEYS[i])
+    if values[i] then
+      remove(names[i], at[i], base)
     end
     out[i] = 1
   elseif position and at_or_below(sequence, position) then
@@ -196,75 +341,83 @@ return out
 """
 )
 
-# KEYS: the id's record key. ARGV: token, runs TTL in s. The number of this run (1 for
-# the first, over every replica) if the caller holds the claim, else 0.
+# KEYS: the index. ARGV: base, name, token. The number of this run (1 for the first,
+# over every replica) if the caller holds the claim, else 0.
 BEGIN = (
     _COMMON
     + """
-local token, ends, runs = progress(redis.call('GET', KEYS[1]))
-if token ~= ARGV[1] or ends <= now_ms() then
+local now = now_ms()
+local values, at = find({ARGV[2]}, live_windows(now), ARGV[1])
+local token, ends, runs = progress(values[1])
+if token ~= ARGV[3] or ends <= now then
   return 0
 end
-redis.call('SET', KEYS[1], in_progress(token, ends, runs + 1), 'EX', ARGV[2])
+redis.call('HSET', at[1], ARGV[2], in_progress(token, ends, runs + 1))
 return runs + 1
 """
 )
 
-# KEYS: the record keys, or none. ARGV: record-key prefix, ttl in s, then packed per id:
-# the id, its token, origin, fingerprint and reply (kept after the fingerprint unless
-# empty). Per id, 1 if completed under its token: the
-# token's claim (even with its lease over), a claim nobody holds any more and an absent
-# record are completed.
+# KEYS: the index. ARGV: base, dedup TTL in s, packed per id: the id, its token and its
+# completed record (worker/dedup/encoding.py). Per id, 1 if completed under its token:
+# the token's claim (even with its lease over), a claim nobody holds any more and an
+# absent record are completed, and so is the same record written before (an ambiguous
+# completion repeated).
 COMPLETE = (
     _COMMON
     + """
 local now = now_ms()
+local base, ttl = ARGV[1], tonumber(ARGV[2]) * 1000
+prune(now)
+local windows = live_windows(now)
 local fields = unpack(ARGV[3])
 local ids = {}
-for i = 1, #fields / 5 do
-  ids[i] = fields[5 * i - 4]
+for i = 1, #fields / 3 do
+  ids[i] = fields[3 * i - 2]
 end
-local out = {}
-for i, key in ipairs(record_keys(ARGV[1], ids)) do
-  local token = fields[5 * i - 3]
-  local done = 'c|' .. token .. '|'
-  local value = redis.call('GET', key)
-  if completable(value, token, now) then
-    local record = done .. fields[5 * i - 2] .. '|' .. fields[5 * i - 1]
-    if fields[5 * i] ~= '' then
-      record = record .. '|' .. fields[5 * i]
-    end
-    redis.call('SET', key, record, 'EX', ARGV[2])
+local values, at = find(ids, windows, base)
+local target = window_for(windows, base, now + ttl, ttl / 4)
+local out, writes = {}, {}
+for i, id in ipairs(ids) do
+  local record = fields[3 * i]
+  if values[i] == record then
     out[i] = 1
-  elseif string.sub(value, 1, #done) == done then
+  elseif completable(values[i], fields[3 * i - 1], now) then
+    writes[#writes + 1] = id
+    writes[#writes + 1] = record
+    if values[i] and at[i] ~= target then
+      remove(id, at[i], base)
+    end
     out[i] = 1
   else
     out[i] = 0
   end
 end
+put(target, writes, windows)
 return out
 """
 )
 
-# KEYS: the ids' record keys. ARGV: token, "clear" to forget the runs counted too,
-# runs TTL in s. Ends each claim the caller holds; a claim nobody holds (its lease
-# ended) is cleared too, another's is left alone. How many of the caller's it ended.
+# KEYS: the index. ARGV: base, token, "clear" to forget the runs counted too, then the
+# names. Ends each claim the caller holds; a claim nobody holds (its lease ended) is
+# cleared too, another's is left alone. How many of the caller's it ended.
 RELEASE = (
     _COMMON
     + """
 local now = now_ms()
+local names = args_from(4)
+local values, at = find(names, live_windows(now), ARGV[1])
 local released = 0
-for _, key in ipairs(KEYS) do
-  local token, ends, runs = progress(redis.call('GET', key))
+for i, name in ipairs(names) do
+  local token, ends, runs = progress(values[i])
   if token then
-    local mine = token == ARGV[1] and ends > now
+    local mine = token == ARGV[2] and ends > now
     if mine then
       released = released + 1
     end
-    if ARGV[2] == 'clear' and (mine or ends <= now) then
-      redis.call('DEL', key)
+    if ARGV[3] == 'clear' and (mine or ends <= now) then
+      remove(name, at[i], ARGV[1])
     elseif mine then
-      redis.call('SET', key, in_progress('', 0, runs), 'EX', ARGV[3])
+      redis.call('HSET', at[i], name, in_progress('', 0, runs))
     end
   end
 end
@@ -272,17 +425,19 @@ return released
 """
 )
 
-# KEYS: the ids' record keys. ARGV: token, lease in ms, runs TTL in s. Per id, 1 if
-# the caller still held the claim (its lease now runs from now), else 0.
+# KEYS: the index. ARGV: base, token, lease in ms, then the names. Per name, 1 if the
+# caller still held the claim (its lease now runs from now), else 0.
 RENEW = (
     _COMMON
     + """
 local now = now_ms()
+local names = args_from(4)
+local values, at = find(names, live_windows(now), ARGV[1])
 local out = {}
-for i, key in ipairs(KEYS) do
-  local token, ends, runs = progress(redis.call('GET', key))
-  if token == ARGV[1] and ends > now then
-    redis.call('SET', key, in_progress(token, now + tonumber(ARGV[2]), runs), 'EX', ARGV[3])
+for i, name in ipairs(names) do
+  local token, ends, runs = progress(values[i])
+  if token == ARGV[2] and ends > now then
+    redis.call('HSET', at[i], name, in_progress(token, now + tonumber(ARGV[3]), runs))
     out[i] = 1
   else
     out[i] = 0
@@ -292,53 +447,47 @@ return out
 """
 )
 
-# KEYS: the id's record key. "absent", "in_progress" or "completed".
-STATE = (
-    _COMMON
-    + """
-local value = redis.call('GET', KEYS[1])
-if not value then
-  return 'absent'
-elseif string.sub(value, 1, 2) == 'c|' then
-  return 'completed'
-end
-local token, ends = progress(value)
-if token and ends <= now_ms() then
-  return 'absent'
-end
-return 'in_progress'
-"""
-)
-
-# KEYS: the id's record key. The record (or false), its TTL in ms, and the time in ms.
+# KEYS: the index. ARGV: base, id. The record (or false), how long it lives on in ms
+# (-1: for good), and the time in ms. The previous layout is always looked at.
 INSPECT = (
     _COMMON
     + """
-return {redis.call('GET', KEYS[1]) or false, redis.call('PTTL', KEYS[1]), now_ms()}
+local now = now_ms()
+local windows = live_windows(now)
+windows.legacy = true
+local values, at = find({ARGV[2]}, windows, ARGV[1])
+if not values[1] then
+  return {false, -2, now}
+end
+return {values[1], redis.call('PTTL', at[1]), now}
 """
 )
 
-# KEYS: the ids' record keys. ARGV: "force" to delete claims in progress too. Per id,
-# what it was: completed, in_progress, absent, or refused (in progress, not forced).
+# KEYS: the index. ARGV: base, "force" to delete claims in progress too, then the ids. Per
+# id, what it was: completed, in_progress, absent, or refused (in progress, not forced).
 FORGET = (
     _COMMON
     + """
 local now = now_ms()
+local windows = live_windows(now)
+windows.legacy = true
+local ids = args_from(3)
+local values, at = find(ids, windows, ARGV[1])
 local out = {}
-for i, key in ipairs(KEYS) do
-  local value = redis.call('GET', key)
+for i, id in ipairs(ids) do
+  local value = values[i]
   local token, ends = progress(value)
   if not value then
     out[i] = 'absent'
-  elseif string.sub(value, 1, 2) == 'c|' then
+  elseif is_completed(value) then
     out[i] = 'completed'
   elseif token and token ~= '' and ends > now then
-    out[i] = ARGV[1] == 'force' and 'in_progress' or 'refused'
+    out[i] = ARGV[2] == 'force' and 'in_progress' or 'refused'
   else
     out[i] = 'absent'  -- a claim let go or expired: only its runs are counted
   end
-  if out[i] ~= 'refused' then
-    redis.call('DEL', key)
+  if value and out[i] ~= 'refused' then
+    remove(id, at[i], ARGV[1])
   end
 end
 return out
@@ -353,14 +502,36 @@ end
 return tonumber(redis.call('GET', KEYS[1]) or '0')
 """
 
-# KEYS: the epoch marker's key. ARGV: a new epoch. The marker, set to ARGV[1] if missing.
+# KEYS: the epoch marker's key, the index. ARGV: a new epoch, how long in ms records of
+# the previous layout may live. The marker, set to ARGV[1] if missing. The first time
+# it sees an index without a layout entry, it records until when the previous layout
+# must still be read: never if the marker is missing too (a new store), else from now
+# on for as long as those records live.
 EPOCH = """
 local value = redis.call('GET', KEYS[1])
+local layout = redis.call('ZRANGEBYSCORE', KEYS[2], '+inf', '+inf')
+if #layout == 0 then
+  local until_ms = 0
+  if value then
+    local time = redis.call('TIME')
+    until_ms = tonumber(time[1]) * 1000 + tonumber(ARGV[2])
+  end
+  redis.call('ZADD', KEYS[2], '+inf', 'layout:' .. string.format('%d', until_ms))
+end
 if value then
   return value
 end
 redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
+"""
+
+# KEYS: the topic names' hash. ARGV: pairs of a topic's short hash and its name, each
+# set unless the hash is taken. Every hash and name known.
+TOPICS = """
+for i = 1, #ARGV, 2 do
+  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return redis.call('HGETALL', KEYS[1])
 """
 
 
@@ -388,55 +559,3 @@ def split_completions(completions: Sequence[Completion]) -> tuple[list[int], lis
 
 def ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
-
-
-def parse_state(name: str) -> State:
-    return {"absent": State.ABSENT, "completed": State.COMPLETED}.get(name, State.IN_PROGRESS)
-
-
-def parse_inspection(reply: list[Any]) -> Inspection:
-    value, ttl, now = reply
-    if not value:
-        return Inspection(State.ABSENT)
-    if value.startswith("c|"):
-        claim = parse_claim(value)
-        return Inspection(
-            State.COMPLETED, origin=claim.origin, fingerprint=claim.fingerprint, ttl_left_ms=ttl
-        )
-    _, token, lease, runs = [*value.split("|"), "", "", ""][:4]
-    left = int(lease or 0) - int(now)
-    if not token or left <= 0:  # let go or expired: free to claim, its runs counted
-        return Inspection(State.ABSENT, runs=int(runs or 0), ttl_left_ms=ttl)
-    return Inspection(
-        State.IN_PROGRESS, runs=int(runs or 0), owner=token, lease_left_ms=left, ttl_left_ms=ttl
-    )
-
-
-def parse_position_claim(reply: str) -> Claim:
-    """A reply of SEQUENCE_CLAIM."""
-    kind, _, position = reply.partition("|")
-    known = int(position) if position.isdigit() else None
-    if kind == "s":
-        return Claim(ClaimStatus.COMPLETED, position=known)
-    if kind == "+1":
-        return Claim(ClaimStatus.CLAIMED, position=known, attempt=1)
-    if kind == "?":
-        return Claim(ClaimStatus.CLAIMED, position=known)
-    return BUSY
-
-
-def parse_claim(reply: str) -> Claim:
-    if reply == "+1":
-        return FIRST_CLAIM
-    if reply == "?":
-        return CLAIMED
-    if reply.startswith("c|"):
-        parts = reply.split("|", 4)  # c, token, origin, fingerprint, reply if kept
-        parts += [""] * (4 - len(parts))
-        return Claim(
-            ClaimStatus.COMPLETED,
-            parts[2] or None,
-            fingerprint=parts[3] or None,
-            reply=parts[4] if len(parts) > 4 else None,
-        )
-    return BUSY

@@ -1,0 +1,186 @@
+"""The records' values, as the scripts (worker/dedup/scripts.py) store them.
+
+- In progress: ``p|<token>|<lease end>|<runs>``, read by the scripts: the claim's owner,
+  the end of its lease in Redis's clock (ms), and the runs of the handler begun, over
+  every replica.
+- Completed, compact (what nearly every record is): ``<tag><fingerprint><topic>
+  <partition>/<offset>`` without spaces, 25 characters for ``orders/3/12345678``, so that
+  its value fits Redis's 32-byte allocation. The tag (4 characters) is a hash of the
+  claim's token: a completion repeated after an ambiguous failure writes the same value,
+  and the script takes an equal value as its own. The fingerprint is the payload's 8
+  bytes in URL-safe base64 (11 characters), the topic a 4-character hash of the origin's
+  topic that the store's topic names resolve (``TOPICS``), the partition and the offset
+  in base-64 digits.
+- Completed, plain, when the compact form does not apply (a fingerprint that is not 16
+  hex digits, an origin not ``<topic>/<partition>/<offset>``, a topic whose hash another
+  topic has): ``=<tag>|<origin>|<fingerprint>``.
+- Either is followed by ``|<reply>`` when the completion kept one (worker/replies.py).
+- Completed by the previous layout, read during an upgrade: ``c|<token>|<origin>|
+  <fingerprint>`` (and ``|<reply>``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from worker.dedup.base import (
+    BUSY,
+    CLAIMED,
+    FIRST_CLAIM,
+    Claim,
+    ClaimStatus,
+    Completion,
+    Inspection,
+    State,
+)
+
+DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+"""The URL-safe base64 alphabet, as the digits of the partition and the offset."""
+
+_COMPACT = re.compile(
+    r"([\w-]{4})([\w-]{11})([\w-]{4})([\w-]+)/([\w-]+)(?:\|(.*))?", re.DOTALL | re.ASCII
+)
+_ORIGIN = re.compile(r"(.+)/(\d+)/(\d+)")
+_HEX_FINGERPRINT = re.compile(r"[0-9a-f]{16}")
+
+
+def short_hash(text: str) -> str:
+    """4 characters: 3 bytes of BLAKE2b in URL-safe base64."""
+    digest = hashlib.blake2b(text.encode(), digest_size=3).digest()
+    return base64.urlsafe_b64encode(digest).decode()
+
+
+def to_digits(number: int) -> str:
+    out = ""
+    while True:
+        number, digit = divmod(number, 64)
+        out = DIGITS[digit] + out
+        if not number:
+            return out
+
+
+def from_digits(text: str) -> int:
+    number = 0
+    for char in text:
+        number = number * 64 + DIGITS.index(char)
+    return number
+
+
+class RecordCodec:
+    """Writes completed records and reads the scripts' replies. It knows the topics
+    behind the short hashes as the store's topic names do (``learn``)."""
+
+    def __init__(self) -> None:
+        self._topics: dict[str, str] = {}
+        self._asked: set[str] = set()
+
+    def learn(self, topics: Mapping[str, str]) -> None:
+        """Short hashes and their topics, as the store holds them."""
+        self._topics.update(topics)
+
+    def unregistered(self, completions: Iterable[Completion]) -> dict[str, str]:
+        """The topics of ``completions``' origins the store does not name yet, by hash."""
+        new = {}
+        for completion in completions:
+            match = _ORIGIN.fullmatch(completion.origin)
+            if match and (hashed := short_hash(match[1])) not in self._topics:
+                new[hashed] = match[1]
+        return new
+
+    def unknown(self, replies: Iterable[Any]) -> bool:
+        """Whether a reply names a topic by a hash not learnt and not asked about yet
+        (another replica registered it): the caller learns the names again, once."""
+        found = False
+        for reply in replies:
+            match = _COMPACT.fullmatch(reply) if isinstance(reply, str) else None
+            if match and match[3] not in self._topics and match[3] not in self._asked:
+                self._asked.add(match[3])
+                found = True
+        return found
+
+    def record(self, completion: Completion) -> str:
+        """The completed record of ``completion``."""
+        tag = short_hash(completion.token)
+        origin = _ORIGIN.fullmatch(completion.origin)
+        compact = (
+            origin is not None
+            and _HEX_FINGERPRINT.fullmatch(completion.fingerprint) is not None
+            and self._topics.get(short_hash(origin[1])) == origin[1]
+        )
+        if compact:
+            assert origin is not None
+            fingerprint = base64.urlsafe_b64encode(bytes.fromhex(completion.fingerprint))
+            value = (
+                f"{tag}{fingerprint.decode().rstrip('=')}{short_hash(origin[1])}"
+                f"{to_digits(int(origin[2]))}/{to_digits(int(origin[3]))}"
+            )
+        else:
+            if "|" in completion.origin or "|" in completion.fingerprint:
+                raise ValueError("an origin or a fingerprint contains '|'")
+            value = f"={tag}|{completion.origin}|{completion.fingerprint}"
+        return f"{value}|{completion.reply}" if completion.reply else value
+
+    def claim(self, reply: str) -> Claim:
+        """A reply of CLAIM: a claim taken, or the record that stops it."""
+        if reply == "+1":
+            return FIRST_CLAIM
+        if reply == "?":
+            return CLAIMED
+        if reply.startswith("p|"):
+            return BUSY
+        return self._completed(reply)
+
+    def _completed(self, value: str) -> Claim:
+        if value.startswith(("c|", "=")):
+            # plain: =<tag>|origin|fingerprint; previous layout: c|<token>|origin|fingerprint
+            parts = (value[2:] if value.startswith("c|") else value[1:]).split("|", 3)
+            parts += [""] * (3 - len(parts))
+            reply = parts[3] if len(parts) > 3 else None
+            return Claim(ClaimStatus.COMPLETED, parts[1] or None, parts[2] or None, reply)
+        match = _COMPACT.fullmatch(value)
+        if match is None:
+            return BUSY  # nothing this version wrote: wait, as for a claim
+        _, fingerprint, topic_hash, partition, offset, reply = match.groups()
+        topic = self._topics.get(topic_hash, f"#{topic_hash}")
+        origin = f"{topic}/{from_digits(partition)}/{from_digits(offset)}"
+        fingerprint_hex = base64.urlsafe_b64decode(fingerprint + "=").hex()
+        return Claim(ClaimStatus.COMPLETED, origin, fingerprint_hex, reply)
+
+    def inspection(self, reply: list[Any]) -> Inspection:
+        """A reply of INSPECT."""
+        value, ttl, now = reply
+        if not value:
+            return Inspection(State.ABSENT)
+        if not value.startswith("p|"):
+            done = self._completed(value)
+            return Inspection(
+                State.COMPLETED, origin=done.origin, fingerprint=done.fingerprint, ttl_left_ms=ttl
+            )
+        _, token, lease, runs = [*value.split("|"), "", "", ""][:4]
+        left = int(lease or 0) - int(now)
+        if not token or left <= 0:  # let go or expired: free to claim, its runs counted
+            return Inspection(State.ABSENT, runs=int(runs or 0), ttl_left_ms=ttl)
+        return Inspection(
+            State.IN_PROGRESS,
+            runs=int(runs or 0),
+            owner=token,
+            lease_left_ms=left,
+            ttl_left_ms=ttl,
+        )
+
+
+def parse_position_claim(reply: str) -> Claim:
+    """A reply of SEQUENCE_CLAIM."""
+    kind, _, position = reply.partition("|")
+    known = int(position) if position.isdigit() else None
+    if kind == "s":
+        return Claim(ClaimStatus.COMPLETED, position=known)
+    if kind == "+1":
+        return Claim(ClaimStatus.CLAIMED, position=known, attempt=1)
+    if kind == "?":
+        return Claim(ClaimStatus.CLAIMED, position=known)
+    return BUSY
