@@ -220,7 +220,7 @@ def test_redis_keeps_records_as_fields_of_a_few_windows(redis_store):
     assert 59_000 <= client.pttl(completed_in) <= 75_000
 
 
-def test_redis_completed_record_fits_32_bytes(redis_store):
+def test_redis_completed_record_fits_32_bytes(redis_store, redis_url):
     store, client, prefix = redis_store
     store.claim(["order-000000000001"], "host-1-abcdef01:7", LEASE)
     fingerprint = "9f86d081884c7d65"
@@ -228,11 +228,9 @@ def test_redis_completed_record_fits_32_bytes(redis_store):
     assert store.complete([done], 60) == [True]
     [window] = [n for n in client.keys(f"{prefix}/*") if client.hexists(n, "order-000000000001")]
     assert len(client.hget(window, "order-000000000001")) <= 28  # sds header + NUL: 32 B
-    [claim] = RedisDedupStore.from_url(
-        client.connection_pool.connection_kwargs and store._client.connection_pool
-        and f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0",
-        prefix,
-    ).claim(["order-000000000001"], "t2", LEASE)  # another process: topic names from Redis
+    another = RedisDedupStore.from_url(redis_url, prefix)  # learns the topic names from Redis
+    [claim] = another.claim(["order-000000000001"], "t2", LEASE)
+    another.close()
     assert (claim.status, claim.origin, claim.fingerprint) == (
         ClaimStatus.COMPLETED,
         "orders/3/12345678",

@@ -82,6 +82,9 @@ class LeaseKeeper:
         self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
 
     def start(self) -> None:
+        """Check the epoch once before the first claim (it also tells the store's scripts
+        whether records of a previous layout may exist), then every renewal interval."""
+        self._check_epoch()
         self._thread.start()
 
     def close(self) -> None:

@@ -59,8 +59,12 @@ local function now_ms()
   return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 end
 
--- command(key, ...list...) in slices, so that no call passes Lua's stack limit.
+-- command(key, ...list...) in slices, so that no call passes Lua's stack limit; the
+-- replies joined.
 local function each_slice(command, key, list)
+  if #list <= 4000 then
+    return redis.call(command, key, spread(list))
+  end
   local out = {}
   for first = 1, #list, 4000 do
     local reply = redis.call(command, key, spread(list, first, math.min(first + 3999, #list)))
@@ -93,35 +97,28 @@ end
 -- Each name's record, and where it is: a window, or its key of the previous layout.
 local function find(names, windows, base)
   local values, at = {}, {}
-  local open = {}
-  for i = 1, #names do
-    open[i] = i
-  end
+  local open = names
   for _, window in ipairs(windows.keys) do
     if #open == 0 then
       break
     end
-    local fields = {}
-    for j, i in ipairs(open) do
-      fields[j] = names[i]
-    end
-    local found = each_slice('HMGET', window, fields)
+    local found = each_slice('HMGET', window, open)
     local still = {}
-    for j, i in ipairs(open) do
+    for j, name in ipairs(open) do
       if found[j] then
-        values[i], at[i] = found[j], window
+        values[name], at[name] = found[j], window
       else
-        still[#still + 1] = i
+        still[#still + 1] = name
       end
     end
     open = still
   end
   if windows.legacy then
-    for _, i in ipairs(open) do
-      local key = base .. ':' .. names[i]
+    for _, name in ipairs(open) do
+      local key = base .. ':' .. name
       local value = redis.call('GET', key)
       if value then
-        values[i], at[i] = value, key
+        values[name], at[name] = value, key
       end
     end
   end
@@ -186,8 +183,11 @@ end
 -- Whether a completion under token may write over value (a record, or nil): the
 -- token's claim (even with its lease over), a claim nobody holds any more, or nothing.
 local function completable(value, token, now)
+  if not value or string.sub(value, 1, #token + 3) == 'p|' .. token .. '|' then
+    return true
+  end
   local owner, ends = progress(value)
-  return not value or owner == token or (owner ~= nil and ends <= now)
+  return owner ~= nil and ends <= now
 end
 
 local function is_completed(value)
@@ -202,7 +202,7 @@ local function take(names, values, at, token, lease, now, target, windows, base)
   local out, writes = {}, {}
   local first = in_progress(token, lease, 1)
   for i, name in ipairs(names) do
-    local value = values[i]
+    local value = values[name]
     local owner, ends, runs = progress(value)
     if not value then
       writes[#writes + 1] = name
@@ -211,8 +211,8 @@ local function take(names, values, at, token, lease, now, target, windows, base)
     elseif owner and (owner == token or ends <= now) then
       writes[#writes + 1] = name
       writes[#writes + 1] = in_progress(token, lease, runs)
-      if at[i] ~= target then
-        remove(name, at[i], base)
+      if at[name] ~= target then
+        remove(name, at[name], base)
       end
       out[i] = '?'
     else
@@ -317,9 +317,9 @@ end
 local values, at = find(names, windows, base)
 local out = {}
 for i = 1, n do
-  local token, sequence = fields[3 * i - 1], fields[3 * i]
+  local name, token, sequence = names[i], fields[3 * i - 1], fields[3 * i]
   local position = redis.call('GET', KEYS[i + 1])
-  if completable(values[i], token, now) then
+  if completable(values[name], token, now) then
     if not position or not at_or_below(sequence, position) then
       if ARGV[2] == '' then
         redis.call('SET', KEYS[i + 1], sequence)
@@ -327,8 +327,8 @@ for i = 1, n do
         redis.call('SET', KEYS[i + 1], sequence, 'EX', ARGV[2])
       end
     end
-    if values[i] then
-      remove(names[i], at[i], base)
+    if values[name] then
+      remove(name, at[name], base)
     end
     out[i] = 1
   elseif position and at_or_below(sequence, position) then
@@ -348,11 +348,11 @@ BEGIN = (
     + """
 local now = now_ms()
 local values, at = find({ARGV[2]}, live_windows(now), ARGV[1])
-local token, ends, runs = progress(values[1])
+local token, ends, runs = progress(values[ARGV[2]])
 if token ~= ARGV[3] or ends <= now then
   return 0
 end
-redis.call('HSET', at[1], ARGV[2], in_progress(token, ends, runs + 1))
+redis.call('HSET', at[ARGV[2]], ARGV[2], in_progress(token, ends, runs + 1))
 return runs + 1
 """
 )
@@ -379,13 +379,14 @@ local target = window_for(windows, base, now + ttl, ttl / 4)
 local out, writes = {}, {}
 for i, id in ipairs(ids) do
   local record = fields[3 * i]
-  if values[i] == record then
+  local value = values[id]
+  if value == record then
     out[i] = 1
-  elseif completable(values[i], fields[3 * i - 1], now) then
+  elseif completable(value, fields[3 * i - 1], now) then
     writes[#writes + 1] = id
     writes[#writes + 1] = record
-    if values[i] and at[i] ~= target then
-      remove(id, at[i], base)
+    if value and at[id] ~= target then
+      remove(id, at[id], base)
     end
     out[i] = 1
   else
@@ -408,16 +409,16 @@ local names = args_from(4)
 local values, at = find(names, live_windows(now), ARGV[1])
 local released = 0
 for i, name in ipairs(names) do
-  local token, ends, runs = progress(values[i])
+  local token, ends, runs = progress(values[name])
   if token then
     local mine = token == ARGV[2] and ends > now
     if mine then
       released = released + 1
     end
     if ARGV[3] == 'clear' and (mine or ends <= now) then
-      remove(name, at[i], ARGV[1])
+      remove(name, at[name], ARGV[1])
     elseif mine then
-      redis.call('HSET', at[i], name, in_progress('', 0, runs))
+      redis.call('HSET', at[name], name, in_progress('', 0, runs))
     end
   end
 end
@@ -435,9 +436,9 @@ local names = args_from(4)
 local values, at = find(names, live_windows(now), ARGV[1])
 local out = {}
 for i, name in ipairs(names) do
-  local token, ends, runs = progress(values[i])
+  local token, ends, runs = progress(values[name])
   if token == ARGV[2] and ends > now then
-    redis.call('HSET', at[i], name, in_progress(token, now + tonumber(ARGV[3]), runs))
+    redis.call('HSET', at[name], name, in_progress(token, now + tonumber(ARGV[3]), runs))
     out[i] = 1
   else
     out[i] = 0
@@ -456,10 +457,11 @@ local now = now_ms()
 local windows = live_windows(now)
 windows.legacy = true
 local values, at = find({ARGV[2]}, windows, ARGV[1])
-if not values[1] then
+local value = values[ARGV[2]]
+if not value then
   return {false, -2, now}
 end
-return {values[1], redis.call('PTTL', at[1]), now}
+return {value, redis.call('PTTL', at[ARGV[2]]), now}
 """
 )
 
@@ -475,7 +477,7 @@ local ids = args_from(3)
 local values, at = find(ids, windows, ARGV[1])
 local out = {}
 for i, id in ipairs(ids) do
-  local value = values[i]
+  local value = values[id]
   local token, ends = progress(value)
   if not value then
     out[i] = 'absent'
@@ -487,7 +489,7 @@ for i, id in ipairs(ids) do
     out[i] = 'absent'  -- a claim let go or expired: only its runs are counted
   end
   if value and out[i] ~= 'refused' then
-    remove(id, at[i], ARGV[1])
+    remove(id, at[id], ARGV[1])
   end
 end
 return out
