@@ -41,7 +41,8 @@ entities of 5 versions each.
 
 Last, the store's cost per message (``--cost-only`` runs just this; see
 bench/store_cost.py): Redis CPU per message with AOF fsynced at every write and where
-it goes, and Redis memory per completed id.
+it goes, and Redis memory per completed id; ``--cost-only --against REV`` compares them
+with git revision REV's, in one run.
 
 Kafka, Redis and PostgreSQL: ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` /
 ``POSTGRES_URL`` if set, else the local Tansu broker, ``redis-server`` and PostgreSQL
@@ -74,7 +75,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import handlers  # noqa: E402
 from bench.sequence import sequence_cost  # noqa: E402
-from bench.store_cost import store_cost  # noqa: E402
+from bench.store_cost import compare_with, store_cost  # noqa: E402
 from worker import embedded, embedded_postgres  # noqa: E402
 from worker.cli import run_worker  # noqa: E402
 from worker.dedup.base import FIRST_CLAIM, Completion  # noqa: E402
@@ -229,6 +230,7 @@ def worker_settings(
     max_in_flight: int,
     redis_options: dict[str, Any] | None = None,
     route: dict[str, Any] | None = None,
+    dedup: dict[str, Any] | None = None,
 ) -> Settings:
     return Settings(
         kafka={
@@ -245,6 +247,7 @@ def worker_settings(
                 **(route or {}),
             }
         ],
+        dedup=dedup or {},
         http={"port": 0},
         log={"level": "WARNING"},  # what would be logged at INFO is not per message anyway
     )
@@ -259,8 +262,11 @@ def the_worker(
     max_in_flight: int = 1,
     redis_options: dict[str, Any] | None = None,
     route: dict[str, Any] | None = None,
+    dedup: dict[str, Any] | None = None,
 ) -> float:
-    settings = worker_settings(bootstrap, url, topic, handler, max_in_flight, redis_options, route)
+    settings = worker_settings(
+        bootstrap, url, topic, handler, max_in_flight, redis_options, route, dedup
+    )
     handlers.reset(count)
     code = run_worker(settings, resolve_routes(settings), max_messages=count)
     if code != 0:
@@ -469,6 +475,11 @@ def main() -> int:
     parser.add_argument(
         "--cost-only", action="store_true", help="only the store's CPU and memory per message"
     )
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="with --cost-only: this tree's figures against git revision REV's, alternately",
+    )
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)
@@ -482,6 +493,9 @@ def main() -> int:
     rss_messages = args.rss_messages or (100_000 if args.quick else 1_000_000)
     db_messages = args.db_messages or (2_000 if args.quick else 10_000)
     entities = args.entities or (4_000 if args.quick else 20_000)
+    if args.against:
+        compare_with(args.against, messages)
+        return 0
 
     with tempfile.TemporaryDirectory() as workdir, services(Path(workdir)) as (bootstrap, url):
         client = redis.Redis.from_url(url)

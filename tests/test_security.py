@@ -25,8 +25,8 @@ PASSWORD = "acl-pw-4420"
 # they run, PING, and CONFIG GET for the maxmemory-policy check. No FLUSHALL, no KEYS.
 ACL = (
     f"worker on >{PASSWORD} ~idempotent-worker:* resetchannels -@all "
-    "+ping +get +set +del +time +eval +evalsha +script|load "
-    "+config|get"
+    "+ping +get +set +del +hmget +hset +hdel +hsetnx +hgetall +zadd +zrangebyscore "
+    "+zremrangebyscore +pexpireat +pttl +incr +time +eval +evalsha +script|load +config|get"
 )
 
 
