@@ -94,31 +94,38 @@ local function live_windows(now)
   return windows
 end
 
--- Each name's record, and where it is: a window, or its key of the previous layout.
+-- Each name's record, and where it is: a window, or its key of the previous layout. The
+-- names not in the newest window are looked for in every older one at once.
 local function find(names, windows, base)
   local values, at = {}, {}
   local open = names
-  for _, window in ipairs(windows.keys) do
+  for w, window in ipairs(windows.keys) do
     if #open == 0 then
       break
     end
     local found = each_slice('HMGET', window, open)
-    local still = {}
+    local missing = {}
     for j, name in ipairs(open) do
       if found[j] then
-        values[name], at[name] = found[j], window
-      else
-        still[#still + 1] = name
+        if not values[name] then
+          values[name], at[name] = found[j], window
+        end
+      elseif w == 1 then
+        missing[#missing + 1] = name
       end
     end
-    open = still
+    if w == 1 then
+      open = missing
+    end
   end
   if windows.legacy then
-    for _, name in ipairs(open) do
-      local key = base .. ':' .. name
-      local value = redis.call('GET', key)
-      if value then
-        values[name], at[name] = value, key
+    for _, name in ipairs(names) do
+      if not values[name] then
+        local key = base .. ':' .. name
+        local value = redis.call('GET', key)
+        if value then
+          values[name], at[name] = value, key
+        end
       end
     end
   end
@@ -182,8 +189,17 @@ end
 
 -- Whether a completion under token may write over value (a record, or nil): the
 -- token's claim (even with its lease over), a claim nobody holds any more, or nothing.
+local claim_prefixes = {}
 local function completable(value, token, now)
-  if not value or string.sub(value, 1, #token + 3) == 'p|' .. token .. '|' then
+  if not value then
+    return true
+  end
+  local prefix = claim_prefixes[token]
+  if not prefix then
+    prefix = 'p|' .. token .. '|'
+    claim_prefixes[token] = prefix
+  end
+  if string.find(value, prefix, 1, true) == 1 then
     return true
   end
   local owner, ends = progress(value)
@@ -203,7 +219,10 @@ local function take(names, values, at, token, lease, now, target, windows, base)
   local first = in_progress(token, lease, 1)
   for i, name in ipairs(names) do
     local value = values[name]
-    local owner, ends, runs = progress(value)
+    local owner, ends, runs
+    if value then
+      owner, ends, runs = progress(value)
+    end
     if not value then
       writes[#writes + 1] = name
       writes[#writes + 1] = first
