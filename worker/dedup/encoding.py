@@ -38,13 +38,9 @@ from worker.dedup.base import (
     State,
 )
 
-DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-"""The URL-safe base64 alphabet, as the digits of the partition and the offset."""
-
 _COMPACT = re.compile(
     r"([\w-]{4})([\w-]{11})([\w-]{4})([\w-]+)/([\w-]+)(?:\|(.*))?", re.DOTALL | re.ASCII
 )
-_ORIGIN = re.compile(r"(.+)/(\d+)/(\d+)")
 _HEX_FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
@@ -55,19 +51,22 @@ def short_hash(text: str) -> str:
 
 
 def to_digits(number: int) -> str:
-    out = ""
-    while True:
-        number, digit = divmod(number, 64)
-        out = DIGITS[digit] + out
-        if not number:
-            return out
+    """``number``'s big-endian bytes in URL-safe base64 without padding (at least one
+    byte): 4 characters up to 2^24, 7 up to 2^40."""
+    data = number.to_bytes(max(1, (number.bit_length() + 7) // 8), "big")
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def from_digits(text: str) -> int:
-    number = 0
-    for char in text:
-        number = number * 64 + DIGITS.index(char)
-    return number
+    return int.from_bytes(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), "big")
+
+
+def split_origin(origin: str) -> tuple[str, int, int] | None:
+    """``<topic>/<partition>/<offset>`` (a Kafka topic holds no ``/``), else None."""
+    parts = origin.split("/")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
 
 
 class RecordCodec:
@@ -75,20 +74,26 @@ class RecordCodec:
     behind the short hashes as the store's topic names do (``learn``)."""
 
     def __init__(self) -> None:
-        self._topics: dict[str, str] = {}
+        self._topics: dict[str, str] = {}  # short hash: topic, as the store names them
+        self._hashes: dict[str, str] = {}  # topic: its short hash, if the store names it so
         self._asked: set[str] = set()
+        self._tag = ("", "")  # the last token and its tag: a batch's completions share one
 
     def learn(self, topics: Mapping[str, str]) -> None:
         """Short hashes and their topics, as the store holds them."""
         self._topics.update(topics)
+        self._hashes = {topic: hashed for hashed, topic in self._topics.items()}
 
     def unregistered(self, completions: Iterable[Completion]) -> dict[str, str]:
-        """The topics of ``completions``' origins the store does not name yet, by hash."""
+        """The topics of ``completions``' origins the store does not name yet, by hash
+        (a topic whose hash another topic has is left out: its records are plain)."""
         new = {}
         for completion in completions:
-            match = _ORIGIN.fullmatch(completion.origin)
-            if match and (hashed := short_hash(match[1])) not in self._topics:
-                new[hashed] = match[1]
+            origin = split_origin(completion.origin)
+            if origin and origin[0] not in self._hashes:
+                hashed = short_hash(origin[0])
+                if hashed not in self._topics:
+                    new[hashed] = origin[0]
         return new
 
     def unknown(self, replies: Iterable[Any]) -> bool:
@@ -96,7 +101,8 @@ class RecordCodec:
         (another replica registered it): the caller learns the names again, once."""
         found = False
         for reply in replies:
-            match = _COMPACT.fullmatch(reply) if isinstance(reply, str) else None
+            compact = isinstance(reply, str) and len(reply) > 20  # not "+1", "?", a claim's
+            match = _COMPACT.fullmatch(reply) if compact else None
             if match and match[3] not in self._topics and match[3] not in self._asked:
                 self._asked.add(match[3])
                 found = True
@@ -104,19 +110,17 @@ class RecordCodec:
 
     def record(self, completion: Completion) -> str:
         """The completed record of ``completion``."""
-        tag = short_hash(completion.token)
-        origin = _ORIGIN.fullmatch(completion.origin)
-        compact = (
-            origin is not None
-            and _HEX_FINGERPRINT.fullmatch(completion.fingerprint) is not None
-            and self._topics.get(short_hash(origin[1])) == origin[1]
-        )
-        if compact:
-            assert origin is not None
+        token, tag = self._tag
+        if token != completion.token:
+            token, tag = completion.token, short_hash(completion.token)
+            self._tag = (token, tag)
+        origin = split_origin(completion.origin)
+        topic_hash = origin and self._hashes.get(origin[0])
+        if origin and topic_hash and _HEX_FINGERPRINT.fullmatch(completion.fingerprint):
             fingerprint = base64.urlsafe_b64encode(bytes.fromhex(completion.fingerprint))
             value = (
-                f"{tag}{fingerprint.decode().rstrip('=')}{short_hash(origin[1])}"
-                f"{to_digits(int(origin[2]))}/{to_digits(int(origin[3]))}"
+                f"{tag}{fingerprint[:11].decode()}{topic_hash}"
+                f"{to_digits(origin[1])}/{to_digits(origin[2])}"
             )
         else:
             if "|" in completion.origin or "|" in completion.fingerprint:
@@ -145,7 +149,7 @@ class RecordCodec:
         if match is None:
             return BUSY  # nothing this version wrote: wait, as for a claim
         _, fingerprint, topic_hash, partition, offset, reply = match.groups()
-        topic = self._topics.get(topic_hash, f"#{topic_hash}")
+        topic = self._topics.get(topic_hash, f"#{topic_hash}")  # not named: shown as such
         origin = f"{topic}/{from_digits(partition)}/{from_digits(offset)}"
         fingerprint_hex = base64.urlsafe_b64decode(fingerprint + "=").hex()
         return Claim(ClaimStatus.COMPLETED, origin, fingerprint_hex, reply)
