@@ -36,6 +36,7 @@ from redis.crc import key_slot
 
 from worker.dedup.base import Attempts, Claim, Completion, Forgotten, Inspection, State
 from worker.dedup.cluster_calls import Call, ClusterCalls
+from worker.dedup.encoding import RecordCodec, parse_position_claim
 from worker.dedup.redis import (
     NOT_DURABLE,
     Durability,
@@ -43,7 +44,6 @@ from worker.dedup.redis import (
     read_eviction_policy,
     redis_call,
 )
-from worker.dedup.encoding import RecordCodec, parse_position_claim
 from worker.dedup.scripts import (
     BEGIN,
     CLAIM,

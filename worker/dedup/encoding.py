@@ -50,23 +50,44 @@ def short_hash(text: str) -> str:
     return base64.urlsafe_b64encode(digest).decode()
 
 
-def to_digits(number: int) -> str:
-    """``number``'s big-endian bytes in URL-safe base64 without padding (at least one
-    byte): 4 characters up to 2^24, 7 up to 2^40."""
+DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+"""The URL-safe base64 alphabet, as the digits of a partition."""
+
+_PARTITIONS = [DIGITS[n // 64] + DIGITS[n % 64] if n >= 64 else DIGITS[n] for n in range(4096)]
+
+
+def partition_digits(number: int) -> str:
+    """``number`` in base-64 digits: one below 64, two below 4096."""
+    if number < len(_PARTITIONS):
+        return _PARTITIONS[number]
+    return partition_digits(number // 64) + DIGITS[number % 64]
+
+
+def from_partition_digits(text: str) -> int:
+    number = 0
+    for char in text:
+        number = number * 64 + DIGITS.index(char)
+    return number
+
+
+def offset_digits(number: int) -> str:
+    """``number``'s big-endian bytes in URL-safe base64 without padding: 4 characters
+    below 2^24, 7 below 2^40."""
     data = number.to_bytes(max(1, (number.bit_length() + 7) // 8), "big")
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def from_digits(text: str) -> int:
+def from_offset_digits(text: str) -> int:
     return int.from_bytes(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), "big")
 
 
 def split_origin(origin: str) -> tuple[str, int, int] | None:
     """``<topic>/<partition>/<offset>`` (a Kafka topic holds no ``/``), else None."""
-    parts = origin.split("/")
-    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+    topic, _, rest = origin.partition("/")
+    partition, _, offset = rest.partition("/")
+    if not (partition.isdigit() and offset.isdigit()):
         return None
-    return parts[0], int(parts[1]), int(parts[2])
+    return topic, int(partition), int(offset)
 
 
 class RecordCodec:
@@ -89,11 +110,11 @@ class RecordCodec:
         (a topic whose hash another topic has is left out: its records are plain)."""
         new = {}
         for completion in completions:
-            origin = split_origin(completion.origin)
-            if origin and origin[0] not in self._hashes:
-                hashed = short_hash(origin[0])
+            topic = completion.origin.partition("/")[0]
+            if topic not in self._hashes and split_origin(completion.origin):
+                hashed = short_hash(topic)
                 if hashed not in self._topics:
-                    new[hashed] = origin[0]
+                    new[hashed] = topic
         return new
 
     def unknown(self, replies: Iterable[Any]) -> bool:
@@ -120,7 +141,7 @@ class RecordCodec:
             fingerprint = base64.urlsafe_b64encode(bytes.fromhex(completion.fingerprint))
             value = (
                 f"{tag}{fingerprint[:11].decode()}{topic_hash}"
-                f"{to_digits(origin[1])}/{to_digits(origin[2])}"
+                f"{partition_digits(origin[1])}/{offset_digits(origin[2])}"
             )
         else:
             if "|" in completion.origin or "|" in completion.fingerprint:
@@ -150,7 +171,7 @@ class RecordCodec:
             return BUSY  # nothing this version wrote: wait, as for a claim
         _, fingerprint, topic_hash, partition, offset, reply = match.groups()
         topic = self._topics.get(topic_hash, f"#{topic_hash}")  # not named: shown as such
-        origin = f"{topic}/{from_digits(partition)}/{from_digits(offset)}"
+        origin = f"{topic}/{from_partition_digits(partition)}/{from_offset_digits(offset)}"
         fingerprint_hex = base64.urlsafe_b64decode(fingerprint + "=").hex()
         return Claim(ClaimStatus.COMPLETED, origin, fingerprint_hex, reply)
 
