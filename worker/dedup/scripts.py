@@ -25,9 +25,9 @@ def legacy_horizon_ms(ttl_seconds: int) -> int:
 
 # Shared by every script but FORGETS, EPOCH and TOPICS. KEYS[1] is the index of the
 # windows (a sorted set: each window's key scored by its expiry in ms, and "layout:<ms>"
-# scored +inf, until when records of the previous layout may still exist). ARGV[1] is the base every key is
-# named from: "<prefix>" on one Redis, "<prefix>:{<tag>}" on a Cluster, where the
-# windows and the previous layout's keys share the index's slot.
+# scored +inf, until when records of the previous layout may still exist). ARGV[1] is
+# the base every key is named from: "<prefix>" on one Redis, "<prefix>:{<tag>}" on a
+# Cluster, where the windows and the previous layout's keys share the index's slot.
 #
 # CLAIM and COMPLETE, which every message costs, take their ids (and per-id fields)
 # packed into one argument, each field followed by the byte 0x1f (which no id, token,
