@@ -14,8 +14,10 @@ from redis.crc import key_slot
 from tests.support.chaos import PARTITIONS, Scenario, wait_until
 from tests.support.kafka import Record, produce
 from worker import embedded
-from worker.dedup.cluster import bucket_tags
+from worker.dedup.base import Completion
+from worker.dedup.cluster import RedisClusterDedupStore, bucket_tags
 from worker.demo import read_all
+from worker.errors import StoreUnavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.chaos]
 
@@ -163,3 +165,28 @@ def test_a_worker_started_while_the_cluster_is_down_holds_then_starts(
             assert replicas.end(0, signal.SIGTERM) == 0
         finally:
             cluster.stop()
+
+
+def test_a_window_moved_before_its_index_fails_the_call_instead_of_misreading(cluster):
+    """Mid-reshard, a bucket's window can sit on the new owner while its index (the key
+    the scripts declare) is still on the old one: Redis refuses the script rather than
+    let it take the moved window's ids for absent ones, and the worker holds as for any
+    store failure until the index has moved too."""
+    store = RedisClusterDedupStore.from_url(cluster.url, "moving", timeout=0.5)
+    store.claim(["x"], "t1", 30)
+    assert store.complete([Completion("x", "t1", "t/0/1")], 600) == [True]
+    bucket = store._bucket("x")
+    slot = store._slots[bucket]
+    owner = next(p for p in cluster.primaries() if slot in cluster.slots(p))
+    other = next(p for p in cluster.primaries() if p is not owner)
+    [window] = cluster.command(owner, "KEYS", f"{store._bases[bucket]}/*").split()
+    owner_id = cluster.command(owner, "CLUSTER", "MYID").strip()
+    other_id = cluster.command(other, "CLUSTER", "MYID").strip()
+    cluster.command(other, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", owner_id)
+    cluster.command(owner, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", other_id)
+    cluster.command(owner, "MIGRATE", "127.0.0.1", str(other.port), window, "0", "5000")
+    try:
+        with pytest.raises(StoreUnavailable, match="non local key"):
+            store.claim(["x"], "t2", 30)
+    finally:
+        store.close()
