@@ -2,15 +2,18 @@
 over the cluster's primaries.
 
 A script may only touch keys of one hash slot, so ids are spread over ``BUCKETS``
-buckets, each a hash tag: an id's record key is ``<prefix>:{<tag>}:<id>``, its bucket
-chosen by a CRC-32 of the id. The tags are picked so that the buckets' slots are evenly
-spaced over the 16384 slots, and so over the primaries however the slots are split. A
-batch costs one script call per bucket it touches, sent in one pipeline per primary:
-one round trip per primary, not per id.
+buckets, each a hash tag: a bucket's windows are ``<prefix>:{<tag>}/<expiry>``, listed
+in ``<prefix>:{<tag>}#windows``, an id's bucket chosen by a CRC-32 of the id. The tags
+are picked so that the buckets' slots are evenly spaced over the 16384 slots, and so
+over the primaries however the slots are split. A batch costs one script call per
+bucket it touches, sent in one pipeline per primary: one round trip per primary, not
+per id.
 
-The scripts declare their keys. That is what lets Redis refuse a call while a slot
-migrates (ASK, TRYAGAIN) rather than run it on a node where some of the records have
-already left, which would take a migrated record for an absent one.
+The scripts declare the bucket's index (and a sequence route's position keys); the
+windows they read share its slot. While a slot migrates, Redis refuses a call whose
+index has left (ASK, TRYAGAIN), and a script that reaches for a window that has already
+left ("non local key"), rather than run it on a node where some of the records are
+gone, which would take a migrated record for an absent one.
 
 Redirects (MOVED, ASK), TRYAGAIN, CLUSTERDOWN, an empty script cache on a promoted
 replica (NOSCRIPT) and connection errors while a primary fails over are retried for
