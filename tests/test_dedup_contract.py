@@ -220,6 +220,18 @@ def test_redis_keeps_records_as_fields_of_a_few_windows(redis_store):
     assert 59_000 <= client.pttl(completed_in) <= 75_000
 
 
+def test_redis_epoch_check_drops_expired_windows_from_the_index(redis_store):
+    store, client, prefix = redis_store
+    store.epoch("e")
+    store.claim(["a"], "t1", LEASE)
+    assert complete(store, "a", "t1", 1, "t/0/1")  # a window of its own, 1.25 s
+    assert client.zcard(f"{prefix}#windows") == 3  # the claim's window, that one, layout
+    time.sleep(1.4)
+    store.epoch("e")
+    assert client.zcard(f"{prefix}#windows") == 2
+    assert store.state("a") is State.ABSENT
+
+
 def test_redis_completed_record_fits_32_bytes(redis_store, redis_url):
     store, client, prefix = redis_store
     store.claim(["order-000000000001"], "host-1-abcdef01:7", LEASE)

@@ -166,11 +166,6 @@ local function remove(name, where, base)
   end
 end
 
--- Forget the windows that expired.
-local function prune(now)
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-end
-
 -- An in-progress record's token, lease end and runs; nil for anything else.
 local function progress(value)
   if not value then
@@ -252,7 +247,6 @@ CLAIM = (
     + """
 local now = now_ms()
 local base, ttl = ARGV[1], tonumber(ARGV[4]) * 1000
-prune(now)
 local windows = live_windows(now)
 local ids = unpack(ARGV[5])
 local values, at = find(ids, windows, base)
@@ -286,7 +280,6 @@ SEQUENCE_CLAIM = (
     + """
 local now = now_ms()
 local base, ttl = ARGV[1], tonumber(ARGV[4]) * 1000
-prune(now)
 local windows = live_windows(now)
 local fields = args_from(5)
 local out, names, slots, positions = {}, {}, {}, {}
@@ -386,7 +379,6 @@ COMPLETE = (
     + """
 local now = now_ms()
 local base, ttl = ARGV[1], tonumber(ARGV[2]) * 1000
-prune(now)
 local windows = live_windows(now)
 local fields = unpack(ARGV[3])
 local ids = {}
@@ -527,15 +519,18 @@ return tonumber(redis.call('GET', KEYS[1]) or '0')
 # the previous layout may live. The marker, set to ARGV[1] if missing. The first time
 # it sees an index without a layout entry, it records until when the previous layout
 # must still be read: never if the marker is missing too (a new store), else from now
-# on for as long as those records live.
+# on for as long as those records live. It also drops the windows that expired from the
+# index (every replica checks the epoch every third of a lease).
 EPOCH = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local value = redis.call('GET', KEYS[1])
 local layout = redis.call('ZRANGEBYSCORE', KEYS[2], '+inf', '+inf')
 if #layout == 0 then
   local until_ms = 0
   if value then
-    local time = redis.call('TIME')
-    until_ms = tonumber(time[1]) * 1000 + tonumber(ARGV[2])
+    until_ms = now + tonumber(ARGV[2])
   end
   redis.call('ZADD', KEYS[2], '+inf', 'layout:' .. string.format('%d', until_ms))
 end
