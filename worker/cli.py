@@ -205,7 +205,7 @@ def run_worker(
     metrics = Metrics(registry, topics=routes)
     health = Health(stall_seconds=settings.kafka.max_poll_interval_seconds)
     metrics.ready.set_function(lambda: float(health.ready))
-    store = open_store(settings.redis, settings.key_prefix)
+    store = open_store(settings.redis, settings.key_prefix, ttl_seconds=settings.dedup.ttl_seconds)
     server = HttpServer(settings.http.host, settings.http.port, registry, health)
     server.start()
     log.info(

@@ -78,7 +78,11 @@ def replay(
             {"auto.offset.reset": "earliest"},
         )
     )
-    store = open_store(settings.redis, f"{settings.key_prefix}:dlq-replay")
+    store = open_store(
+        settings.redis,
+        f"{settings.key_prefix}:dlq-replay",
+        ttl_seconds=settings.dedup.ttl_seconds,
+    )
     producer = Outputs(client_config(settings, dict(settings.kafka.producer)))
     try:
         run = _Run(settings, topic, selection, dry_run, consumer, store, producer, sys.stderr)

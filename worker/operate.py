@@ -18,7 +18,7 @@ from worker.settings import Settings
 
 
 def show_ids(settings: Settings, ids: Sequence[str], as_json: bool, out: TextIO) -> int:
-    store = open_store(settings.redis, settings.key_prefix)
+    store = open_store(settings.redis, settings.key_prefix, ttl_seconds=settings.dedup.ttl_seconds)
     try:
         found = [(id, store.inspect(id)) for id in ids]
     finally:
@@ -34,7 +34,7 @@ def show_ids(settings: Settings, ids: Sequence[str], as_json: bool, out: TextIO)
 
 def forget_ids(settings: Settings, ids: Sequence[str], force: bool, out: TextIO) -> int:
     """Forget each id; 1 if an id in progress was left alone (no ``--force``)."""
-    store = open_store(settings.redis, settings.key_prefix)
+    store = open_store(settings.redis, settings.key_prefix, ttl_seconds=settings.dedup.ttl_seconds)
     try:
         before = [store.inspect(id) for id in ids]
         found = store.forget(ids, force)

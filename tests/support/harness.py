@@ -46,7 +46,12 @@ class Run:
     ) -> None:
         self.registry = CollectorRegistry()
         self.health = Health(stall_seconds=60)
-        self.store = open_store(settings.redis, settings.key_prefix, timeout=0.5)
+        self.store = open_store(
+            settings.redis,
+            settings.key_prefix,
+            ttl_seconds=settings.dedup.ttl_seconds,
+            timeout=0.5,
+        )
         self.worker = Worker(
             settings,
             resolve_routes(settings),

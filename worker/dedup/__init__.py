@@ -13,10 +13,14 @@ __all__ = ["Claim", "ClaimStatus", "DedupStore", "State", "open_store"]
 
 
 def open_store(
-    settings: RedisSettings, key_prefix: str, *, timeout: float | None = None
+    settings: RedisSettings,
+    key_prefix: str,
+    *,
+    ttl_seconds: int,
+    timeout: float | None = None,
 ) -> DedupStore:
     """The Redis dedup store ``settings`` describe: one server, the primary Sentinel
-    names, or a Redis Cluster."""
+    names, or a Redis Cluster; ``ttl_seconds`` is the dedup TTL it completes with."""
     from worker.dedup.cluster import RedisClusterDedupStore
     from worker.dedup.redis import Durability, RedisDedupStore
 
@@ -25,6 +29,7 @@ def open_store(
         "timeout": timeout or settings.socket_timeout_seconds,
         "tls_ca_file": settings.tls_ca_file,
         "durability": Durability(settings.min_replicas, settings.replica_timeout_ms),
+        "ttl_seconds": ttl_seconds,
     }
     if settings.sentinel_master:
         password = settings.sentinel_password

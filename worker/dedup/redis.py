@@ -103,7 +103,7 @@ class RedisDedupStore:
         self._topics_key = key_prefix + "#topics"
         self._positions = key_prefix + "="
         self._codec = RecordCodec()
-        scripts = {
+        self._scripts = {
             name: client.register_script(text)
             for name, text in [
                 ("claim", CLAIM), ("complete", COMPLETE), ("release", RELEASE),
@@ -112,7 +112,6 @@ class RedisDedupStore:
                 ("claim_positions", SEQUENCE_CLAIM), ("complete_positions", SEQUENCE_COMPLETE),
             ]
         }  # fmt: skip
-        self._scripts = scripts
 
     @classmethod
     def from_url(
