@@ -568,7 +568,7 @@ def main() -> int:
         f"  target < {RSS_GROWTH_LIMIT_MB:g} MB: "
         + ("met" if growth < RSS_GROWTH_LIMIT_MB else "MISSED")
     )
-    with tempfile.TemporaryDirectory() as workdir, services(Path(workdir)) as (bootstrap, _):
+    with tempfile.TemporaryDirectory() as workdir, services(Path(workdir)) as (bootstrap, url):
         store_scale(bootstrap, Path(workdir), messages)
         inbox_cost(bootstrap, url, db_messages)
         sequence_cost(bootstrap, url, entities, 5, the_worker)
