@@ -45,7 +45,7 @@ local function unpack(packed)
   return out
 end
 
--- ARGV from the index first on, as a list: names that may hold 0x1f (an entity's).
+-- ARGV[first] and those after it, as a list: names that may hold 0x1f (an entity's).
 local function args_from(first)
   local out = {}
   for i = first, #ARGV do
