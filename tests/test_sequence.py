@@ -114,15 +114,26 @@ def scenario(kafka_bootstrap, redis_url, unique_name, make_topics, ledger, tmp_p
 
 
 def positions(redis_url: str, group: str) -> dict[str, int]:
-    """The group's records (every key under its prefix but the store's own markers,
-    ``#epoch`` and ``#forgets``), as entity -> position."""
+    """The group's positions (its keys ``<prefix>=<topic>\x1f<entity>``), as entity ->
+    position."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        keys = [key for key in client.keys(f"idempotent-worker:{group}*") if "#" not in key]
+        keys = client.keys(f"idempotent-worker:{group}=*")
         values = client.mget(keys) if keys else []
     finally:
         client.close()
     return {key.rsplit("\x1f", 1)[-1]: int(value) for key, value in zip(keys, values, strict=True)}
+
+
+def claims_left(redis_url: str, group: str) -> int:
+    """Records left in the group's windows besides their sentinels: entity claims not
+    ended."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        windows = client.keys(f"idempotent-worker:{group}/*")
+        return sum(client.hlen(window) - 1 for window in windows)
+    finally:
+        client.close()
 
 
 @pytest.mark.e2e
@@ -170,6 +181,7 @@ def test_three_replicas_apply_each_entity_in_order_once_and_skip_what_is_stale(s
     assert positions(scenario.redis_url, scenario.group) == {
         f"e-{n}": versions for n in range(entities)
     }
+    assert claims_left(scenario.redis_url, scenario.group) == 0
     figures.record(
         f"sequence mode, 3 replicas: {published} published, {applied.total()} applied once "
         f"each, {int(stale_metric)} stale skips, {entities} entities, one Redis key each"

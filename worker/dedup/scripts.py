@@ -78,15 +78,21 @@ local function each_slice(command, key, list)
 end
 
 -- The live windows, newest first, and whether the previous layout may still be read:
--- until the time the epoch check set, or always if it never ran on this index.
+-- until the time the epoch check set, or always if it never ran on this index. A live
+-- window always exists (it keeps a sentinel field until it expires); one missing here
+-- is on its way to or from another node while its slot migrates (the index already
+-- moved, or not yet): the call is refused with TRYAGAIN rather than read it as empty.
 local function live_windows(now)
   local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES')
-  local windows = {keys = {}, expiries = {}, legacy = true}
+  local windows = {keys = {}, expiries = {}, created = {}, legacy = true}
   for i = #live - 1, 1, -2 do
     local until_ms = string.match(live[i], '^layout:(%d+)$')
     if until_ms then
       windows.legacy = tonumber(until_ms) > now
     else
+      if redis.call('EXISTS', live[i]) == 0 then
+        error({err = 'TRYAGAIN the windows of this slot are moving'})
+      end
       windows.keys[#windows.keys + 1] = live[i]
       windows.expiries[live[i]] = tonumber(live[i + 1])
     end
@@ -143,18 +149,25 @@ local function window_for(windows, base, need, span)
   end
   local expiry = need + span
   local window = base .. '/' .. expiry
-  redis.call('ZADD', KEYS[1], expiry, window)
   table.insert(windows.keys, 1, window)
   windows.expiries[window] = expiry
+  windows.created[window] = true
   return window
 end
 
--- Write the field/value pairs into window; the window expires with its index entry.
+-- Write the field/value pairs into window. A new window is opened first: its sentinel
+-- field, its expiry, its index entry.
 local function put(window, pairs, windows)
-  if #pairs > 0 then
-    each_slice('HSET', window, pairs)
-    redis.call('PEXPIREAT', window, windows.expiries[window], 'NX')
+  if #pairs == 0 then
+    return
   end
+  if windows.created[window] then
+    redis.call('HSET', window, '\\31', '')
+    redis.call('PEXPIREAT', window, windows.expiries[window])
+    redis.call('ZADD', KEYS[1], windows.expiries[window], window)
+    windows.created[window] = nil
+  end
+  each_slice('HSET', window, pairs)
 end
 
 -- Delete name's record where it is (a window's field, or a key of the previous layout).
@@ -210,7 +223,7 @@ end
 -- ended (runs counted before), else the record that stops it. Claims written go to
 -- target; a claim taken over elsewhere moves there.
 local function take(names, values, at, token, lease, now, target, windows, base)
-  local out, writes = {}, {}
+  local out, writes, moved = {}, {}, {}
   local first = in_progress(token, lease, 1)
   for i, name in ipairs(names) do
     local value = values[name]
@@ -226,7 +239,7 @@ local function take(names, values, at, token, lease, now, target, windows, base)
       writes[#writes + 1] = name
       writes[#writes + 1] = in_progress(token, lease, runs)
       if at[name] ~= target then
-        remove(name, at[name], base)
+        moved[#moved + 1] = name
       end
       out[i] = '?'
     else
@@ -234,6 +247,9 @@ local function take(names, values, at, token, lease, now, target, windows, base)
     end
   end
   put(target, writes, windows)
+  for _, name in ipairs(moved) do
+    remove(name, at[name], base)
+  end
   return out
 end
 """
@@ -387,7 +403,7 @@ for i = 1, #fields / 3 do
 end
 local values, at = find(ids, windows, base)
 local target = window_for(windows, base, now + ttl, ttl / 4)
-local out, writes = {}, {}
+local out, writes, moved = {}, {}, {}
 for i, id in ipairs(ids) do
   local record = fields[3 * i]
   local value = values[id]
@@ -397,7 +413,7 @@ for i, id in ipairs(ids) do
     writes[#writes + 1] = id
     writes[#writes + 1] = record
     if value and at[id] ~= target then
-      remove(id, at[id], base)
+      moved[#moved + 1] = id
     end
     out[i] = 1
   else
@@ -405,6 +421,9 @@ for i, id in ipairs(ids) do
   end
 end
 put(target, writes, windows)
+for _, id in ipairs(moved) do
+  remove(id, at[id], base)
+end
 return out
 """
 )
