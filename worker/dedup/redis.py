@@ -10,8 +10,8 @@ expires, so that one missing while listed can only be on its way to another Clus
 (the scripts answer TRYAGAIN). A claim looks for its ids in each window, newest first,
 with one ``HMGET`` per window; claims and completions are written with one
 variadic ``HSET``. A completion overwrites its claim in place. What the values hold is
-described in ``worker/dedup/encoding.py``; a completed record takes about 106 bytes of
-Redis memory with 18-character ids, against 240 for the previous layout's key per id.
+described in ``worker/dedup/encoding.py``; a completed record takes about 108 bytes of
+Redis memory with 18-character ids, against 246 for the previous layout's key per id.
 
 The previous layout (one key ``<prefix>:<id>`` per record) is read for as long as its
 records may live after the first epoch check of this layout on the store (see EPOCH in
