@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -100,7 +100,7 @@ class RedisClusterDedupStore:
         as for ``RedisDedupStore``."""
         self._prefix = key_prefix
         self._ttl = ttl_seconds
-        self._codec = RecordCodec()
+        self._codec = RecordCodec(self._topics)
         self._tags = bucket_tags()
         self._slots = [key_slot(tag.encode()) for tag in self._tags]
         self._bases = [f"{key_prefix}:{{{tag}}}" for tag in self._tags]
@@ -148,10 +148,7 @@ class RedisClusterDedupStore:
         def args(indexes: list[int], base: str) -> list[Any]:
             return [base, token, ms(lease_seconds), self._ttl, pack([ids[i] for i in indexes])]
 
-        replies = self._per_id(CLAIM, ids, args)
-        if self._codec.unknown(replies):
-            self._codec.learn(self._topics({}))
-        return [self._codec.claim(reply) for reply in replies]
+        return self._codec.claims(self._per_id(CLAIM, ids, args))
 
     def claim_positions(
         self, entities: Sequence[tuple[str, int]], token: str, lease_seconds: float
@@ -174,10 +171,11 @@ class RedisClusterDedupStore:
         position_ttl_seconds: int | None = None,
     ) -> list[bool]:
         ids, entities = split_completions(completions)
+        completed = [completions[i] for i in ids]
+        records = self._codec.records(completed) if ids else []
 
         def args(indexes: list[int], base: str) -> list[Any]:
-            completed = (completions[ids[i]] for i in indexes)
-            fields = [f for c in completed for f in (c.id, c.token, self._codec.record(c))]
+            fields = [f for i in indexes for f in (completed[i].id, completed[i].token, records[i])]
             return [base, ttl_seconds, pack(fields)]
 
         def position_args(indexes: list[int], base: str) -> list[Any]:
@@ -187,9 +185,7 @@ class RedisClusterDedupStore:
 
         done: dict[int, bool] = {}
         if ids:
-            if new := self._codec.unregistered(completions[i] for i in ids):
-                self._codec.learn(self._topics(new))
-            replies = self._per_id(COMPLETE, [completions[i].id for i in ids], args)
+            replies = self._per_id(COMPLETE, [c.id for c in completed], args)
             done.update(zip(ids, map(bool, replies), strict=True))
         if entities:
             names = [completions[i].id for i in entities]
@@ -229,10 +225,7 @@ class RedisClusterDedupStore:
         return self.inspect(id).state
 
     def inspect(self, id: str) -> Inspection:
-        reply = self._one(INSPECT, id, lambda base: [base, id])
-        if self._codec.unknown([reply[0]]):
-            self._codec.learn(self._topics({}))
-        return self._codec.inspection(reply)
+        return self._codec.inspection(self._one(INSPECT, id, lambda base: [base, id]))
 
     def forget(self, ids: Sequence[str], force: bool) -> list[Forgotten]:
         def args(indexes: list[int], base: str) -> list[Any]:
@@ -245,7 +238,7 @@ class RedisClusterDedupStore:
     def forgets(self) -> int:
         return int(self._calls_to.execute([self._first_bucket_call(FORGETS, "#forgets", [""])])[0])
 
-    def _topics(self, new: dict[str, str]) -> dict[str, str]:
+    def _topics(self, new: Mapping[str, str]) -> dict[str, str]:
         """As ``RedisDedupStore._topics``."""
         args = [f for pair in new.items() for f in pair]
         [known] = self._calls_to.execute([self._first_bucket_call(TOPICS, "#topics", args)])

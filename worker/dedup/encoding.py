@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from worker.dedup.base import (
@@ -90,11 +90,19 @@ def split_origin(origin: str) -> tuple[str, int, int] | None:
     return topic, int(partition), int(offset)
 
 
+TopicNames = Callable[[Mapping[str, str]], Mapping[str, str]]
+"""A store's ``TOPICS`` call: register these topics by short hash (unless the hash is
+taken), and return every hash and topic the store names."""
+
+
 class RecordCodec:
     """Writes completed records and reads the scripts' replies. It knows the topics
-    behind the short hashes as the store's topic names do (``learn``)."""
+    behind the short hashes as the store's topic names do: ``names`` registers the
+    topics it writes and is asked again for a hash another replica registered (without
+    it, the codec knows what it is told with ``learn``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: TopicNames | None = None) -> None:
+        self._names = names
         self._topics: dict[str, str] = {}  # short hash: topic, as the store names them
         self._hashes: dict[str, str] = {}  # topic: its short hash, if the store names it so
         self._asked: set[str] = set()
@@ -104,6 +112,21 @@ class RecordCodec:
         """Short hashes and their topics, as the store holds them."""
         self._topics.update(topics)
         self._hashes = {topic: hashed for hashed, topic in self._topics.items()}
+
+    def records(self, completions: Sequence[Completion]) -> list[str]:
+        """The completed records of ``completions``, their topics registered first."""
+        if self._names is not None and (new := self.unregistered(completions)):
+            self.learn(self._names(new))
+        return [self.record(completion) for completion in completions]
+
+    def claims(self, replies: Sequence[str]) -> list[Claim]:
+        """CLAIM's replies, asking the store's names about hashes met for the first time."""
+        self._resolve(replies)
+        return [self.claim(reply) for reply in replies]
+
+    def _resolve(self, replies: Iterable[Any]) -> None:
+        if self._names is not None and self.unknown(replies):
+            self.learn(self._names({}))
 
     def unregistered(self, completions: Iterable[Completion]) -> dict[str, str]:
         """The topics of ``completions``' origins the store does not name yet, by hash
@@ -178,6 +201,7 @@ class RecordCodec:
     def inspection(self, reply: list[Any]) -> Inspection:
         """A reply of INSPECT."""
         value, ttl, now = reply
+        self._resolve([value])
         if not value:
             return Inspection(State.ABSENT)
         if not value.startswith("p|"):

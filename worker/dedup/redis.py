@@ -25,7 +25,7 @@ so dedup costs two round trips per group of messages.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -104,7 +104,7 @@ class RedisDedupStore:
         self._forgets_key = key_prefix + "#forgets"
         self._topics_key = key_prefix + "#topics"
         self._positions = key_prefix + "="
-        self._codec = RecordCodec()
+        self._codec = RecordCodec(self._topics)
         self._scripts = {
             name: client.register_script(text)
             for name, text in [
@@ -175,9 +175,7 @@ class RedisDedupStore:
             return []
         args = [self._base, token, ms(lease_seconds), self._ttl, pack(ids)]
         replies: list[str] = self._durable("claim", args)
-        if self._codec.unknown(replies):
-            self._codec.learn(self._topics({}))
-        return [self._codec.claim(reply) for reply in replies]
+        return self._codec.claims(replies)
 
     def claim_positions(
         self, entities: Sequence[tuple[str, int]], token: str, lease_seconds: float
@@ -210,7 +208,7 @@ class RedisDedupStore:
         run = self._scripts[script]
         return redis_call(lambda: run(keys=keys or self._index, args=args))
 
-    def _topics(self, new: dict[str, str]) -> dict[str, str]:
+    def _topics(self, new: Mapping[str, str]) -> dict[str, str]:
         """Register ``new`` topics by short hash (unless taken); every one the store names."""
         args = [f for pair in new.items() for f in pair]
         known = self._call("topics", args, [self._topics_key])
@@ -229,9 +227,10 @@ class RedisDedupStore:
         done: dict[int, bool] = {}
         if ids:
             completed = [completions[i] for i in ids]
-            if new := self._codec.unregistered(completed):
-                self._codec.learn(self._topics(new))
-            fields = [f for c in completed for f in (c.id, c.token, self._codec.record(c))]
+            records = self._codec.records(completed)
+            fields = [
+                f for c, r in zip(completed, records, strict=True) for f in (c.id, c.token, r)
+            ]
             args: list[Any] = [self._base, ttl_seconds, pack(fields)]
             done.update(zip(ids, map(bool, self._durable("complete", args)), strict=True))
         if entities:
@@ -264,10 +263,7 @@ class RedisDedupStore:
         return self.inspect(id).state
 
     def inspect(self, id: str) -> Inspection:
-        reply = self._call("inspect", [self._base, id])
-        if self._codec.unknown([reply[0]]):
-            self._codec.learn(self._topics({}))
-        return self._codec.inspection(reply)
+        return self._codec.inspection(self._call("inspect", [self._base, id]))
 
     def forget(self, ids: Sequence[str], force: bool) -> list[Forgotten]:
         found = self._call("forget", [self._base, "force" if force else "", *ids])
