@@ -12,7 +12,7 @@ from tests.support import stores
 from tests.support.harness import complete
 from tests.support.stores import prefix_keys, sentinel_store
 from worker import embedded
-from worker.dedup import ClaimStatus, State, scripts
+from worker.dedup import ClaimStatus, State, lua
 from worker.dedup.base import FIRST_CLAIM, Completion
 from worker.dedup.cluster import BUCKETS, RedisClusterDedupStore, bucket_tags
 from worker.dedup.memory import MemoryDedupStore
@@ -471,8 +471,8 @@ def test_forget_deletes_completed_ids_and_claims_only_when_forced(store):
 
 def test_packed_script_arguments_round_trip_and_refuse_the_field_end(redis_client):
     fields = ["order-1", "", "a|b:c", "é"]
-    unpack = redis_client.register_script(scripts._COMMON + "return unpack(ARGV[1])")
-    assert unpack(args=[scripts.pack(fields)]) == fields
-    assert unpack(args=[scripts.pack([])]) == []
+    unpack = redis_client.register_script(lua.COMMON + "return unpack(ARGV[1])")
+    assert unpack(args=[lua.pack(fields)]) == fields
+    assert unpack(args=[lua.pack([])]) == []
     with pytest.raises(ValueError, match="U\\+001F"):
-        scripts.pack(["order\x1f1"])
+        lua.pack(["order\x1f1"])

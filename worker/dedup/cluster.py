@@ -40,6 +40,7 @@ from redis.crc import key_slot
 from worker.dedup.base import Attempts, Claim, Completion, Forgotten, Inspection, State
 from worker.dedup.cluster_calls import Call, ClusterCalls
 from worker.dedup.encoding import RecordCodec, parse_position_claim
+from worker.dedup.lua import pack
 from worker.dedup.redis import (
     NOT_DURABLE,
     Durability,
@@ -63,7 +64,6 @@ from worker.dedup.scripts import (
     TOPICS,
     legacy_horizon_ms,
     ms,
-    pack,
     split_completions,
 )
 

@@ -37,6 +37,7 @@ from redis.sentinel import Sentinel
 
 from worker.dedup.base import Attempts, Claim, Completion, Forgotten, Inspection, State
 from worker.dedup.encoding import RecordCodec, parse_position_claim
+from worker.dedup.lua import pack
 from worker.dedup.scripts import (
     BEGIN,
     CLAIM,
@@ -53,7 +54,6 @@ from worker.dedup.scripts import (
     TOPICS,
     legacy_horizon_ms,
     ms,
-    pack,
     split_completions,
 )
 from worker.errors import StoreUnavailable
