@@ -8,8 +8,8 @@ from structlog.typing import FilteringBoundLogger
 
 from worker.consumer import GroupConsumer
 from worker.errors import ConfigError
+from worker.redis_settings import RedisSettings
 from worker.registry import ResolvedRoute
-from worker.settings import RedisSettings
 
 
 def check_eviction_policy(

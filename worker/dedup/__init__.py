@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from worker.dedup.base import Claim, ClaimStatus, DedupStore, State
 
 if TYPE_CHECKING:
-    from worker.settings import RedisSettings
+    from worker.redis_settings import RedisSettings
 
 __all__ = ["Claim", "ClaimStatus", "DedupStore", "State", "open_store"]
 
