@@ -10,10 +10,11 @@ bucket it touches, sent in one pipeline per primary: one round trip per primary,
 per id.
 
 The scripts declare the bucket's index (and a sequence route's position keys); the
-windows they read share its slot. While a slot migrates, Redis refuses a call whose
-index has left (ASK, TRYAGAIN), and a script that reaches for a window that has already
-left ("non local key"), rather than run it on a node where some of the records are
-gone, which would take a migrated record for an absent one.
+windows they read share its slot. While a slot migrates, the index and the windows can
+sit on different nodes for a moment: Redis refuses a call whose index has left (ASK,
+TRYAGAIN) and a script that reaches for a key that has left ("non local key"), and a
+script that finds a listed window missing answers TRYAGAIN itself (worker/dedup/lua.py),
+rather than take a migrated record for an absent one.
 
 Redirects (MOVED, ASK), TRYAGAIN, CLUSTERDOWN, an empty script cache on a promoted
 replica (NOSCRIPT) and connection errors while a primary fails over are retried for
