@@ -1,7 +1,9 @@
-"""An event loop on a thread of its own, for ``async def`` handlers.
+"""An event loop on a thread of its own, for handlers that return an awaitable.
 
 Lanes (threads) hand their coroutine to the loop and wait for its result, so an async
-handler's awaits overlap with those of the other lanes in flight.
+handler's awaits overlap with those of the other lanes in flight. The thread starts with
+the first awaitable: whether a handler is asynchronous is known only from what a call
+returns (a plain decorator around an ``async def`` looks synchronous).
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ from typing import Any
 
 class EventLoopThread:
     def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="async-handlers", daemon=True
-        )
-        self._thread.start()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def run(self, awaitable: Awaitable[Any]) -> None:
         """Run ``awaitable`` on the loop and wait for it; its exception is raised here."""
@@ -26,9 +26,23 @@ class EventLoopThread:
         async def wrapped() -> None:
             await awaitable
 
-        asyncio.run_coroutine_threadsafe(wrapped(), self._loop).result()
+        asyncio.run_coroutine_threadsafe(wrapped(), self._started()).result()
+
+    def _started(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(
+                    target=self._loop.run_forever, name="async-handlers", daemon=True
+                )
+                self._thread.start()
+            return self._loop
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        with self._lock:
+            loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()

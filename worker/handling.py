@@ -15,6 +15,7 @@ worker/deadletter.py; what a route does with duplicates is its mode (worker/mode
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -58,7 +59,7 @@ class Handling:
         dead_letters: DeadLetterWriter,
         cache: CompletedIds,
         inbox: Inbox,
-        event_loop: EventLoopThread | None,
+        event_loop: EventLoopThread,
         metrics: Metrics,
         outcomes: Outcomes,
         log: FilteringBoundLogger,
@@ -262,8 +263,7 @@ class Handling:
         try:
             try:
                 result = route.handler(message, ctx)
-                if route.is_async:
-                    assert self._event_loop is not None and result is not None
+                if inspect.isawaitable(result):  # decided per call: see worker/aio.py
                     self._event_loop.run(result)
             except (Exception, AlreadyApplied):
                 if ctx.applied is None:
@@ -324,7 +324,7 @@ def assemble(
     leases: LeaseKeeper,
     outputs: Outputs,
     cache: CompletedIds,
-    event_loop: EventLoopThread | None,
+    event_loop: EventLoopThread,
     metrics: Metrics,
     log: FilteringBoundLogger,
     sleep: Callable[[float], bool],

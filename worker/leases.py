@@ -13,7 +13,8 @@ undo that and keeps running, but it says so: an error log line and
 honest on a replica with nothing to consume, which would not otherwise meet an outage.
 It also watches the store's forget counter (``idempotent-worker ids forget``): when it
 moves, the replica drops its local cache of completed ids, which may hold a forgotten
-one.
+one. The loop reads the counter too (``learn_forgets``) before it trusts a cache hit,
+so a copy read right after a forget runs again.
 
 A Python thread cannot be killed, so a handler past its route's timeout ends the
 process: the thread logs it and exits with ``EXIT_HANDLER_TIMEOUT``. The message's
@@ -78,6 +79,7 @@ class LeaseKeeper:
         self._handles = itertools.count()
         self._epoch: str | None = None
         self._lock = threading.Lock()
+        self._forgets_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
 
@@ -85,6 +87,7 @@ class LeaseKeeper:
         """Check the epoch once before the first claim (it also tells the store's scripts
         whether records of a previous layout may exist), then every renewal interval."""
         self._check_epoch()
+        self.learn_forgets()
         self._thread.start()
 
     def close(self) -> None:
@@ -144,7 +147,7 @@ class LeaseKeeper:
             if time.monotonic() >= next_renewal:
                 self._renew()
                 self._check_epoch()
-                self._check_forgets()
+                self.learn_forgets()
                 next_renewal = time.monotonic() + self._interval
 
     def _timed(self, operation: str, call: Callable[..., T], *args: Any) -> T | None:
@@ -174,14 +177,18 @@ class LeaseKeeper:
             )
         self._epoch = epoch
 
-    def _check_forgets(self) -> None:
+    def learn_forgets(self) -> bool:
+        """Read the store's forget counter and drop the local cache of completed ids if it
+        moved since it was last read; False if it cannot be read (trust no cache hit)."""
         forgets = self._timed("forgets", self._store.forgets)
         if forgets is None:
-            return
-        if self._forgets is not None and forgets != self._forgets:
-            self._log.info("ids were forgotten: dropping the local cache of completed ids")
-            self._on_forgotten()
-        self._forgets = forgets
+            return False
+        with self._forgets_lock:
+            if self._forgets is not None and forgets != self._forgets:
+                self._log.info("ids were forgotten: dropping the local cache of completed ids")
+                self._on_forgotten()
+            self._forgets = forgets
+        return True
 
     def _renew(self) -> None:
         with self._lock:

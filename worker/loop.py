@@ -4,10 +4,11 @@ It reads like SPEC section 5, a poll batch at a time:
 
 1. every id of the batch is claimed in one Redis round trip (ids this replica completed
    recently are skipped without one, from a bounded local cache);
-2. the batch's messages are split into lanes: messages sharing a Kafka key (or an id)
-   are one lane and run in order; a route with ``max_in_flight`` above 1 runs that many
-   lanes at once on a thread pool (``async def`` handlers on an event loop), otherwise
-   the route's messages run one at a time, in partition order, on the loop's thread;
+2. the batch's messages are split into lanes: messages sharing a Kafka key, or an id
+   (whichever routes read it), are one lane and run in order; a route with
+   ``max_in_flight`` above 1 runs that many lanes at once on a thread pool (what a
+   handler returns is awaited on an event loop if it is awaitable), otherwise the
+   route's messages run one at a time, in partition order, on the loop's thread;
    each message goes through the state machine of worker/handling.py;
 3. handled messages are completed together, in one round trip (worker/completions.py),
    once the oldest has waited ``dedup.complete_linger_ms``, and at the end of the batch;
@@ -110,7 +111,7 @@ class Worker:
             for topic, route in routes.items()
             if route.max_in_flight > 1
         }
-        self._event_loop = EventLoopThread() if any(r.is_async for r in routes.values()) else None
+        self._event_loop = EventLoopThread()
         self._handling = assemble(
             settings,
             routes,
@@ -178,8 +179,7 @@ class Worker:
         self._stopping = True
         for pool in self._pools.values():
             pool.shutdown(wait=True)
-        if self._event_loop is not None:
-            self._event_loop.close()
+        self._event_loop.close()
         self._leases.close()
         if self._cleanup is not None:
             self._cleanup.close()
@@ -207,20 +207,35 @@ class Worker:
         if self._uncached:
             cached = {k: i for k, i in firsts.items() if i.route.topic not in self._uncached}
         claims = self._completed.get_each(cached)
+        if claims:
+            # Ids forgotten since the cache learned them must not be skipped: read the
+            # forget counter first (which drops the cache if it moved), then look again.
+            claims = self._completed.get_each(claims) if self._leases.learn_forgets() else {}
         claims.update(self._claim([i for k, i in firsts.items() if k not in claims], token))
-        futures = [
-            pool.submit(self._run_lane, lane, claims, token)
-            for topic, pool in self._pools.items()
-            for lane in lanes([item for item in items if item.route.topic == topic])
-        ]
-        # Routes with max_in_flight 1 run here, one message at a time, in batch order.
-        self._run_lane([i for i in items if i.route.topic not in self._pools], claims, token)
+        # Lanes are built over the whole batch: routes share one id space, so an id read
+        # from two topics is in one lane and runs once. A lane that touches a route with
+        # max_in_flight 1 runs here, one message at a time, in batch order, with the rest
+        # of those routes' messages; the others run on the pool of their first route.
+        futures: list[Future[None]] = []
+        pooled: set[int] = set()
+        for lane in lanes(items):
+            pool = self._pool_for(lane)
+            if pool is not None:
+                futures.append(pool.submit(self._run_lane, lane, claims, token))
+                pooled.update(id(item) for item in lane)
+        self._run_lane([i for i in items if id(i) not in pooled], claims, token)
         self._wait_for(futures)
         self._completions.flush()
         self.finished += self._consumer.store_offsets(
             (item.record for item in items if item.done),
             (item.record for item in items if not item.done),
         )
+
+    def _pool_for(self, lane: Sequence[Item]) -> ThreadPoolExecutor | None:
+        """The pool ``lane`` runs on: its first route's, if every route it touches has one."""
+        if any(item.route.topic not in self._pools for item in lane):
+            return None
+        return self._pools[lane[0].route.topic]
 
     def _prepare(self, record: KafkaMessage) -> Item | None:
         error = record.error()

@@ -24,7 +24,6 @@ class ResolvedRoute:
     dlq_topic: str
     timeout_seconds: float
     max_in_flight: int
-    is_async: bool
     dedup: str
     """``id``, ``shadow`` or ``sequence`` (see worker/modes/)."""
     on_duplicate: str
@@ -91,7 +90,6 @@ def _resolve(index: int, route: Route, timeout_seconds: float) -> ResolvedRoute:
         dlq_topic=route.dead_letter_topic,
         timeout_seconds=timeout_seconds,
         max_in_flight=route.max_in_flight,
-        is_async=inspect.iscoroutinefunction(handler),
         dedup=route.dedup,
         on_duplicate=route.on_duplicate,
         reply_header=route.reply_to.removeprefix("header:") if route.reply_to else None,

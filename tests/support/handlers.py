@@ -6,6 +6,7 @@ whether the handler ran in this process or in a worker subprocess.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 import time
@@ -133,3 +134,37 @@ def applies_in_order(message: Message, ctx: Context) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+def _timed(handler):  # type: ignore[no-untyped-def]
+    """A plain decorator, written as timing and retry decorators are: it returns whatever
+    the wrapped function returns (for an ``async def``, its coroutine)."""
+
+    @functools.wraps(handler)
+    def wrapper(message: Message, ctx: Context):  # type: ignore[no-untyped-def]
+        return handler(message, ctx)
+
+    return wrapper
+
+
+@_timed
+async def decorated_async(message: Message, ctx: Context) -> None:
+    await asyncio.sleep(0)
+    _record(message)
+
+
+class _AsyncCall:
+    async def __call__(self, message: Message, ctx: Context) -> None:
+        await asyncio.sleep(0)
+        _record(message)
+
+
+async_callable = _AsyncCall()
+
+
+async def _with_suffix(suffix: str, message: Message, ctx: Context) -> None:
+    await asyncio.sleep(0)
+    _record(message)
+
+
+async_partial = functools.partial(_with_suffix, "")
