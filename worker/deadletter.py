@@ -74,7 +74,9 @@ class DeadLetterWriter:
         self._retry = retry
         self._sleep = sleep
 
-    def write(self, item: Item, letter: DeadLetter) -> None:
+    def write(self, item: Item, letter: DeadLetter) -> bool:
+        """Write ``letter``, retrying until it is confirmed: False if the worker stops first
+        (the message is not finished)."""
         from worker.outcomes import fields_of
 
         headers = dead_letter_headers(item.record, letter)
@@ -98,7 +100,7 @@ class DeadLetterWriter:
                     code=exc.code,
                 )
                 if not self._sleep(delay):
-                    return
+                    return False
                 delay = min(max(delay * 2, 0.1), self._retry.backoff_max_seconds)
         self._metrics.processed.labels(item.route.topic, "dead_lettered").inc()
         self._metrics.dead_lettered.labels(item.route.topic, letter.reason).inc()
@@ -110,3 +112,4 @@ class DeadLetterWriter:
             attempts=letter.attempts,
         )
         item.done = True
+        return True

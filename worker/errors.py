@@ -38,6 +38,19 @@ class KafkaOperationError(WorkerError):
         self.code = code
 
 
+class LeaseLost(WorkerError):
+    """Another replica took the message's claim while this one ran the handler."""
+
+
+class Interrupted(WorkerError):
+    """The worker is stopping before the message's outputs were confirmed; ``token`` is
+    the claim that holds the message's id."""
+
+    def __init__(self, token: str | None) -> None:
+        super().__init__("stopping before the outputs were confirmed")
+        self.token = token
+
+
 class MessageIdError(WorkerError):
     """The message id could not be extracted; ``reason`` is a short machine-readable tag."""
 

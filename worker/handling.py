@@ -27,7 +27,13 @@ from worker.completions import Completions, Handled
 from worker.context import HandlerContext, Output
 from worker.deadletter import DeadLetter, DeadLetterWriter
 from worker.dedup.base import Claim, ClaimStatus, Completion
-from worker.errors import PermanentFailure, RetryLater
+from worker.errors import (
+    Interrupted,
+    KafkaOperationError,
+    LeaseLost,
+    PermanentFailure,
+    RetryLater,
+)
 from worker.guard import GuardedStore
 from worker.inbox import AlreadyApplied, Inbox
 from worker.items import Item
@@ -41,10 +47,6 @@ from worker.replies import resolve
 from worker.settings import Settings
 
 CLAIM_WAIT_INTERVAL = 0.05
-
-
-class LeaseLost(Exception):
-    """Another replica took the message's claim while this one ran the handler."""
 
 
 class Handling:
@@ -177,8 +179,14 @@ class Handling:
                 self.completions.add(Handled(item, result, attempt, elapsed))
                 return
             if isinstance(result, LeaseLost):
-                self._leases.drop(token, [item.key])
                 self.outcomes.lease_lost(item, attempt, elapsed)
+                return
+            if isinstance(result, Interrupted):
+                # Its outputs may not be out: not finished. Another replica (or this
+                # one, restarted) runs it again; its run stays counted.
+                if result.token is not None:
+                    self._leases.drop(result.token, [item.key])
+                    self._store.release_if_reachable([item.key], result.token, "keep")
                 return
             letter = self.failed(item, attempt, result)
             if letter is not None:
@@ -226,10 +234,12 @@ class Handling:
         return claim
 
     def give_up(self, item: Item, token: str, letter: DeadLetter) -> None:
-        """Dead-letter a claimed message, then drop its claim and its attempt count."""
-        self.dead_letters.write(item, letter)
+        """Dead-letter a claimed message, then drop its claim and its attempt count (kept
+        if the worker stopped before the letter was written: a message that crashes its
+        workers must still reach the dead-letter topic after a restart)."""
+        written = self.dead_letters.write(item, letter)
         self._leases.drop(token, [item.key])
-        self._store.release([item.key], token, "clear")
+        self._store.release([item.key], token, "clear" if written else "keep")
 
     def backoff(self, attempt: int, failure: Exception) -> float:
         retry = self._settings.retry
@@ -241,10 +251,17 @@ class Handling:
 
     # -- one run ---------------------------------------------------------------------------
 
-    def attempt(self, item: Item, attempt: int, token: str | None) -> Completion | Exception:
+    def attempt(
+        self, item: Item, attempt: int, token: str | None
+    ) -> Completion | LeaseLost | Interrupted | Exception:
         """Run the handler once and confirm its outputs (fenced by ``token``'s claim if
-        given): what to complete, or the exception if either failed. If the inbox found
-        an earlier run applied, that run's kept outputs are produced instead."""
+        given): what to complete; the handler's exception if it failed; LeaseLost or
+        Interrupted if its outputs could not go out. If the inbox found an earlier run
+        applied, that run's kept outputs are produced instead.
+
+        The route's timeout is the handler's alone: delivering its outputs and checking
+        the fence wait out a store or broker outage as the loop does, and a failure
+        there is the worker's, never the handler's (it does not run the handler again)."""
         message = item.message
         assert message is not None
         route = item.route
@@ -261,26 +278,29 @@ class Handling:
         running = self._leases.handler_started(route.timeout_seconds, item.origin, message.id)
         started = time.perf_counter()
         try:
-            try:
-                result = route.handler(message, ctx)
-                if inspect.isawaitable(result):  # decided per call: see worker/aio.py
-                    self._event_loop.run(result)
-            except (Exception, AlreadyApplied):
-                if ctx.applied is None:
+            result = route.handler(message, ctx)
+            if inspect.isawaitable(result):  # decided per call: see worker/aio.py
+                self._event_loop.run(result)
+        except (Exception, AlreadyApplied) as exc:
+            # A handler may raise anything: that is its way to fail. But if the inbox
+            # found the effects applied, whatever the handler made of that, the message
+            # is done once the first run's outputs are out.
+            if ctx.applied is None:
+                if not isinstance(exc, Exception):
                     raise
-                # The inbox found the effects applied: whatever the handler made of that,
-                # the message is done once the first run's outputs are out.
-            outputs = ctx.outputs
-            if ctx.applied is not None:
-                default = route.default_topic(message.headers)
-                correlation = route.correlation(message.headers)
-                outputs = resolve(ctx.applied.outputs, default, correlation)
-            self.produce(outputs, item.key, token)
-        except Exception as exc:  # a handler may raise anything: that is its way to fail
-            return exc
+                return exc
         finally:
             self._leases.handler_finished(running)
             self.metrics.topic(route.topic).handler_duration.observe(time.perf_counter() - started)
+        outputs = ctx.outputs
+        if ctx.applied is not None:
+            default = route.default_topic(message.headers)
+            correlation = route.correlation(message.headers)
+            outputs = resolve(ctx.applied.outputs, default, correlation)
+        try:
+            token = self.produce(outputs, item, token)
+        except (LeaseLost, Interrupted) as exc:
+            return exc
         return self._completion(item, ctx, token or "")
 
     def _completion(self, item: Item, ctx: HandlerContext, token: str) -> Completion:
@@ -302,19 +322,56 @@ class Handling:
             item.key, token, applied.origin, applied.fingerprint, reply, item.sequence
         )
 
-    def produce(self, outputs: Sequence[Output], key: str, token: str | None) -> None:
-        """Produce ``outputs`` and wait for the broker; with ``token``, only while its
-        claim of ``key`` holds (a replica that lost it publishes nothing)."""
+    def produce(self, outputs: Sequence[Output], item: Item, token: str | None) -> str | None:
+        """Produce ``outputs`` and wait for the broker; with ``token``, only while a claim
+        of the item's id holds (a replica that lost it to another publishes nothing): the
+        token of that claim. A claim that expired with nobody taking the id over (a store
+        outage longer than the lease) is taken again under a new token.
+
+        A failed delivery is retried with backoff, the same outputs (their ``message-id``
+        headers are the same, so a copy of one delivered late is a duplicate downstream).
+        Raises LeaseLost, or Interrupted if the worker stops before they are confirmed."""
         if not outputs:
-            return
-        if token is not None and not self._store.renew([key], token)[0]:
-            raise LeaseLost("the claim was lost while the handler ran")
-        deliveries = [
-            self._outputs.send(o.topic, o.value, key=o.key, headers=o.headers) for o in outputs
-        ]
-        self._outputs.confirm(deliveries, DELIVERY_TIMEOUT)
+            return token
+        delay = self._settings.retry.backoff_initial_seconds
+        while True:
+            if token is not None:
+                token = self._fence(item, token)
+            try:
+                deliveries = [
+                    self._outputs.send(o.topic, o.value, key=o.key, headers=o.headers)
+                    for o in outputs
+                ]
+                self._outputs.confirm(deliveries, DELIVERY_TIMEOUT)
+                break
+            except KafkaOperationError as exc:
+                self.metrics.delivery_failures.labels(item.route.topic).inc()
+                self.log.error(
+                    "outputs not delivered; delivering them again (the handler does not run again)",
+                    **fields_of(item),
+                    error=str(exc),
+                    code=exc.code,
+                )
+                if not self.sleep(delay):
+                    raise Interrupted(token) from exc
+                delay = min(max(delay * 2, 0.1), self._settings.retry.backoff_max_seconds)
         for output in outputs:
             self.metrics.outputs.labels(output.topic).inc()
+        return token
+
+    def _fence(self, item: Item, token: str) -> str:
+        """The token of a claim that holds the item's id now: ``token`` if its claim is
+        renewed, else a new one if nobody else took the id meanwhile."""
+        if self._store.renew([item.key], token)[0]:
+            return token
+        self._leases.drop(token, [item.key])
+        retaken = self._new_token()
+        claim = self._claim(item, retaken)
+        if claim.status is not ClaimStatus.CLAIMED:
+            raise LeaseLost("another replica took the claim while the handler ran")
+        self._leases.hold(retaken, [item.key])
+        self.log.warning("the claim expired while the handler ran; taken again", **fields_of(item))
+        return retaken
 
 
 def assemble(

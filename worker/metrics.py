@@ -127,6 +127,12 @@ class Metrics:
             ["topic"],
             registry=registry,
         )
+        self.delivery_failures = Counter(
+            PREFIX + "output_delivery_failures",
+            "Deliveries of a handled message's outputs that failed and were tried again.",
+            ["topic"],
+            registry=registry,
+        )
         self.inbox_rows_deleted = Counter(
             PREFIX + "inbox_rows_deleted",
             "Inbox rows older than dedup.ttl_seconds deleted by this replica's cleanup.",
@@ -193,6 +199,7 @@ class Metrics:
             self.handler_duration.labels(topic)
             self.claim_waits.labels(topic)
             self.lease_lost.labels(topic)
+            self.delivery_failures.labels(topic)
             self.replies_replayed.labels(topic)
             self.sequence_gaps.labels(topic)
             self.duplicates_detected.labels(topic, "duplicate")

@@ -20,6 +20,9 @@ from worker.errors import KafkaOperationError
 DELIVERY_TIMEOUT = 60.0
 """How long the worker waits for the broker to acknowledge what it produced."""
 
+CONFIRM_POLL = 0.005
+"""Longest wait of one poll while confirming deliveries (seconds)."""
+
 HeaderValue = bytes | str
 Headers = Sequence[tuple[str, HeaderValue]]
 
@@ -75,7 +78,9 @@ class Outputs:
         waiting = [delivery for delivery in deliveries if not delivery.done]
         deadline = time.monotonic() + timeout
         while waiting and (remaining := deadline - time.monotonic()) > 0:
-            self._producer.flush(remaining)
+            # poll, not flush: flush waits for every lane's outputs. Another lane's poll
+            # may serve our callbacks, so the wait is short and looked at again.
+            self._producer.poll(min(remaining, CONFIRM_POLL))
             waiting = [delivery for delivery in waiting if not delivery.done]
         if waiting:
             raise KafkaOperationError("produce", f"{len(waiting)} deliveries not confirmed in time")

@@ -14,9 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from worker.dedup.base import Claim
-from worker.errors import KafkaOperationError
+from worker.errors import Interrupted
 from worker.items import Item
-from worker.outcomes import fields_of
 from worker.replies import NOT_KEPT, Kept, decode, encode, resolve, size
 
 if TYPE_CHECKING:
@@ -47,20 +46,14 @@ class ReplayReplies:
 
     def _replay(self, handling: Handling, item: Item, reply: str) -> None:
         """Produce the kept outputs; a failed produce is retried with backoff, the offset
-        held until it succeeds."""
+        held until it succeeds (or the worker stops)."""
         assert item.message is not None
         headers, route = item.message.headers, item.route
         outputs = resolve(decode(reply), route.default_topic(headers), route.correlation(headers))
-        attempt = 1
-        while True:
-            try:
-                handling.produce(outputs, item.id, None)
-                break
-            except KafkaOperationError as exc:
-                handling.log.warning("replaying a reply failed", **fields_of(item), error=str(exc))
-                if not handling.sleep(handling.backoff(attempt, exc)):
-                    return
-                attempt += 1
+        try:
+            handling.produce(outputs, item, None)  # retried until delivered
+        except Interrupted:
+            return
         handling.metrics.replies_replayed.labels(route.topic).inc()
         handling.metrics.duplicates.labels(route.topic, "replayed").inc()
         if handling.outcomes.debug:

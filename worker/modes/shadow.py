@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from worker.dedup.base import Claim, Completion
+from worker.errors import Interrupted
 from worker.items import Item
 from worker.modes import duplicate_reason
 from worker.replies import Kept
@@ -50,6 +51,8 @@ class Shadow:
                         item, "success", attempt=attempt, duration_seconds=seconds
                     )
                 item.done = True
+                return
+            if isinstance(result, Interrupted):
                 return
             letter = handling.failed(item, attempt, result)
             if letter is not None:
