@@ -4,8 +4,9 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry
 
+from worker.consumer import group_problem
 from worker.metrics import Metrics
-from worker.server import Health, HttpServer
+from worker.server import STUCK_SECONDS, Health, HttpServer
 
 
 @pytest.fixture
@@ -65,3 +66,59 @@ def test_metrics_page_has_the_contract_names(served):
         "idempotent_worker_ready 0.0",
     ]:
         assert line in body
+
+
+class Clock:
+    now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def ready_health(clock):
+    health = Health(stall_seconds=300, clock=clock)
+    health.joined = health.store_ok = True
+    return health
+
+
+def test_partitions_with_records_waiting_and_no_progress_make_the_replica_unready_then_dead():
+    clock = Clock()
+    health = ready_health(clock)
+    health.records_waiting = 12
+    clock.now += STUCK_SECONDS - 1
+    assert health.ready
+    clock.now += 2
+    assert not health.ready and health.alive
+    assert health.not_ready_because() == "no progress for 31 s with 12 records waiting"
+    health.progressed()
+    assert health.ready
+    clock.now += 300
+    assert not health.alive  # /healthz fails: the orchestrator restarts it
+    health.beat()
+    assert not health.alive
+
+
+def test_a_long_handler_or_nothing_waiting_is_not_a_stuck_partition():
+    clock = Clock()
+    health = ready_health(clock)
+    clock.now += 1000
+    health.beat()
+    assert health.ready  # nothing waiting
+    health.records_waiting = 5
+    health.working = lambda: 1
+    assert health.ready  # a handler runs
+
+
+def test_the_group_state_from_librdkafkas_statistics():
+    assert group_problem({"state": "up", "join_state": "steady"}) == ""
+    assert group_problem({"state": "wait-coord", "join_state": "steady"}) == (
+        "group coordinator not reached (state wait-coord)"
+    )
+    assert group_problem({"state": "up", "join_state": "wait-join"}) == (
+        "not joined (join state wait-join)"
+    )
+    health = ready_health(Clock())
+    health.group_error = group_problem({"state": "query-coord", "join_state": "init"})
+    assert health.not_ready_because() == (
+        "consumer group: group coordinator not reached (state query-coord)"
+    )

@@ -63,6 +63,8 @@ class GroupConsumer:
         self._health = health
         self._log = log
         self._owned: set[tuple[str, int]] = set()
+        self._fresh: set[tuple[str, int]] = set()
+        """Assigned since the last consume: resumed before it, unless holding still."""
         self._dirty = False
         self._last_commit = time.monotonic()
         self.paused = False
@@ -73,6 +75,10 @@ class GroupConsumer:
         )
 
     def consume(self) -> list[KafkaMessage]:
+        if self._fresh and not self.paused:
+            # librdkafka keeps a partition's pause flag across a reassignment: partitions
+            # lost while held (a session that timed out) come back still paused.
+            self._consumer.resume(self._fresh_partitions())
         return self._consumer.consume(self._batch_size, self._poll_timeout)
 
     def owns(self, record: KafkaMessage) -> bool:
@@ -147,6 +153,7 @@ class GroupConsumer:
 
     def resume(self) -> None:
         self._consumer.resume(self._assignment())
+        self._fresh.clear()
         self.paused = False
 
     def poll_while_holding(self, seconds: float, stopping: Callable[[], bool]) -> None:
@@ -163,11 +170,20 @@ class GroupConsumer:
     def _assignment(self) -> list[TopicPartition]:
         return [TopicPartition(topic, partition) for topic, partition in self._owned]
 
+    def _fresh_partitions(self) -> list[TopicPartition]:
+        fresh = [TopicPartition(t, p) for t, p in self._fresh if (t, p) in self._owned]
+        self._fresh.clear()
+        return fresh
+
     # -- callbacks ---------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._owned.update((p.topic, p.partition) for p in partitions)
+        assigned = {(p.topic, p.partition) for p in partitions}
+        self._owned.update(assigned)
+        self._fresh.update(assigned)
         self._health.joined = True
+        self._health.group_error = ""
+        self._health.progressed()
         self._rebalanced("assign", partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -175,7 +191,10 @@ class GroupConsumer:
         self._disown("revoke", partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._disown("lost", partitions)  # already someone else's: a commit would fail
+        # The session timed out (the coordinator was unreachable): already someone
+        # else's, a commit would fail. Not ready until the group assigns partitions again.
+        self._health.joined = False
+        self._disown("lost", partitions)
 
     def _disown(self, event: str, partitions: list[TopicPartition]) -> None:
         for p in partitions:
@@ -192,8 +211,25 @@ class GroupConsumer:
 
     def _on_stats(self, stats_json: str) -> None:
         stats: dict[str, Any] = json.loads(stats_json)
+        waiting = 0
         for topic, topic_stats in stats.get("topics", {}).items():
             for partition, partition_stats in topic_stats.get("partitions", {}).items():
                 lag = partition_stats.get("consumer_lag", -1)
                 if (topic, int(partition)) in self._owned and lag >= 0:
                     self._metrics.consumer_lag.labels(topic, partition).set(lag)
+                    waiting += lag
+        self._health.records_waiting = waiting
+        group = stats.get("cgrp")
+        if group is not None:
+            self._health.group_error = group_problem(group)
+
+
+def group_problem(group: dict[str, Any]) -> str:
+    """What keeps the consumer from its group, from librdkafka's ``cgrp`` statistics
+    ("" when it is in the group): the coordinator not reached, or the group not joined."""
+    state, join_state = group.get("state"), group.get("join_state")
+    if state != "up":
+        return f"group coordinator not reached (state {state})"
+    if join_state in ("init", "wait-join"):
+        return f"not joined (join state {join_state})"
+    return ""

@@ -102,6 +102,7 @@ class GuardedStore:
         if self._consumer.paused and self._health.store_ok:
             self._log.info("dedup store reachable again; resuming")
             self._consumer.resume()
+            self._health.progressed()  # the outage was not a stuck partition
 
     def _call(self, operation: str, call: Callable[..., T], *args: Any) -> T:
         """Raises StoreUnavailable only when the worker is asked to stop during an outage."""

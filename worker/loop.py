@@ -106,6 +106,7 @@ class Worker:
             on_forgotten=self._completed.clear,
         )
         metrics.in_flight.set_function(self._leases.running)
+        health.working = self._leases.running
         self._pools = {
             topic: ThreadPoolExecutor(route.max_in_flight, thread_name_prefix=f"lanes-{topic}")
             for topic, route in routes.items()
@@ -226,10 +227,13 @@ class Worker:
         self._run_lane([i for i in items if id(i) not in pooled], claims, token)
         self._wait_for(futures)
         self._completions.flush()
-        self.finished += self._consumer.store_offsets(
+        finished = self._consumer.store_offsets(
             (item.record for item in items if item.done),
             (item.record for item in items if not item.done),
         )
+        if finished:
+            self.finished += finished
+            self._health.progressed()
 
     def _pool_for(self, lane: Sequence[Item]) -> ThreadPoolExecutor | None:
         """The pool ``lane`` runs on: its first route's, if every route it touches has one."""
