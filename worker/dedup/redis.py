@@ -153,7 +153,7 @@ class RedisDedupStore:
         tls = parts.scheme == "rediss"
         sentinel_options = client_options(timeout, tls_ca_file if sentinel_tls else None)
         del sentinel_options["decode_responses"]  # redis-py parses the Sentinels' replies
-        sentinel: Any = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel: Any = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             sentinels,
             sentinel_kwargs={
                 **sentinel_options,
