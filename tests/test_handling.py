@@ -27,6 +27,7 @@ from worker.items import Item, prepare
 from worker.leases import LeaseKeeper
 from worker.metrics import Metrics
 from worker.outputs import Delivery
+from worker.parts import SystemClock
 from worker.registry import resolve_routes
 from worker.server import Health
 
@@ -135,14 +136,14 @@ class Parts:
         self.outputs = FakeOutputs(self.leases)
         guarded = GuardedStore(
             self.store, FakeConsumer(), metrics, health, log, lambda: self.stopping, LEASE,
-            lambda: True,
+            lambda: True, SystemClock(),
         )  # fmt: skip
         tokens = itertools.count()
         self.event_loop = EventLoopThread()
         self.handling: Handling = assemble(
             self.settings, self.routes, guarded, self.leases, self.outputs,  # type: ignore[arg-type]
             CompletedIds(100, 3600), self.event_loop, metrics, log, self.sleep,
-            lambda: f"test:{next(tokens)}", lambda: True,
+            lambda: f"test:{next(tokens)}", lambda: True, SystemClock(),
         )  # fmt: skip
         self._offsets = itertools.count()
 

@@ -8,7 +8,6 @@ of each batch.
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from worker.items import Item
 from worker.leases import LeaseKeeper
 from worker.metrics import Metrics
 from worker.outcomes import Outcomes
+from worker.parts import Clock
 
 
 @dataclass(slots=True)
@@ -44,7 +44,9 @@ class Completions:
         ttl_seconds: int,
         position_ttl_seconds: int | None,
         on_loop_thread: Callable[[], bool],
+        clock: Clock,
     ) -> None:
+        self._clock = clock
         self._store = store
         self._leases = leases
         self._cache = cache
@@ -57,12 +59,12 @@ class Completions:
         self._handled: list[Handled] = []
         self._since = 0.0
         self._handled_lock = threading.Lock()
-        self._flush_lock = threading.Lock()
+        self._flush_lock = clock.lock()
 
     def add(self, handled: Handled) -> None:
         with self._handled_lock:
             if not self._handled:
-                self._since = time.monotonic()
+                self._since = self._clock.monotonic()
             self._handled.append(handled)
         if handled.seconds >= self._linger and self._on_loop_thread():
             # One at a time and slow: no company worth waiting for. (Lanes running
@@ -70,7 +72,7 @@ class Completions:
             self.flush()
 
     def flush_if_lingered(self) -> None:
-        if self._handled and time.monotonic() - self._since >= self._linger:
+        if self._handled and self._clock.monotonic() - self._since >= self._linger:
             self.flush()
 
     def flush(self) -> None:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka import Message as KafkaMessage
 from structlog.typing import FilteringBoundLogger
 
 from worker.metrics import Metrics
+from worker.parts import SYSTEM, Parts
 from worker.records import coordinates
 from worker.server import Health
 from worker.settings import Settings, client_config
@@ -40,9 +40,11 @@ class GroupConsumer:
         health: Health,
         log: FilteringBoundLogger,
         on_error: Callable[[KafkaError], None],
+        parts: Parts = SYSTEM,
     ) -> None:
         kafka = settings.kafka
-        self._consumer = Consumer(
+        self._clock = parts.clock
+        self._consumer = parts.consumer(
             client_config(
                 settings,
                 {
@@ -66,7 +68,7 @@ class GroupConsumer:
         self._fresh: set[tuple[str, int]] = set()
         """Assigned since the last consume: resumed before it, unless holding still."""
         self._dirty = False
-        self._last_commit = time.monotonic()
+        self._last_commit = self._clock.monotonic()
         self.paused = False
 
     def subscribe(self, topics: list[str]) -> None:
@@ -79,7 +81,8 @@ class GroupConsumer:
             # librdkafka keeps a partition's pause flag across a reassignment: partitions
             # lost while held (a session that timed out) come back still paused.
             self._consumer.resume(self._fresh_partitions())
-        return self._consumer.consume(self._batch_size, self._poll_timeout)
+        records: list[KafkaMessage] = self._consumer.consume(self._batch_size, self._poll_timeout)
+        return records
 
     def owns(self, record: KafkaMessage) -> bool:
         return (record.topic(), record.partition()) in self._owned
@@ -122,7 +125,7 @@ class GroupConsumer:
         return stored
 
     def commit_if_due(self) -> None:
-        if self._dirty and time.monotonic() - self._last_commit >= self._commit_interval:
+        if self._dirty and self._clock.monotonic() - self._last_commit >= self._commit_interval:
             self.commit()
 
     def commit(self) -> None:
@@ -137,7 +140,7 @@ class GroupConsumer:
                 self._log.warning("commit failed", code=error.name(), reason=error.str())
                 return
         self._dirty = False
-        self._last_commit = time.monotonic()
+        self._last_commit = self._clock.monotonic()
         self._metrics.commits.labels("ok").inc()
 
     def close(self) -> None:
@@ -158,14 +161,17 @@ class GroupConsumer:
 
     def poll_while_holding(self, seconds: float, stopping: Callable[[], bool]) -> None:
         """Serve the group protocol for ``seconds`` without taking any record."""
-        deadline = time.monotonic() + seconds
-        while not stopping() and (remaining := deadline - time.monotonic()) > 0:
+        deadline = self._clock.monotonic() + seconds
+        while not stopping() and (remaining := deadline - self._clock.monotonic()) > 0:
             self._health.beat()
             record = self._consumer.poll(min(remaining, 0.5))
             if record is not None and record.error() is None:
                 # Fetched before the pause took effect, or from a partition assigned
-                # meanwhile: rewind so it is read again once the store is back.
-                self._consumer.seek(TopicPartition(*coordinates(record)))
+                # meanwhile: hold that one too, and rewind so that it is read again once
+                # the partitions are resumed (unpaused, it would be fetched again at once).
+                partition = TopicPartition(*coordinates(record))
+                self._consumer.pause([partition])
+                self._consumer.seek(partition)
 
     def _assignment(self) -> list[TopicPartition]:
         return [TopicPartition(topic, partition) for topic, partition in self._owned]
@@ -177,7 +183,7 @@ class GroupConsumer:
 
     # -- callbacks ---------------------------------------------------------------------
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         assigned = {(p.topic, p.partition) for p in partitions}
         self._owned.update(assigned)
         self._fresh.update(assigned)
@@ -186,11 +192,11 @@ class GroupConsumer:
         self._health.progressed()
         self._rebalanced("assign", partitions)
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.commit()
         self._disown("revoke", partitions)
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         # The session timed out (the coordinator was unreachable): already someone
         # else's, a commit would fail. Not ready until the group assigns partitions again.
         self._health.joined = False

@@ -17,6 +17,7 @@ from worker.consumer import GroupConsumer
 from worker.dedup.base import Attempts, Claim, Completion, DedupStore
 from worker.errors import StoreUnavailable
 from worker.metrics import Metrics
+from worker.parts import Clock
 from worker.server import Health
 
 T = TypeVar("T")
@@ -35,7 +36,9 @@ class GuardedStore:
         stopping: Callable[[], bool],
         lease_seconds: float,
         on_loop_thread: Callable[[], bool],
+        clock: Clock,
     ) -> None:
+        self._clock = clock
         self._store = store
         self._consumer = consumer
         self._metrics = metrics
@@ -45,6 +48,8 @@ class GuardedStore:
         self._lease = lease_seconds
         self._on_loop_thread = on_loop_thread
         self._failing = False
+        self._outage = False
+        """The partitions are held for an outage (not for a wait of the loop's)."""
 
     def claim(self, ids: Sequence[str], token: str) -> dict[str, Claim]:
         claims = self._call("claim", self._store.claim, ids, token, self._lease)
@@ -93,16 +98,19 @@ class GuardedStore:
         self._call("ping", self._store.ping)
 
     def hold_still(self, seconds: float) -> None:
-        """Pause the owned partitions and serve the group protocol for ``seconds``."""
+        """Pause the owned partitions and serve the group protocol for ``seconds`` (while
+        the store is away, or while the loop waits on its lanes or a backoff)."""
         if not self._consumer.paused:
             self._consumer.hold()
         self._consumer.poll_while_holding(seconds, self._stopping)
 
     def resume_if_held(self) -> None:
         if self._consumer.paused and self._health.store_ok:
-            self._log.info("dedup store reachable again; resuming")
+            if self._outage:
+                self._log.info("dedup store reachable again; resuming")
+                self._health.progressed()  # the outage was not a stuck partition
+                self._outage = False
             self._consumer.resume()
-            self._health.progressed()  # the outage was not a stuck partition
 
     def _call(self, operation: str, call: Callable[..., T], *args: Any) -> T:
         """Raises StoreUnavailable only when the worker is asked to stop during an outage."""
@@ -120,6 +128,7 @@ class GuardedStore:
                     )
                 self._health.store_error = str(exc)
                 self._health.store_ok = False
+                self._outage = True
                 if self._stopping():
                     raise
                 if self._on_loop_thread():
@@ -127,7 +136,7 @@ class GuardedStore:
                 else:
                     # A handler lane: only the loop's thread touches the consumer; it
                     # holds the partitions while it waits for the lanes.
-                    time.sleep(delay)
+                    self._clock.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF)
                 continue
             self._metrics.store_duration.labels(operation).observe(time.perf_counter() - started)

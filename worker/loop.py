@@ -27,11 +27,10 @@ import itertools
 import os
 import socket
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, Future
 
 from confluent_kafka import KafkaError
 from confluent_kafka import Message as KafkaMessage
@@ -46,14 +45,18 @@ from worker.handling import assemble
 from worker.inbox.cleanup import InboxCleanup
 from worker.items import Item, prepare
 from worker.lanes import lanes, unstarted
-from worker.leases import LeaseKeeper
+from worker.leases import EXIT_HANDLER_TIMEOUT, LeaseKeeper
 from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.outputs import DELIVERY_TIMEOUT, Outputs
+from worker.parts import SYSTEM, Parts
 from worker.registry import ResolvedRoute
 from worker.server import Health
 from worker.settings import Settings, client_config
 from worker.startup import check_eviction_policy, warn_missing_topics
+
+SERVE_AFTER = 1.0
+"""Seconds a batch waits on its lanes before the loop serves the group protocol."""
 
 
 class Worker:
@@ -69,7 +72,9 @@ class Worker:
         *,
         max_messages: int | None = None,
         idle_timeout: float | None = None,
+        parts: Parts = SYSTEM,
     ) -> None:
+        self._clock = parts.clock
         self._settings = settings
         self._routes = routes
         self._metrics = metrics
@@ -79,9 +84,12 @@ class Worker:
         self._worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._tokens = itertools.count()
         self._log = get_logger(group=settings.kafka.group_id, worker=self._worker_id)
-        self._consumer = GroupConsumer(settings, metrics, health, self._log, self._on_kafka_error)
+        self._consumer = GroupConsumer(
+            settings, metrics, health, self._log, self._on_kafka_error, parts
+        )
         self._outputs = Outputs(
-            client_config(settings, {**settings.kafka.producer, "error_cb": self._on_kafka_error})
+            client_config(settings, {**settings.kafka.producer, "error_cb": self._on_kafka_error}),
+            parts,
         )
         self._stopping = False
         self._loop_thread: int | None = None
@@ -95,6 +103,7 @@ class Worker:
             lambda: self._stopping,
             dedup.lease_seconds,
             self._on_loop_thread,
+            self._clock,
         )
         self._completed = CompletedIds(dedup.local_cache_size, dedup.ttl_seconds)
         self._leases = LeaseKeeper(
@@ -103,12 +112,14 @@ class Worker:
             metrics,
             health,
             self._log,
+            on_timeout=lambda: parts.exit(EXIT_HANDLER_TIMEOUT),
             on_forgotten=self._completed.clear,
+            parts=parts,
         )
         metrics.in_flight.set_function(self._leases.running)
         health.working = self._leases.running
         self._pools = {
-            topic: ThreadPoolExecutor(route.max_in_flight, thread_name_prefix=f"lanes-{topic}")
+            topic: parts.pool(route.max_in_flight, f"lanes-{topic}")
             for topic, route in routes.items()
             if route.max_in_flight > 1
         }
@@ -126,6 +137,7 @@ class Worker:
             self._sleep,
             self._new_token,
             self._on_loop_thread,
+            self._clock,
         )
         self._completions = self._handling.completions
         modes = self._handling.modes
@@ -134,6 +146,7 @@ class Worker:
         self._cleanup = (
             InboxCleanup(settings, metrics, self._log) if settings.inbox.url is not None else None
         )
+        self._idle_since = 0.0
         self.finished = 0
         self.fatal_error: KafkaError | None = None
 
@@ -144,39 +157,52 @@ class Worker:
         self._stopping = True
 
     def run(self) -> None:
-        self._loop_thread = threading.get_ident()
-        idle_since = time.monotonic()
         try:
-            self._store.ping()
-            check_eviction_policy(self._store.eviction_policy(), self._settings.redis, self._log)
-            warn_missing_topics(self._routes, self._consumer, self._log)
-            self._consumer.subscribe(list(self._routes))
-            self._leases.start()
-            if self._cleanup is not None:
-                self._cleanup.start()
-            while not self._stopping and not self._bound_reached():
-                self._health.beat()
-                records = self._consumer.consume()
-                if records:
-                    idle_since = time.monotonic()
-                    self._process_batch(records)
-                elif (
-                    self._idle_timeout is not None
-                    and time.monotonic() - idle_since >= self._idle_timeout
-                ):
-                    break
-                self._outputs.poll()
-                if self._health.store_ok:  # no commit advances while the store is away
-                    self._consumer.commit_if_due()
+            self.start()
+            while self.step():
+                pass
         except StoreUnavailable:
             self._log.warning("stopping while the dedup store is unavailable")
         finally:
-            self._close()
+            self.close()
+
+    def start(self) -> None:
+        """Check the store, join the group and start the background work: what ``run``
+        does before its first poll."""
+        self._loop_thread = threading.get_ident()
+        self._idle_since = self._clock.monotonic()
+        self._store.ping()
+        check_eviction_policy(self._store.eviction_policy(), self._settings.redis, self._log)
+        warn_missing_topics(self._routes, self._consumer, self._log)
+        self._consumer.subscribe(list(self._routes))
+        self._leases.start()
+        if self._cleanup is not None:
+            self._cleanup.start()
+
+    def step(self) -> bool:
+        """One turn of the loop: poll, handle the batch, commit if due. False once the
+        loop should end (stopping, a bound reached, idle past the idle timeout)."""
+        if self._stopping or self._bound_reached():
+            return False
+        self._health.beat()
+        records = self._consumer.consume()
+        if records:
+            self._idle_since = self._clock.monotonic()
+            self._process_batch(records)
+        elif (
+            self._idle_timeout is not None
+            and self._clock.monotonic() - self._idle_since >= self._idle_timeout
+        ):
+            return False
+        self._outputs.poll()
+        if self._health.store_ok:  # no commit advances while the store is away
+            self._consumer.commit_if_due()
+        return True
 
     def _bound_reached(self) -> bool:
         return self._max_messages is not None and self.finished >= self._max_messages
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self._stopping = True
         for pool in self._pools.values():
             pool.shutdown(wait=True)
@@ -226,6 +252,7 @@ class Worker:
                 pooled.update(id(item) for item in lane)
         self._run_lane([i for i in items if id(i) not in pooled], claims, token)
         self._wait_for(futures)
+        self._store.resume_if_held()  # held still by a wait on the loop's thread
         self._completions.flush()
         finished = self._consumer.store_offsets(
             (item.record for item in items if item.done),
@@ -235,7 +262,7 @@ class Worker:
             self.finished += finished
             self._health.progressed()
 
-    def _pool_for(self, lane: Sequence[Item]) -> ThreadPoolExecutor | None:
+    def _pool_for(self, lane: Sequence[Item]) -> Executor | None:
         """The pool ``lane`` runs on: its first route's, if every route it touches has one."""
         if any(item.route.topic not in self._pools for item in lane):
             return None
@@ -249,16 +276,21 @@ class Worker:
         return prepare(record, self._routes, self._settings.kafka.max_payload_bytes)
 
     def _wait_for(self, futures: Sequence[Future[None]]) -> None:
-        """Wait for the lanes on other threads, serving the group protocol meanwhile and
-        holding the partitions still while the dedup store is away."""
+        """Wait for the lanes on other threads. After ``SERVE_AFTER`` (or at once while
+        the dedup store is away) the partitions are held still and the group protocol
+        served, so that a long batch neither passes ``max.poll.interval.ms`` nor keeps a
+        rebalance waiting."""
         pending = set(futures)
+        started = self._clock.monotonic()
         while pending:
-            finished, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            finished, pending = self._clock.wait_futures(pending, 0.2)
             for lane in finished:
                 lane.result()  # a lane's exception (a bug, or stopping in an outage) is ours
             self._health.beat()
-            if not self._health.store_ok:
-                self._store.hold_still(0.2)
+            if pending and (
+                not self._health.store_ok or self._clock.monotonic() - started >= SERVE_AFTER
+            ):
+                self._store.hold_still(0.05)
         self._store.resume_if_held()
 
     def _run_lane(self, lane: Sequence[Item], claims: dict[str, Claim], token: str) -> None:
@@ -278,43 +310,28 @@ class Worker:
                 self._handling.dead_letters.write(item, item.rejection)
                 continue
             key = item.key
+            later = _LaterClaims(self, lane[index + 1 :], claims, token, seen)
             if key in seen:
                 # An earlier record of this lane carried the same id (or entity) and is
                 # finished by now: look up how it ended (locally if it completed).
-                own_token = self._new_token()
+                item_token = self._new_token()
                 cache = item.route.topic not in self._uncached
                 claim = (cache and self._completed.get(key)) or self._acquire(
-                    item, own_token, lane[index + 1 :], claims, token, seen
+                    item, item_token, later
                 )
-                self._handling.handle(item, claim, own_token)
-                continue
-            seen.add(key)
-            claim = claims[key]
-            if claim.status is ClaimStatus.BUSY:
-                claim = self._acquire(item, token, lane[index + 1 :], claims, token, seen)
-            self._handling.handle(item, claim, token)
+            else:
+                seen.add(key)
+                item_token, claim = token, claims[key]
+                if claim.status is ClaimStatus.BUSY:
+                    claim = self._acquire(item, token, later)
+            self._handling.handle(item, claim, item_token, later.let_go)
+            later.take_back()
 
-    def _acquire(
-        self,
-        item: Item,
-        own_token: str,
-        later: Sequence[Item],
-        claims: dict[str, Claim],
-        token: str,
-        seen: set[str],
-    ) -> Claim | None:
+    def _acquire(self, item: Item, own_token: str, later: _LaterClaims) -> Claim | None:
         """Claim ``item``'s id (or entity) under ``own_token``, waiting while another
-        replica holds it. Keeping our claims on the lane's ``later`` messages meanwhile
-        could leave two replicas waiting for each other: before waiting they are let go,
-        and claimed again (under the batch's ``token``) after the wait."""
-        released: list[Item] = []
-
-        def let_go() -> None:
-            released.extend(unstarted(later, claims, seen))
-            self._give_back(released, claims, token, wait_out_outage=True)
-
-        claim = self._handling.acquire(item, own_token, before_wait=let_go)
-        claims.update(self._claim(released, token))
+        replica holds it, the lane's ``later`` claims let go meanwhile."""
+        claim = self._handling.acquire(item, own_token, before_wait=later.let_go)
+        later.take_back()
         return claim
 
     def _claim(self, items: Sequence[Item], token: str) -> dict[str, Claim]:
@@ -369,11 +386,53 @@ class Worker:
         return f"{self._worker_id}:{next(self._tokens)}"
 
     def _sleep(self, seconds: float) -> bool:
-        """Sleep in short slices; False if asked to stop meanwhile."""
-        deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
+        """Sleep in short slices; False if asked to stop meanwhile. On the loop's thread
+        the partitions are held still and the group protocol served meanwhile (they are
+        resumed at the end of the batch)."""
+        deadline = self._clock.monotonic() + seconds
+        while (remaining := deadline - self._clock.monotonic()) > 0:
             if self._stopping:
                 return False
             self._health.beat()
-            time.sleep(min(remaining, 0.1))
+            if self._on_loop_thread():
+                self._store.hold_still(min(remaining, 0.1))
+            else:
+                self._clock.sleep(min(remaining, 0.1))
         return not self._stopping
+
+
+class _LaterClaims:
+    """A lane's claims on the messages after the one in hand. Keeping them while that
+    message waits on another replica's claim could leave two replicas waiting for each
+    other: before waiting they are let go, and claimed again (under the batch's token)
+    after the wait."""
+
+    __slots__ = ("_claims", "_later", "_released", "_seen", "_token", "_worker")
+
+    def __init__(
+        self,
+        worker: Worker,
+        later: Sequence[Item],
+        claims: dict[str, Claim],
+        token: str,
+        seen: set[str],
+    ) -> None:
+        self._worker = worker
+        self._later = later
+        self._claims = claims
+        self._token = token
+        self._seen = seen
+        self._released: list[Item] = []
+
+    def let_go(self) -> None:
+        gone = {item.key for item in self._released}
+        released = [
+            i for i in unstarted(self._later, self._claims, self._seen) if i.key not in gone
+        ]
+        self._worker._give_back(released, self._claims, self._token, wait_out_outage=True)
+        self._released.extend(released)
+
+    def take_back(self) -> None:
+        if self._released:
+            self._claims.update(self._worker._claim(self._released, self._token))
+            self._released.clear()

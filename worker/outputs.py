@@ -9,13 +9,13 @@ the producer; each confirms only its own deliveries.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, Message
 
 from worker.errors import KafkaOperationError
+from worker.parts import SYSTEM, Parts
 
 DELIVERY_TIMEOUT = 60.0
 """How long the worker waits for the broker to acknowledge what it produced."""
@@ -42,8 +42,9 @@ class Delivery:
 
 
 class Outputs:
-    def __init__(self, config: dict[str, Any]) -> None:
-        self._producer = Producer(
+    def __init__(self, config: dict[str, Any], parts: Parts = SYSTEM) -> None:
+        self._clock = parts.clock
+        self._producer = parts.producer(
             {"linger.ms": 2, **config, "enable.idempotence": True, "acks": "all"}
         )
 
@@ -76,8 +77,8 @@ class Outputs:
     def confirm(self, deliveries: Sequence[Delivery], timeout: float) -> None:
         """Wait for ``deliveries`` to be acknowledged; raise if any was not."""
         waiting = [delivery for delivery in deliveries if not delivery.done]
-        deadline = time.monotonic() + timeout
-        while waiting and (remaining := deadline - time.monotonic()) > 0:
+        deadline = self._clock.monotonic() + timeout
+        while waiting and (remaining := deadline - self._clock.monotonic()) > 0:
             # poll, not flush: flush waits for every lane's outputs. Another lane's poll
             # may serve our callbacks, so the wait is short and looked at again.
             self._producer.poll(min(remaining, CONFIRM_POLL))
