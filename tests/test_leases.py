@@ -1,16 +1,19 @@
 """The lease keeper's thread, on the in-memory store with real time: it keeps held
 claims alive past their lease and notices a store that lost its records."""
 
+import random
 import time
 
 import structlog
 from prometheus_client import CollectorRegistry
 
+from tests.sim.sched import Scheduler, SimClock
 from worker.dedup import ClaimStatus, State
 from worker.dedup.memory import MemoryDedupStore
 from worker.errors import StoreUnavailable
 from worker.leases import LeaseKeeper
 from worker.metrics import Metrics
+from worker.parts import Parts
 from worker.server import Health
 
 LEASE = 0.3
@@ -83,3 +86,58 @@ def test_an_idle_replica_reports_the_store_down_and_back():
         assert health.store_ok
     finally:
         keeper.close()
+
+
+class SlowlyUnplugged(MemoryDedupStore):
+    """On virtual time: every call during ``outage`` waits out a socket timeout, then
+    fails."""
+
+    def __init__(self, scheduler, outage, timeout):
+        super().__init__(clock=lambda: scheduler.now)
+        self._scheduler, self._outage, self._timeout = scheduler, outage, timeout
+
+    def __getattribute__(self, name):
+        attribute = super().__getattribute__(name)
+        if name.startswith("_") or name in ("flush",) or not callable(attribute):
+            return attribute
+        scheduler, (start, end) = self._scheduler, self._outage
+
+        def call(*args):
+            if start <= scheduler.now < end:
+                scheduler.sleep(self._timeout)
+                raise StoreUnavailable(f"{name}: timed out")
+            return attribute(*args)
+
+        return call
+
+
+def test_an_outage_shorter_than_the_lease_loses_no_claim():
+    """Renewal resumes as soon as the store answers again, not a whole interval after
+    the failed round (whose calls each waited out a timeout)."""
+    lease = 6.0
+    scheduler = Scheduler(random.Random(0))
+    store = SlowlyUnplugged(scheduler, (lease * 2 + 0.5, lease * 2 + 2.5), timeout=0.5)
+    parts = Parts(clock=SimClock(scheduler), thread=lambda t, n: scheduler.spawn(t, n, "r"))
+    keeper = LeaseKeeper(
+        store, lease, Metrics(CollectorRegistry()), Health(60), structlog.get_logger(),
+        parts=parts,
+    )  # fmt: skip
+    store.claim(["held"], "ours", lease)
+    keeper.hold("ours", ["held"])
+    store.claim(["also held"], "another batch", lease)
+    keeper.hold("another batch", ["also held"])
+    taken = []
+
+    def rival():
+        while scheduler.now < lease * 5:
+            scheduler.sleep(0.1)
+            if MemoryDedupStore.state(store, "held") is not State.IN_PROGRESS:
+                taken.append(scheduler.now)
+
+    scheduler.spawn(keeper.start, "start", "r").start()
+    scheduler.spawn(rival, "rival", "other").start()
+    try:
+        scheduler.run(lease * 5, lambda: False)
+    finally:
+        scheduler.close()
+    assert taken == []

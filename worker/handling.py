@@ -42,11 +42,16 @@ from worker.metrics import Metrics
 from worker.modes import DedupMode, duplicate_reason, mode_for
 from worker.outcomes import Outcomes, fields_of
 from worker.outputs import DELIVERY_TIMEOUT, Outputs
+from worker.parts import Clock
 from worker.registry import ResolvedRoute
 from worker.replies import resolve
 from worker.settings import Settings
 
 CLAIM_WAIT_INTERVAL = 0.05
+
+
+def noop() -> None:
+    pass
 
 
 class Handling:
@@ -84,17 +89,21 @@ class Handling:
         self.sleep = sleep
         self._new_token = new_token
 
-    def handle(self, item: Item, claim: Claim | None, token: str) -> None:
+    def handle(
+        self, item: Item, claim: Claim | None, token: str, before_wait: Callable[[], None] = noop
+    ) -> None:
+        """Take ``item`` to its end from ``claim``; ``before_wait`` is called before a
+        retry waits on another replica's claim (the loop lets its lane's later claims go)."""
         if claim is None:
             return
         mode = self.modes[item.route.topic]
         if claim.status is ClaimStatus.COMPLETED:
             mode.duplicate(self, item, claim)
         elif mode.admit(self, item, claim, token):
-            self.run(item, token, claim.attempt)
+            self.run(item, token, claim.attempt, before_wait)
 
     def acquire(
-        self, item: Item, token: str, before_wait: Callable[[], None] = lambda: None
+        self, item: Item, token: str, before_wait: Callable[[], None] = noop
     ) -> Claim | None:
         """Claim one message's id (or entity), waiting while another claim holds it (after
         calling ``before_wait``). None if stopping meanwhile."""
@@ -143,7 +152,9 @@ class Handling:
 
     # -- a claimed message ---------------------------------------------------------------
 
-    def run(self, item: Item, token: str, attempt: int) -> None:
+    def run(
+        self, item: Item, token: str, attempt: int, before_wait: Callable[[], None] = noop
+    ) -> None:
         """Run the handler until it succeeds or the message is given up.
 
         ``attempt`` is the run number the claim already counted (a fresh claim counts
@@ -158,7 +169,7 @@ class Handling:
             if attempt == 0:
                 # The claim expired before the run (a long wait on Redis): claim afresh.
                 token = self._new_token()
-                claim = self._reclaim(item, token)
+                claim = self._reclaim(item, token, before_wait)
                 if claim is None:
                     return
                 attempt = claim.attempt
@@ -171,6 +182,17 @@ class Handling:
                 )
                 self.give_up(item, token, exhausted)
                 return
+            if not self._leases.fresh(token) and not self._store.renew([item.key], token)[0]:
+                # The claim was not renewed for most of a lease (a store outage): it
+                # may have run out and the id been taken by another replica. Claim it
+                # afresh (a duplicate by now, or a wait) rather than run on a lost claim.
+                self._leases.drop(token, [item.key])
+                token = self._new_token()
+                claim = self._reclaim(item, token, before_wait)
+                if claim is None:
+                    return
+                attempt = claim.attempt
+                continue
             self.completions.flush_if_lingered()
             started = time.perf_counter()
             result = self.attempt(item, attempt, token)
@@ -192,7 +214,7 @@ class Handling:
             if letter is not None:
                 self.give_up(item, token, letter)
                 return
-            retried = self._retry(item, token, self.backoff(attempt, result))
+            retried = self._retry(item, token, self.backoff(attempt, result), before_wait)
             if retried is None:
                 return
             token, attempt = retried
@@ -213,7 +235,9 @@ class Handling:
         reason = "permanent_failure" if permanent else "handler_failed"
         return DeadLetter(reason, type(failure).__name__, str(failure), attempt, item.id)
 
-    def _retry(self, item: Item, token: str, delay: float) -> tuple[str, int] | None:
+    def _retry(
+        self, item: Item, token: str, delay: float, before_wait: Callable[[], None]
+    ) -> tuple[str, int] | None:
         """Let the claim go, wait ``delay``, claim the id again under a new token: that
         token and the claim's attempt, or None if the message ended meanwhile."""
         self._leases.drop(token, [item.key])
@@ -221,13 +245,15 @@ class Handling:
         if not self.sleep(delay):
             return None
         token = self._new_token()
-        claim = self._reclaim(item, token)
+        claim = self._reclaim(item, token, before_wait)
         return None if claim is None else (token, claim.attempt)
 
-    def _reclaim(self, item: Item, token: str) -> Claim | None:
+    def _reclaim(
+        self, item: Item, token: str, before_wait: Callable[[], None] = noop
+    ) -> Claim | None:
         """Claim the message's id again: the claim, or None if it was finished meanwhile
         (then handled here, by the route's mode) or the worker is stopping."""
-        claim = self.acquire(item, token)
+        claim = self.acquire(item, token, before_wait)
         if claim is not None and claim.status is ClaimStatus.COMPLETED:
             self.modes[item.route.topic].duplicate(self, item, claim)
             return None
@@ -387,13 +413,14 @@ def assemble(
     sleep: Callable[[float], bool],
     new_token: Callable[[], str],
     on_loop_thread: Callable[[], bool],
+    clock: Clock,
 ) -> Handling:
     """The state machine with its parts: completions, dead letters, each route's mode."""
     dedup = settings.dedup
     outcomes = Outcomes(metrics, log, settings.log.level == "DEBUG")
     completions = Completions(
         store, leases, cache, metrics, outcomes, dedup.complete_linger_ms, dedup.ttl_seconds,
-        dedup.sequence_ttl_seconds, on_loop_thread,
+        dedup.sequence_ttl_seconds, on_loop_thread, clock,
     )  # fmt: skip
     dead_letters = DeadLetterWriter(outputs, metrics, outcomes, log, settings.retry, sleep)
     modes = {

@@ -39,6 +39,7 @@ from structlog.typing import FilteringBoundLogger
 from worker.dedup.base import DedupStore
 from worker.errors import StoreUnavailable
 from worker.metrics import Metrics
+from worker.parts import SYSTEM, Parts
 from worker.server import Health
 
 EXIT_HANDLER_TIMEOUT = 3
@@ -64,7 +65,9 @@ class LeaseKeeper:
         log: FilteringBoundLogger,
         on_timeout: Callable[[], None] = lambda: os._exit(EXIT_HANDLER_TIMEOUT),
         on_forgotten: Callable[[], None] = lambda: None,
+        parts: Parts = SYSTEM,
     ) -> None:
+        self._clock = parts.clock
         self._store = store
         self._lease = lease_seconds
         self._interval = lease_seconds / 3
@@ -75,13 +78,15 @@ class LeaseKeeper:
         self._on_forgotten = on_forgotten
         self._forgets: int | None = None
         self._held: dict[str, set[str]] = {}  # token -> ids
+        self._confirmed: dict[str, float] = {}
+        """When each held token's claims were last taken or renewed."""
         self._running: dict[int, _Running] = {}  # handlers running now, by handle
         self._handles = itertools.count()
         self._epoch: str | None = None
         self._lock = threading.Lock()
         self._forgets_lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
+        self._thread = parts.thread(self._loop, "lease-keeper")
 
     def start(self) -> None:
         """Check the epoch once before the first claim (it also tells the store's scripts
@@ -98,6 +103,17 @@ class LeaseKeeper:
     def hold(self, token: str, ids: Iterable[str]) -> None:
         with self._lock:
             self._held.setdefault(token, set()).update(ids)
+            self._confirmed[token] = self._clock.monotonic()
+
+    def fresh(self, token: str) -> bool:
+        """Whether ``token``'s claims were taken or renewed lately enough to run a
+        handler on: a third of the lease at least is left. After a store outage longer
+        than that, the loop checks a claim before it runs the handler (another replica
+        may have taken the id once the lease ran out)."""
+        confirmed = self._confirmed.get(token)
+        return confirmed is not None and (
+            self._clock.monotonic() - confirmed < self._lease - self._interval
+        )
 
     def drop(self, token: str, ids: Iterable[str]) -> None:
         self.drop_each((token, id) for id in ids)
@@ -111,6 +127,7 @@ class LeaseKeeper:
                     held.discard(id)
                     if not held:
                         del self._held[token]
+                        self._confirmed.pop(token, None)
 
     def running(self) -> int:
         """How many handlers run now."""
@@ -120,7 +137,7 @@ class LeaseKeeper:
         """Watch a handler starting now; the handle to pass to ``handler_finished``."""
         handle = next(self._handles)
         with self._lock:
-            self._running[handle] = _Running(time.monotonic(), timeout, origin, id)
+            self._running[handle] = _Running(self._clock.monotonic(), timeout, origin, id)
         return handle
 
     def handler_finished(self, handle: int) -> None:
@@ -128,11 +145,11 @@ class LeaseKeeper:
             del self._running[handle]
 
     def _loop(self) -> None:
-        next_renewal = time.monotonic() + self._interval
-        while not self._stop.wait(min(0.2, self._interval)):
+        next_renewal = self._clock.monotonic() + self._interval
+        while not self._clock.wait_event(self._stop, min(0.2, self._interval)):
             with self._lock:
                 running = list(self._running.values())
-            now = time.monotonic()
+            now = self._clock.monotonic()
             late = next((r for r in running if now - r.started > r.timeout), None)
             if late is not None:
                 self._log.error(
@@ -144,11 +161,14 @@ class LeaseKeeper:
                 )
                 self._on_timeout()
                 return
-            if time.monotonic() >= next_renewal:
-                self._renew()
+            if now >= next_renewal:
+                # The next round is due an interval after this one began (each call
+                # may wait out a socket timeout), or soon if a renewal failed: a claim
+                # must survive any outage shorter than the lease.
+                renewed = self._renew()
                 self._check_epoch()
                 self.learn_forgets()
-                next_renewal = time.monotonic() + self._interval
+                next_renewal = now + self._interval if renewed else self._clock.monotonic()
 
     def _timed(self, operation: str, call: Callable[..., T], *args: Any) -> T | None:
         """``call(*args)``, timed and counted like the loop's store calls; None (logged,
@@ -190,15 +210,23 @@ class LeaseKeeper:
             self._forgets = forgets
         return True
 
-    def _renew(self) -> None:
+    def _renew(self) -> bool:
+        """Renew every held claim; False if the store failed a call."""
         with self._lock:
             held = [(token, sorted(ids)) for token, ids in self._held.items()]
+        answered = True
         for token, ids in held:
+            started = self._clock.monotonic()
             renewed = self._timed("renew", self._store.renew, ids, token, self._lease)
             if renewed is None:
+                answered = False
                 continue
+            with self._lock:
+                if token in self._confirmed:
+                    self._confirmed[token] = started
             lost = [id for id, ok in zip(ids, renewed, strict=True) if not ok]
             if lost:
                 # Completed or released by the loop since the snapshot, or really lost:
                 # either way there is nothing left to renew. complete() fences the latter.
                 self.drop(token, lost)
+        return answered
