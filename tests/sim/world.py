@@ -1,0 +1,503 @@
+"""One simulated run: a configuration drawn from a seed, replicas of the real loop on
+in-memory parts, faults, and the checks of the product's promises afterwards.
+
+    world = World(seed); world.run(); world.violations  # [] when every promise held
+
+What a seed draws: 1 to 4 routes (each a topic with 1 to 4 partitions, a dedup mode,
+``on_duplicate``, ``max_in_flight`` 1 to 16, a handler shape), ids shared across
+routes, partitions and copies; 1 to 3 replicas; handlers that fail, fail for good,
+take long, or kill their replica; replicas killed and started again; the dedup store
+unavailable for a while, or answering with an error after applying a write; output
+deliveries late, failed or never answered; rebalances at any time.
+
+The checks (``check``): no id's handler ran twice at the same time; every message was
+handled once, skipped as a duplicate or dead-lettered (never lost); an id ran twice
+only in a window the README names (its first run's replica died, or the store was
+away past the lease); no offset was ever committed past a message that was not
+finished; the outputs of every completed id were delivered; the store's final records
+match the outcomes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import structlog.testing
+from confluent_kafka import Message as KafkaMessage
+from prometheus_client import CollectorRegistry
+
+from tests.sim.broker import TP, Broker, SimConsumer, SimProducer
+from tests.sim.handlers import SHAPES
+from tests.sim.sched import Scheduler, SimClock, SimPool
+from tests.support.harness import make_settings
+from worker.dedup.base import State
+from worker.dedup.memory import MemoryDedupStore
+from worker.errors import PermanentFailure, RetryLater, StoreUnavailable
+from worker.loop import Worker
+from worker.metrics import Metrics
+from worker.parts import Parts
+from worker.registry import resolve_routes
+from worker.server import Health
+
+LEASE = 6.0
+TIME_LIMIT = 900.0
+"""Virtual seconds a run has to finish every message."""
+
+_CURRENT: World | None = None
+
+
+def current() -> World:
+    assert _CURRENT is not None, "no simulated run in progress"
+    return _CURRENT
+
+
+@dataclass
+class Run:
+    id: str
+    replica: str
+    started: float
+    ended: float | None = None
+    ok: bool = False
+
+
+@dataclass
+class Replica:
+    name: str
+    worker: Worker
+    consumer: SimConsumer | None = None
+    killed_at: float | None = None
+    stopped: bool = False
+
+
+@dataclass
+class Config:
+    routes: list[dict[str, Any]]
+    partitions: dict[str, int]
+    replicas: int
+    ids: int
+    copies: int
+    kills: int
+    outages: list[tuple[float, float]]
+    ambiguous: float
+    failures: float
+    slow: float
+    crashes: float
+    delivery_failures: float
+    lost_deliveries: float
+    rebalances: int
+    linger_ms: float
+    summary: str = ""
+
+
+def draw(rng: random.Random) -> Config:
+    routes = []
+    partitions = {}
+    for index in range(rng.randint(1, 4)):
+        topic = f"in{index}"
+        dedup = rng.choice(["id", "id", "id", "shadow"])
+        routes.append(
+            {
+                "topic": topic,
+                "handler": f"tests.sim.handlers:{rng.choice(SHAPES)}",
+                "output_topic": "out",
+                "dlq_topic": f"{topic}.dlq",
+                "max_in_flight": rng.choice([1, 1, 2, 4, 16]),
+                "dedup": dedup,
+                "on_duplicate": "skip" if dedup == "shadow" else rng.choice(["skip", "replay"]),
+            }
+        )
+        partitions[topic] = rng.randint(1, 4)
+    outages = []
+    for _ in range(rng.choice([0, 0, 1, 2])):
+        start = rng.uniform(1, 30)
+        outages.append((start, start + rng.choice([0.5, 2.0, LEASE * 1.5])))
+    config = Config(
+        routes=routes,
+        partitions=partitions,
+        replicas=rng.randint(1, 3),
+        ids=rng.randint(5, 60),
+        copies=rng.randint(1, 4),
+        kills=rng.choice([0, 0, 1, 2]),
+        outages=outages,
+        ambiguous=rng.choice([0.0, 0.0, 0.05]),
+        failures=rng.choice([0.0, 0.1, 0.3]),
+        slow=rng.choice([0.0, 0.05]),
+        crashes=rng.choice([0.0, 0.0, 0.02]),
+        delivery_failures=rng.choice([0.0, 0.0, 0.1]),
+        lost_deliveries=rng.choice([0.0, 0.0, 0.02]),
+        rebalances=rng.choice([0, 1, 3]),
+        linger_ms=rng.choice([0.0, 5.0, 50.0]),
+    )
+    config.summary = (
+        f"{len(routes)} route(s) "
+        + ", ".join(
+            f"{r['topic']}[{partitions[r['topic']]}] {r['dedup']}/{r['on_duplicate']} "
+            f"x{r['max_in_flight']} {r['handler'].rsplit(':', 1)[1]}"
+            for r in routes
+        )
+        + f"; {config.replicas} replica(s), {config.ids} ids x{config.copies}, "
+        f"kills {config.kills}, outages {config.outages}, ambiguous {config.ambiguous}, "
+        f"failures {config.failures}, slow {config.slow}, crashes {config.crashes}, "
+        f"delivery failures {config.delivery_failures}, lost {config.lost_deliveries}, "
+        f"rebalances {config.rebalances}, linger {config.linger_ms} ms"
+    )
+    return config
+
+
+class FaultyStore:
+    """The memory store on the virtual clock, unavailable during the run's outages, and
+    now and then answering with an error after applying a write (an ambiguous timeout)."""
+
+    TIMEOUT = 0.5
+
+    def __init__(self, world: World) -> None:
+        self._world = world
+        self.store = MemoryDedupStore(clock=lambda: world.scheduler.now)
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self.store, name)
+        if not callable(target):
+            return target
+
+        def call(*args: Any) -> Any:
+            world = self._world
+            if world.store_down():
+                world.scheduler.sleep(self.TIMEOUT)
+                raise StoreUnavailable(f"{name}: timed out")
+            result = target(*args)
+            if name in WRITES and world.rng.random() < world.config.ambiguous:
+                world.scheduler.sleep(self.TIMEOUT)
+                raise StoreUnavailable(f"{name}: timed out (applied)")
+            return result
+
+        return call
+
+
+WRITES = {"claim", "claim_positions", "begin", "complete", "release", "renew"}
+
+
+class World:
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.config = draw(self.rng)
+        self.scheduler = Scheduler(random.Random(seed * 7919 + 1))
+        self.clock = SimClock(self.scheduler)
+        self.broker = Broker(self.scheduler, session_timeout=6.0, max_poll_interval=30.0)
+        self.store = FaultyStore(self)
+        self.settings = make_settings(
+            "sim:9092", "redis://sim:6379", f"sim-{seed}", self.config.routes,
+            kafka={"consumer": {"max.poll.interval.ms": 30_000}},
+            dedup={"lease_seconds": LEASE, "complete_linger_ms": self.config.linger_ms},
+            retry={"max_attempts": 4, "backoff_initial_seconds": 0.05,
+                   "backoff_max_seconds": 0.5},
+        )  # fmt: skip
+        self.routes = resolve_routes(self.settings)
+        self.replicas: list[Replica] = []
+        self.runs: dict[str, list[Run]] = defaultdict(list)
+        self.inputs: list[KafkaMessage] = []
+        self.delivered: list[KafkaMessage] = []
+        self.violations: list[str] = []
+        self.kills: list[tuple[str, float]] = []
+        self._names = 0
+        self.logs: list[dict[str, Any]] = []
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        global _CURRENT
+        _CURRENT = self
+        config = self.config
+        for topic, count in config.partitions.items():
+            self.broker.create(topic, count)
+            self.broker.create(f"{topic}.dlq", 1)
+        self.broker.create("out", 1)
+        self._publish()
+        self.broker.on_commit.append(self._check_commit)
+        self.broker.alive = self._alive
+        events = self._events()
+        self.scheduler.on_tick.append(lambda: self._tick(events))
+        try:
+            with structlog.testing.capture_logs([self._stamp]) as self.logs:
+                for _ in range(config.replicas):
+                    self._start_replica()
+                self.scheduler.run(TIME_LIMIT, self._drained)
+                if not self._drained():
+                    self._stuck()
+                for replica in self.replicas:
+                    replica.worker.stop()
+                self.scheduler.run(TIME_LIMIT + 120, self._all_stopped)
+        finally:
+            self.scheduler.close()
+            _CURRENT = None
+        self.check()
+
+    def _publish(self) -> None:
+        config, rng = self.config, self.rng
+        topics = list(config.partitions)
+        for number in range(config.ids):
+            id = f"id{number}"
+            for _ in range(rng.randint(1, config.copies)):
+                topic = rng.choice(topics)
+                partition = rng.randrange(config.partitions[topic])
+                record = self.broker.append(
+                    topic, partition, rng.choice([None, id.encode()]),
+                    f"payload-{id}".encode(), [("message-id", id.encode())],
+                )  # fmt: skip
+                self.inputs.append(record)
+
+    def _events(self) -> list[tuple[float, str]]:
+        config, rng = self.config, self.rng
+        events = [(rng.uniform(0.5, 40), "kill") for _ in range(config.kills)]
+        events += [(rng.uniform(0.5, 40), "rebalance") for _ in range(config.rebalances)]
+        return sorted(events, reverse=True)
+
+    def _tick(self, events: list[tuple[float, str]]) -> None:
+        self.broker.expel_stale()
+        while events and events[-1][0] <= self.scheduler.now:
+            _, event = events.pop()
+            live = [r for r in self.replicas if r.killed_at is None]
+            if event == "kill" and live:
+                self._kill(self.rng.choice(live))
+            elif event == "rebalance":
+                self.broker.rebalance(shuffle=True)
+
+    def _stamp(self, logger: Any, method: str, event: Any) -> Any:
+        event["at"] = round(self.scheduler.now, 3)
+        return event
+
+    def _start_replica(self, delay: float = 0.0) -> None:
+        self._names += 1
+        name = f"r{self._names}"
+        scheduler = self.scheduler
+        made: list[SimConsumer] = []
+
+        def consumer(config: dict[str, Any]) -> SimConsumer:
+            made.append(SimConsumer(self.broker, config))
+            return made[0]
+
+        parts = Parts(
+            consumer=consumer,
+            producer=lambda config: SimProducer(self.broker, self._delivery, self._on_delivered),
+            clock=self.clock,
+            pool=lambda workers, pool_name: SimPool(scheduler, workers, pool_name),
+            thread=lambda target, thread_name: scheduler.spawn(target, thread_name, name),
+            exit=lambda code: self._exit(),
+        )
+        worker = Worker(
+            self.settings, self.routes, self.store, Metrics(CollectorRegistry()),  # type: ignore[arg-type]
+            Health(60, clock=self.clock.monotonic), parts=parts,
+        )  # fmt: skip
+        replica = Replica(name, worker, made[0])
+        self.replicas.append(replica)
+
+        def main() -> None:
+            if delay:
+                scheduler.sleep(delay)
+            worker.start()
+            try:
+                while worker.step():
+                    pass
+            except StoreUnavailable:
+                pass  # asked to stop during an outage, as Worker.run does
+            worker.close()
+            replica.stopped = True
+
+        scheduler.spawn(main, f"{name}-loop", group=name).start()
+
+    def _alive(self, consumer: SimConsumer) -> bool:
+        return any(r.consumer is consumer and r.killed_at is None for r in self.replicas)
+
+    def _kill(self, replica: Replica) -> None:
+        """The replica's process dies; its orchestrator starts another a little later."""
+        replica.killed_at = self.scheduler.now
+        self.kills.append((replica.name, self.scheduler.now))
+        self.scheduler.kill(replica.name)
+        self._start_replica(delay=self.rng.uniform(0.5, 10))
+
+    def _exit(self) -> None:
+        """A handler past its timeout ends its process."""
+        name = self.scheduler.current().group
+        self._kill(next(r for r in self.replicas if r.name == name))
+        self.scheduler.park()
+
+    def _delivery(self) -> tuple[float, bool] | None:
+        rng, config = self.rng, self.config
+        if rng.random() < config.lost_deliveries:
+            return None
+        return rng.uniform(0.001, 0.05), rng.random() < config.delivery_failures
+
+    def _on_delivered(self, record: KafkaMessage) -> None:
+        self.delivered.append(record)
+
+    def store_down(self) -> bool:
+        now = self.scheduler.now
+        return any(start <= now < end for start, end in self.config.outages)
+
+    # -- what handlers do ------------------------------------------------------------------
+
+    def run_handler(self, message: Any, ctx: Any, *, blocking: bool) -> None:
+        rng, config = self.rng, self.config
+        name = self.scheduler.current().group if blocking else self._async_replica()
+        run = Run(message.id, name, self.scheduler.now)
+        self.runs[message.id].append(run)
+        if blocking and rng.random() < config.slow:
+            self.scheduler.sleep(rng.uniform(0.1, LEASE * 1.5))
+        if blocking and rng.random() < config.crashes:
+            self._kill(next(r for r in self.replicas if r.name == name))
+            self.scheduler.park()
+        roll = rng.random()
+        if roll < config.failures / 10:
+            run.ended = self.scheduler.now
+            raise PermanentFailure("simulated permanent failure")
+        if roll < config.failures:
+            run.ended = self.scheduler.now
+            raise RetryLater("simulated transient failure", delay=0.05)
+        for index in range(outputs_of(message.id)):
+            ctx.emit(f"{message.id}:{index}".encode(), key=message.id.encode())
+        run.ended = self.scheduler.now
+        run.ok = True
+
+    def _async_replica(self) -> str:
+        # An async handler runs on the event loop's thread while its lane waits: the
+        # lane's simulated thread is the one that holds the turn.
+        running = self.scheduler.running
+        assert running is not None
+        return running.group
+
+    # -- end of the run ----------------------------------------------------------------------
+
+    def _drained(self) -> bool:
+        return all(
+            self.broker.committed.get((r.topic(), r.partition()), 0) > r.offset()
+            for r in self.inputs
+        )
+
+    def _all_stopped(self) -> bool:
+        return all(r.stopped or r.killed_at is not None for r in self.replicas)
+
+    def _stuck(self) -> None:
+        waiting = sorted(
+            {
+                f"{r.topic()}[{r.partition()}]@{r.offset()}"
+                for r in self.inputs
+                if self.broker.committed.get((r.topic(), r.partition()), 0) <= r.offset()
+            }
+        )
+        self.violations.append(
+            f"stuck: {len(waiting)} message(s) not committed after {TIME_LIMIT:.0f} s: "
+            f"{waiting[:5]}"
+        )
+
+    def _finished(self, record: KafkaMessage) -> bool:
+        topic, partition, offset = record.topic(), record.partition(), record.offset()
+        if (topic, partition, offset) in self._dead_lettered():
+            return True
+        id = dict(record.headers() or [])["message-id"].decode()
+        return self.store.store.state(id) is State.COMPLETED
+
+    def _dead_lettered(self) -> set[tuple[str, int, int]]:
+        letters = set()
+        for record in self.delivered:
+            headers = dict(record.headers() or [])
+            if "dlq-original-topic" in headers:
+                letters.add(
+                    (
+                        headers["dlq-original-topic"].decode(),
+                        int(headers["dlq-original-partition"]),
+                        int(headers["dlq-original-offset"]),
+                    )
+                )
+        return letters
+
+    def _check_commit(self, tp: TP, offset: int) -> None:
+        start = self.broker.committed.get(tp, 0)
+        for record in self.broker.topics[tp[0]][tp[1]][start:offset]:
+            if not self._finished(record):
+                self.violations.append(
+                    f"offset {offset} of {tp[0]}[{tp[1]}] committed past "
+                    f"{record.offset()} (id {_id_of(record)}), which is not finished"
+                )
+
+    def check(self) -> None:
+        routes = {r["topic"]: r for r in self.config.routes}
+        shadow = {t for t, r in routes.items() if r["dedup"] == "shadow"}
+        ids_by_route: dict[str, set[str]] = defaultdict(set)
+        for record in self.inputs:
+            ids_by_route[_id_of(record)].add(record.topic())
+        for id, runs in self.runs.items():
+            if ids_by_route[id] & shadow:
+                continue  # shadow routes run duplicates on purpose
+            self._check_overlap(id, runs)
+            ok = [r for r in runs if r.ok]
+            for earlier, later in itertools.pairwise(ok):
+                if not self._excused(earlier, later):
+                    self.violations.append(
+                        f"id {id} ran twice: on {earlier.replica} at {earlier.started:.3f} "
+                        f"and on {later.replica} at {later.started:.3f}"
+                    )
+        letters = self._dead_lettered()
+        outputs = {r.value() for r in self.delivered if r.topic() == "out"}
+        for record in self.inputs:
+            id = _id_of(record)
+            coordinates = (record.topic(), record.partition(), record.offset())
+            state = self.store.store.state(id)
+            if coordinates in letters:
+                continue
+            if state is not State.COMPLETED:
+                self.violations.append(
+                    f"lost: {coordinates} (id {id}) neither completed nor dead-lettered"
+                )
+                continue
+            if not any(r.ok for r in self.runs[id]):
+                self.violations.append(
+                    f"lost: id {id} completed but its handler never ran to its end"
+                )
+            missing = [i for i in range(outputs_of(id)) if f"{id}:{i}".encode() not in outputs]
+            if missing:
+                self.violations.append(f"lost: id {id} completed without outputs {missing}")
+
+    def _check_overlap(self, id: str, runs: list[Run]) -> None:
+        for index, run in enumerate(runs):
+            for other in runs[index + 1 :]:
+                if other.started < (run.ended if run.ended is not None else float("inf")) and (
+                    run.replica != other.replica or run.ended is None
+                ):
+                    if self._died(run):
+                        continue
+                    self.violations.append(
+                        f"id {id} ran on {run.replica} and {other.replica} at the same time "
+                        f"({run.started:.3f}, {other.started:.3f})"
+                    )
+
+    def _died(self, run: Run) -> bool:
+        return any(name == run.replica and at >= run.started for name, at in self.kills)
+
+    def _excused(self, earlier: Run, later: Run) -> bool:
+        """A second run is within the README's limits if the first run's replica died
+        before completing it, or the store was away for longer than the lease."""
+        if self._died(earlier):
+            return True
+        return any(
+            end - start >= LEASE and start < later.started and end > earlier.started
+            for start, end in self.config.outages
+        )
+
+    def report(self) -> str:
+        return (
+            f"seed {self.seed}: {self.config.summary}\n  "
+            + "\n  ".join(self.violations[:10])
+            + f"\n  replay: SIM_SEED={self.seed} pytest tests/test_simulation.py"
+        )
+
+
+def outputs_of(id: str) -> int:
+    return int(id.removeprefix("id")) % 3
+
+
+def _id_of(record: KafkaMessage) -> str:
+    return str(dict(record.headers() or [])["message-id"].decode())
