@@ -128,7 +128,9 @@ def test_slots_moved_mid_flow_lose_nothing_and_rerun_nothing(scenario, cluster):
     lost, twice, dead = scenario.account(
         "Redis Cluster reshard, 2100 of 16384 slots", 10_000, "1 reshard"
     )
-    assert ran_during > 1000  # the slots moved while messages flowed
+    # The slots moved while messages flowed (how many ran meanwhile depends on how fast the
+    # reshard went on a shared machine: 779 to several thousand were seen).
+    assert ran_during > 200
     moved = owned_before - cluster.slots(source)
     assert len(moved) == 2100
     # 2100 contiguous slots hold at least one bucket's (one per 1024): records moved

@@ -315,15 +315,21 @@ def test_a_replica_frozen_mid_transaction_past_its_lease_applies_nothing_twice(s
         assert database.rows() == {}  # the successor's body never ran
         replicas.send(0, signal.SIGCONT)  # the zombie commits first: its effects stand
         wait_until(lambda: scenario.lag() == 0, 60, "the group to commit")
-        wait_until(
-            lambda: replicas.metric("idempotent_worker_lease_lost_total") == 1,
-            30,
-            "the zombie's outputs and completion to be refused",
-        )
-        replayed = counted(successor, "duplicates_skipped_total", reason="inbox")
+
+        def settled() -> bool:
+            # Either the successor held the id when the zombie woke (the zombie's
+            # outputs and completion are refused; the successor's run finds the row
+            # and produces the stored output), or nobody held it (the zombie takes the
+            # expired claim again, produces and completes; the successor then skips
+            # the id as a duplicate).
+            refused = replicas.metric("idempotent_worker_lease_lost_total")
+            replayed = counted(successor, "duplicates_skipped_total", reason="inbox")
+            skipped = counted(successor, "duplicates_skipped_total")
+            return (refused, replayed) == (1, 1) or (refused == 0 and skipped >= 1)
+
+        wait_until(settled, 30, "the zombie refused, or the successor to skip its id")
         assert replicas.end_all() == [0, 0]
     assert database.rows() == {"z": 1}
-    assert replayed == 1  # the successor found the row and produced its stored output
     assert scenario.outputs() == ({"z:0"}, 0)
     dead = sum(message_ids(scenario.bootstrap, scenario.dlq).values())
     report(Row("zombie frozen mid-transaction (inbox)", 1, "SIGSTOP+SIGCONT", 0, 0, dead))
