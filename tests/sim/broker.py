@@ -341,7 +341,12 @@ class SimProducer:
     def poll(self, timeout: float | None = None) -> int:
         served = self._serve()
         if not served and timeout:
-            self.broker.scheduler.sleep(timeout)
+            # Wake at the next answer if it comes first; a short poll with nothing due
+            # soon waits a little longer (librdkafka's would return early only with an
+            # answer, and the simulated run is cheaper with fewer turns).
+            scheduler = self.broker.scheduler
+            next_due = min((p.due for p in self.queue), default=scheduler.now + timeout)
+            scheduler.sleep(max(min(next_due - scheduler.now, max(timeout, 0.02)), 0))
             served = self._serve()
         return served
 

@@ -151,6 +151,8 @@ class Scheduler:
         while not finished():
             for tick in self.on_tick:
                 tick()
+            if len(self.threads) > 64:
+                self.threads = [t for t in self.threads if not t.done]
             live = [t for t in self.threads if not t.done and not t.dead]
             due = [t for t in live if t.wake_at <= self.now]
             if not due:
@@ -203,7 +205,7 @@ class SimClock:
             done = {f for f in pending if f.done()}
             if done or self._scheduler.now >= deadline:
                 return done, pending - done
-            self._scheduler.sleep(0.01)
+            self._scheduler.sleep(0.02)
 
     def lock(self) -> Any:
         return _SimLock(self)
@@ -236,25 +238,29 @@ class SimPool(Executor):
         self._name = name
         self._running = 0
         self._tasks: list[SimThread] = []
+        self._queue: list[tuple[Future[Any], Callable[[], Any]]] = []
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         future: Future[Any] = Future()
-
-        def task() -> None:
-            while self._running >= self._workers:
-                self._scheduler.sleep(QUANTUM)
+        self._queue.append((future, lambda: fn(*args, **kwargs)))
+        if self._running < self._workers:
             self._running += 1
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except Exception as exc:
-                future.set_exception(exc)
-            finally:
-                self._running -= 1
-
-        thread = self._scheduler.spawn(task, f"{self._name}-{len(self._tasks)}")
-        self._tasks.append(thread)
-        thread.start()
+            thread = self._scheduler.spawn(self._work, f"{self._name}-{len(self._tasks)}")
+            self._tasks.append(thread)
+            thread.start()
         return future
+
+    def _work(self) -> None:
+        """Run queued tasks until none is left."""
+        try:
+            while self._queue:
+                future, call = self._queue.pop(0)
+                try:
+                    future.set_result(call())
+                except Exception as exc:
+                    future.set_exception(exc)
+        finally:
+            self._running -= 1
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         if wait:
