@@ -88,6 +88,8 @@ def test_log_level_filters():
     configure_logging(LogSettings(level="WARNING"), stream=stream)
     get_logger().info("hidden")
     assert stream.getvalue() == ""
+    get_logger().warning("shown")
+    assert "shown" in stream.getvalue()
 
 
 def test_message_json():

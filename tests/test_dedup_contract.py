@@ -127,7 +127,8 @@ def test_expired_lease_nobody_took_over_still_completes(store_and_wait):
 def test_completed_record_expires_after_ttl(store_and_wait):
     store, wait = store_and_wait
     store.claim(["a"], "t1", LEASE)
-    complete(store, "a", "t1", 1, "t/0/1")
+    assert complete(store, "a", "t1", 1, "t/0/1")
+    assert store.state("a") is State.COMPLETED
     wait(1.3)
     assert store.state("a") is State.ABSENT
 

@@ -130,7 +130,13 @@ def test_no_secret_reaches_the_logs_at_debug_with_failing_credentials(
         LEDGER_PATH=str(ledger.path),
     )
     process = spawn_worker(env, tmp_path / "worker.log", cwd=REPO)
-    time.sleep(8)  # long enough for several failed attempts against both
+    deadline = time.monotonic() + 30
+    while not all(
+        refusal in (tmp_path / "worker.log").read_text()
+        for refusal in ("invalid username-password pair", "_AUTHENTICATION")
+    ):  # both refused it: Redis (the wrong password) and the broker (SCRAM)
+        assert time.monotonic() < deadline, "the credentials were not refused"
+        time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     process.wait(30)
     log = (tmp_path / "worker.log").read_text()

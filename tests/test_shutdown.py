@@ -8,7 +8,7 @@ import pytest
 
 from tests.support.kafka import Record, group_lag, produce
 from worker import embedded
-from worker.demo import probe, spawn_worker, worker_env
+from worker.demo import metric_sum, probe, scrape, spawn_worker, worker_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -34,6 +34,7 @@ def start(kafka_bootstrap, redis_url, unique_name, make_topics, ledger, tmp_path
         while not probe(port, "/readyz"):
             assert time.monotonic() < deadline, "worker did not become ready"
             time.sleep(0.1)
+        process.port = port
         return process
 
     start_worker.topic, start_worker.group = topic, group
@@ -74,7 +75,7 @@ def test_sigterm_drains_commits_and_a_restart_redoes_nothing(start, kafka_bootst
 def test_second_sigint_exits_at_once(start, kafka_bootstrap, ledger):
     worker = start(0, WORKER_SHUTDOWN__GRACE_SECONDS="60")
     produce(kafka_bootstrap, start.topic, [Record(b"30", key="k", headers={"message-id": "long"})])
-    time.sleep(2)  # the handler is now sleeping for 30 s
+    handler_running(worker)  # sleeping for 30 s
 
     worker.send_signal(signal.SIGINT)
     time.sleep(0.5)
@@ -88,7 +89,15 @@ def test_second_sigint_exits_at_once(start, kafka_bootstrap, ledger):
 def test_grace_period_expiry_exits_non_zero(start, kafka_bootstrap):
     worker = start(0, WORKER_SHUTDOWN__GRACE_SECONDS="1")
     produce(kafka_bootstrap, start.topic, [Record(b"30", key="k", headers={"message-id": "long"})])
-    time.sleep(2)
+    handler_running(worker)
 
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(10) == 1
+
+
+def handler_running(worker):
+    """Wait until the worker's handler is running (its in-flight gauge says so)."""
+    deadline = time.monotonic() + 30
+    while metric_sum([scrape(worker.port)], "idempotent_worker_in_flight") < 1:
+        assert time.monotonic() < deadline, "the handler did not start"
+        time.sleep(0.05)

@@ -176,7 +176,10 @@ def test_failed_dead_letter_write_commits_nothing_and_blocks_the_partition(env):
     limits = {"producer": {"message.max.bytes": 70_000}, "max_payload_bytes": 4000}
     run = Run(env.settings("ledger", kafka=limits), idle_timeout=None)
     thread = run.thread()
-    time.sleep(4)
+    deadline = time.monotonic() + 30
+    while run.value("dead_letter_write_failures_total", topic=env.input) < 3:
+        assert time.monotonic() < deadline, "the dead-letter write was not tried"
+        time.sleep(0.05)
 
     assert run.value("dead_lettered_total", topic=env.input, reason="payload_too_large") == 0
     run.worker.stop()

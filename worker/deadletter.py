@@ -92,6 +92,7 @@ class DeadLetterWriter:
                 self._outputs.confirm([delivery], DELIVERY_TIMEOUT)
                 break
             except KafkaOperationError as exc:
+                self._metrics.dead_letter_failures.labels(item.route.topic).inc()
                 self._log.error(
                     "dead-letter write failed; the offset stays uncommitted until it succeeds",
                     **fields_of(item),

@@ -133,6 +133,12 @@ class Metrics:
             ["topic"],
             registry=registry,
         )
+        self.dead_letter_failures = Counter(
+            PREFIX + "dead_letter_write_failures",
+            "Dead-letter writes that failed and were tried again (the offset waits).",
+            ["topic"],
+            registry=registry,
+        )
         self.inbox_rows_deleted = Counter(
             PREFIX + "inbox_rows_deleted",
             "Inbox rows older than dedup.ttl_seconds deleted by this replica's cleanup.",
