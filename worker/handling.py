@@ -119,6 +119,9 @@ class Handling:
         while claim.status is ClaimStatus.BUSY:
             if not self.sleep(CLAIM_WAIT_INTERVAL):
                 return None
+            # Other lanes' handled messages are written while this one waits: their
+            # claims may be what the other replica waits for.
+            self.completions.flush_if_lingered()
             claim = self._claim(item, token)
         if claim.status is ClaimStatus.CLAIMED:
             self._leases.hold(token, [item.key])

@@ -1,10 +1,9 @@
-"""Which messages of a batch may run at the same time, and which did not start."""
+"""Which messages of a batch may run at the same time."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
-from worker.dedup.base import Claim, ClaimStatus
 from worker.items import Item
 
 
@@ -29,18 +28,3 @@ def lanes(items: Sequence[Item]) -> list[list[Item]]:
     for index, item in enumerate(items):
         grouped.setdefault(root(index), []).append(item)
     return list(grouped.values())
-
-
-def unstarted(items: Iterable[Item], claims: Mapping[str, Claim], seen: set[str]) -> list[Item]:
-    """The first of ``items`` with each id (or entity) that the batch claimed and that
-    has not started."""
-    found: dict[str, Item] = {}
-    for item in items:
-        if (
-            item.message is not None
-            and item.key not in seen
-            and (claim := claims.get(item.key)) is not None
-            and claim.status is ClaimStatus.CLAIMED
-        ):
-            found.setdefault(item.key, item)
-    return list(found.values())

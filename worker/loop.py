@@ -37,6 +37,7 @@ from confluent_kafka import Message as KafkaMessage
 
 from worker.aio import EventLoopThread
 from worker.cache import CompletedIds
+from worker.claimbook import ClaimBook
 from worker.consumer import GroupConsumer
 from worker.dedup.base import Claim, ClaimStatus, DedupStore
 from worker.errors import StoreUnavailable
@@ -44,7 +45,7 @@ from worker.guard import GuardedStore
 from worker.handling import assemble
 from worker.inbox.cleanup import InboxCleanup
 from worker.items import Item, prepare
-from worker.lanes import lanes, unstarted
+from worker.lanes import lanes
 from worker.leases import EXIT_HANDLER_TIMEOUT, LeaseKeeper
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -147,6 +148,9 @@ class Worker:
             InboxCleanup(settings, metrics, self._log) if settings.inbox.url is not None else None
         )
         self._idle_since = 0.0
+        self._lane_wait = min(0.2, max(dedup.complete_linger_ms / 1000, 0.005))
+        """How often the loop looks at its lanes while they run (and completes what they
+        handled)."""
         self.finished = 0
         self.fatal_error: KafkaError | None = None
 
@@ -239,6 +243,7 @@ class Worker:
             # forget counter first (which drops the cache if it moved), then look again.
             claims = self._completed.get_each(claims) if self._leases.learn_forgets() else {}
         claims.update(self._claim([i for k, i in firsts.items() if k not in claims], token))
+        book = ClaimBook(claims, token, self._give_back)
         # Lanes are built over the whole batch: routes share one id space, so an id read
         # from two topics is in one lane and runs once. A lane that touches a route with
         # max_in_flight 1 runs here, one message at a time, in batch order, with the rest
@@ -248,9 +253,9 @@ class Worker:
         for lane in lanes(items):
             pool = self._pool_for(lane)
             if pool is not None:
-                futures.append(pool.submit(self._run_lane, lane, claims, token))
+                futures.append(pool.submit(self._run_lane, lane, book))
                 pooled.update(id(item) for item in lane)
-        self._run_lane([i for i in items if id(i) not in pooled], claims, token)
+        self._run_lane([i for i in items if id(i) not in pooled], book)
         self._wait_for(futures)
         self._store.resume_if_held()  # held still by a wait on the loop's thread
         self._completions.flush()
@@ -283,56 +288,51 @@ class Worker:
         pending = set(futures)
         started = self._clock.monotonic()
         while pending:
-            finished, pending = self._clock.wait_futures(pending, 0.2)
+            finished, pending = self._clock.wait_futures(pending, self._lane_wait)
             for lane in finished:
                 lane.result()  # a lane's exception (a bug, or stopping in an outage) is ours
             self._health.beat()
+            # What finished lanes handled is completed within the linger, not at the end
+            # of the batch: a crash re-runs no more than the linger promises, and a
+            # replica waiting on one of those ids is not kept waiting.
+            self._completions.flush_if_lingered()
             if pending and (
                 not self._health.store_ok or self._clock.monotonic() - started >= SERVE_AFTER
             ):
                 self._store.hold_still(0.05)
         self._store.resume_if_held()
 
-    def _run_lane(self, lane: Sequence[Item], claims: dict[str, Claim], token: str) -> None:
-        """Handle ``lane``'s messages in order; ``claims`` are the batch's claims."""
+    def _run_lane(self, lane: Sequence[Item], book: ClaimBook) -> None:
+        """Handle ``lane``'s messages in order, with the batch's claims from ``book``."""
         seen: set[str] = set()
         claim: Claim | None
         for index, item in enumerate(lane):
             if self._stopping:
-                self._release_unstarted(lane[index:], claims, token, seen)
+                book.give_up(lane[index:])
                 return
             if not self._consumer.owns(item.record):
                 # Revoked while the batch was in hand: the new owner reads it again.
-                self._release_unstarted([item], claims, token, seen)
+                book.give_up([item])
                 continue
             if item.message is None:
                 assert item.rejection is not None
                 self._handling.dead_letters.write(item, item.rejection)
                 continue
             key = item.key
-            later = _LaterClaims(self, lane[index + 1 :], claims, token, seen)
             if key in seen:
                 # An earlier record of this lane carried the same id (or entity) and is
                 # finished by now: look up how it ended (locally if it completed).
-                item_token = self._new_token()
+                token = self._new_token()
                 cache = item.route.topic not in self._uncached
-                claim = (cache and self._completed.get(key)) or self._acquire(
-                    item, item_token, later
+                claim = (cache and self._completed.get(key)) or self._handling.acquire(
+                    item, token, before_wait=book.let_go
                 )
             else:
                 seen.add(key)
-                item_token, claim = token, claims[key]
+                token, claim = book.token, book.start(key)
                 if claim.status is ClaimStatus.BUSY:
-                    claim = self._acquire(item, token, later)
-            self._handling.handle(item, claim, item_token, later.let_go)
-            later.take_back()
-
-    def _acquire(self, item: Item, own_token: str, later: _LaterClaims) -> Claim | None:
-        """Claim ``item``'s id (or entity) under ``own_token``, waiting while another
-        replica holds it, the lane's ``later`` claims let go meanwhile."""
-        claim = self._handling.acquire(item, own_token, before_wait=later.let_go)
-        later.take_back()
-        return claim
+                    claim = self._handling.acquire(item, token, before_wait=book.let_go)
+            self._handling.handle(item, claim, token, book.let_go)
 
     def _claim(self, items: Sequence[Item], token: str) -> dict[str, Claim]:
         """Claim the ids (or entities) of ``items``, each with its own; the lease keeper
@@ -347,29 +347,15 @@ class Worker:
         self._leases.hold(token, (i for i, c in claims.items() if c.status is ClaimStatus.CLAIMED))
         return claims
 
-    def _give_back(
-        self,
-        items: Sequence[Item],
-        claims: Mapping[str, Claim],
-        token: str,
-        *,
-        wait_out_outage: bool,
-    ) -> None:
-        """Release claims whose messages did not start; a run their claim counted is
-        uncounted again. Without ``wait_out_outage`` it is best effort: leases expire."""
-        ids = [item.key for item in items]
+    def _give_back(self, token: str, claims: list[tuple[str, int]], wait_out_outage: bool) -> None:
+        """Release ``token``'s ``(id, attempt)`` claims whose messages did not start; a
+        run their claim counted is uncounted again. Without ``wait_out_outage`` it is
+        best effort: leases expire."""
+        ids = [id for id, _ in claims]
         self._leases.drop(token, ids)
         release = self._store.release if wait_out_outage else self._store.release_if_reachable
-        release([id for id in ids if claims[id].attempt], token, "clear")
-        release([id for id in ids if not claims[id].attempt], token, "keep")
-
-    def _release_unstarted(
-        self, items: Sequence[Item], claims: Mapping[str, Claim], token: str, seen: set[str]
-    ) -> None:
-        """Give up this batch's claims of ``items``, which will not run here."""
-        unclaimed = unstarted(items, claims, seen)
-        seen.update(item.key for item in unclaimed)
-        self._give_back(unclaimed, claims, token, wait_out_outage=False)
+        release([id for id, attempt in claims if attempt], token, "clear")
+        release([id for id, attempt in claims if not attempt], token, "keep")
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -399,40 +385,3 @@ class Worker:
             else:
                 self._clock.sleep(min(remaining, 0.1))
         return not self._stopping
-
-
-class _LaterClaims:
-    """A lane's claims on the messages after the one in hand. Keeping them while that
-    message waits on another replica's claim could leave two replicas waiting for each
-    other: before waiting they are let go, and claimed again (under the batch's token)
-    after the wait."""
-
-    __slots__ = ("_claims", "_later", "_released", "_seen", "_token", "_worker")
-
-    def __init__(
-        self,
-        worker: Worker,
-        later: Sequence[Item],
-        claims: dict[str, Claim],
-        token: str,
-        seen: set[str],
-    ) -> None:
-        self._worker = worker
-        self._later = later
-        self._claims = claims
-        self._token = token
-        self._seen = seen
-        self._released: list[Item] = []
-
-    def let_go(self) -> None:
-        gone = {item.key for item in self._released}
-        released = [
-            i for i in unstarted(self._later, self._claims, self._seen) if i.key not in gone
-        ]
-        self._worker._give_back(released, self._claims, self._token, wait_out_outage=True)
-        self._released.extend(released)
-
-    def take_back(self) -> None:
-        if self._released:
-            self._claims.update(self._worker._claim(self._released, self._token))
-            self._released.clear()
