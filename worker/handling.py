@@ -185,7 +185,11 @@ class Handling:
                 )
                 self.give_up(item, token, exhausted)
                 return
-            if not self._leases.fresh(token) and not self._store.renew([item.key], token)[0]:
+            self.completions.flush_if_lingered()  # may wait out a store outage
+            if (
+                not self._leases.fresh(token, item.key)
+                and not self._store.renew([item.key], token)[0]
+            ):
                 # The claim was not renewed for most of a lease (a store outage): it
                 # may have run out and the id been taken by another replica. Claim it
                 # afresh (a duplicate by now, or a wait) rather than run on a lost claim.
@@ -196,7 +200,6 @@ class Handling:
                     return
                 attempt = claim.attempt
                 continue
-            self.completions.flush_if_lingered()
             started = time.perf_counter()
             result = self.attempt(item, attempt, token)
             elapsed = time.perf_counter() - started

@@ -77,9 +77,8 @@ class LeaseKeeper:
         self._on_timeout = on_timeout
         self._on_forgotten = on_forgotten
         self._forgets: int | None = None
-        self._held: dict[str, set[str]] = {}  # token -> ids
-        self._confirmed: dict[str, float] = {}
-        """When each held token's claims were last taken or renewed."""
+        self._held: dict[str, dict[str, float]] = {}
+        """token -> id -> when the claim was last taken or renewed."""
         self._running: dict[int, _Running] = {}  # handlers running now, by handle
         self._handles = itertools.count()
         self._epoch: str | None = None
@@ -101,16 +100,16 @@ class LeaseKeeper:
             self._thread.join()
 
     def hold(self, token: str, ids: Iterable[str]) -> None:
+        now = self._clock.monotonic()
         with self._lock:
-            self._held.setdefault(token, set()).update(ids)
-            self._confirmed[token] = self._clock.monotonic()
+            self._held.setdefault(token, {}).update((id, now) for id in ids)
 
-    def fresh(self, token: str) -> bool:
-        """Whether ``token``'s claims were taken or renewed lately enough to run a
-        handler on: a third of the lease at least is left. After a store outage longer
-        than that, the loop checks a claim before it runs the handler (another replica
-        may have taken the id once the lease ran out)."""
-        confirmed = self._confirmed.get(token)
+    def fresh(self, token: str, id: str) -> bool:
+        """Whether ``token``'s claim of ``id`` is held and was taken or renewed lately
+        enough to run a handler on: a third of the lease at least is left. After a store
+        outage longer than that, the loop checks the claim before it runs the handler
+        (another replica may have taken the id once the lease ran out)."""
+        confirmed = self._held.get(token, {}).get(id)
         return confirmed is not None and (
             self._clock.monotonic() - confirmed < self._lease - self._interval
         )
@@ -124,10 +123,9 @@ class LeaseKeeper:
             for token, id in claims:
                 held = self._held.get(token)
                 if held is not None:
-                    held.discard(id)
+                    held.pop(id, None)
                     if not held:
                         del self._held[token]
-                        self._confirmed.pop(token, None)
 
     def running(self) -> int:
         """How many handlers run now."""
@@ -222,8 +220,10 @@ class LeaseKeeper:
                 answered = False
                 continue
             with self._lock:
-                if token in self._confirmed:
-                    self._confirmed[token] = started
+                confirmed = self._held.get(token, {})
+                for id, ok in zip(ids, renewed, strict=True):
+                    if ok and id in confirmed:
+                        confirmed[id] = started
             lost = [id for id, ok in zip(ids, renewed, strict=True) if not ok]
             if lost:
                 # Completed or released by the loop since the snapshot, or really lost:
