@@ -205,6 +205,18 @@ def test_clear_never_forgets_the_runs_of_another_claim(store):
     assert store.begin("a", "t3") == 3
 
 
+def test_clear_never_forgets_the_runs_of_another_owners_expired_claim(store_and_wait):
+    store, wait = store_and_wait
+    store.claim(["a"], "t1", LEASE)
+    store.release(["a"], "t1")  # run 1 failed
+    store.claim(["a"], "t2", LEASE)
+    assert store.begin("a", "t2") == 2  # then its replica died: the claim expires
+    wait(LEASE + 0.2)
+    assert store.release(["a"], "t1", "clear") == 0  # late, from the first owner
+    store.claim(["a"], "t3", LEASE)
+    assert store.begin("a", "t3") == 3  # the crash loop's count goes on
+
+
 def test_redis_keeps_records_as_fields_of_a_few_windows(redis_store):
     store, client, prefix = redis_store
     store.claim(["a", "b", "c"], "t1", LEASE)

@@ -146,12 +146,17 @@ class MemoryDedupStore:
         with self._lock:
             released = 0
             for id in ids:
+                stored = self._records.get(id)
+                ours = (
+                    stored is not None
+                    and stored.state is State.IN_PROGRESS
+                    and stored.token == token
+                )
                 record = self._live(id)
-                mine = record and record.state is State.IN_PROGRESS and record.token == token
-                if mine:
+                if record is not None and ours:
                     del self._records[id]
                     released += 1
-                if attempts == "clear" and (mine or record is None):  # never another's
+                if attempts == "clear" and ours:  # never another owner's runs, even expired
                     self._attempts.pop(id, None)
             return released
 

@@ -198,11 +198,12 @@ local released = 0
 for i, name in ipairs(names) do
   local token, ends, runs = progress(values[name])
   if token then
-    local mine = token == ARGV[2] and ends > now
+    local ours = token == ARGV[2]
+    local mine = ours and ends > now
     if mine then
       released = released + 1
     end
-    if ARGV[3] == 'clear' and (mine or ends <= now) then
+    if ARGV[3] == 'clear' and ours then -- never another owner's runs, even expired
       remove(name, at[name], ARGV[1])
     elseif mine then
       redis.call('HSET', at[name], name, in_progress('', 0, runs))
