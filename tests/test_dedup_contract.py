@@ -246,6 +246,22 @@ def test_redis_epoch_check_drops_expired_windows_from_the_index(redis_store):
     assert store.state("a") is State.ABSENT
 
 
+def test_redis_window_lost_on_one_redis_is_a_store_reset_not_a_stall(redis_store):
+    """On one Redis a listed window cannot be migrating: if it is gone (evicted, or
+    deleted by hand) its records are lost. The store goes on, and the epoch changes so
+    that every replica counts and logs a reset."""
+    store, client, prefix = redis_store
+    before = store.epoch("e1")
+    store.claim(["a"], "t1", LEASE)
+    assert complete(store, "a", "t1", 60, "t/0/1")
+    for name in client.zrange(f"{prefix}#windows", 0, -1):
+        if not name.startswith(b"layout:"):
+            client.delete(name)
+    [claim] = store.claim(["a"], "t2", LEASE)  # not TRYAGAIN until the window's expiry
+    assert claim.status is ClaimStatus.CLAIMED  # its record went with the window
+    assert store.epoch("e2") != before
+
+
 def test_redis_completed_record_fits_32_bytes(redis_store, redis_url):
     store, client, prefix = redis_store
     store.claim(["order-000000000001"], "host-1-abcdef01:7", LEASE)

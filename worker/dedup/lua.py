@@ -64,9 +64,13 @@ end
 
 -- The live windows, newest first, and whether the previous layout may still be read:
 -- until the time the epoch check set, or always if it never ran on this index. A live
--- window always exists (it keeps a sentinel field until it expires); one missing here
--- is on its way to or from another node while its slot migrates (the index already
--- moved, or not yet): the call is refused with TRYAGAIN rather than read it as empty.
+-- window always exists (it keeps a sentinel field until it expires). On a Cluster (the
+-- base holds a hash tag) one missing here is on its way to or from another node while
+-- its slot migrates (the index already moved, or not yet): the call is refused with
+-- TRYAGAIN rather than read it as empty. On one Redis nothing migrates: the window was
+-- evicted or deleted and its records are lost. It leaves the index and the epoch key
+-- goes with it, so that every replica's epoch check counts and logs a store reset;
+-- the calls go on.
 local function live_windows(now)
   local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES')
   local windows = {keys = {}, expiries = {}, created = {}, legacy = true}
@@ -75,11 +79,15 @@ local function live_windows(now)
     if until_ms then
       windows.legacy = tonumber(until_ms) > now
     else
-      if redis.call('EXISTS', live[i]) == 0 then
+      if redis.call('EXISTS', live[i]) == 1 then
+        windows.keys[#windows.keys + 1] = live[i]
+        windows.expiries[live[i]] = tonumber(live[i + 1])
+      elseif string.find(ARGV[1], '{', 1, true) then
         error({err = 'TRYAGAIN the windows of this slot are moving'})
+      else
+        redis.call('ZREM', KEYS[1], live[i])
+        redis.call('DEL', ARGV[1] .. '#epoch')
       end
-      windows.keys[#windows.keys + 1] = live[i]
-      windows.expiries[live[i]] = tonumber(live[i + 1])
     end
   end
   return windows

@@ -6,8 +6,9 @@ and lives in a *window*: a hash ``<prefix>/<expiry in ms>`` that takes the recor
 written during a quarter of the dedup TTL and expires as a whole, 1.25 TTLs after it was
 opened, so every record lives between one and 1.25 TTLs. ``<prefix>#windows`` indexes
 the live windows by expiry (about five); a window keeps a sentinel field (0x1f) until it
-expires, so that one missing while listed can only be on its way to another Cluster node
-(the scripts answer TRYAGAIN). A claim looks for its ids in each window, newest first,
+expires, so that one missing while listed is on its way to another Cluster node (the
+scripts answer TRYAGAIN), or, on one Redis, was evicted or deleted: it leaves the index
+and the epoch key is deleted with it, so that every replica counts a store reset. A claim looks for its ids in each window, newest first,
 with one ``HMGET`` per window; claims and completions are written with one
 variadic ``HSET``. A completion overwrites its claim in place. What the values hold is
 described in ``worker/dedup/encoding.py``; a completed record takes about 108 bytes of
