@@ -4,19 +4,22 @@ across a reassignment)."""
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
 import structlog
+from confluent_kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
+from tests.sim.broker import Broker, SimConsumer
+from tests.sim.sched import Scheduler
 from tests.support.harness import make_settings
 from tests.support.kafka import Record, produce
 from worker.consumer import GroupConsumer
 from worker.metrics import Metrics
+from worker.parts import Parts
 from worker.server import Health
-
-pytestmark = pytest.mark.integration
 
 
 def consume_until(consumer: GroupConsumer, done, seconds: float = 20.0) -> list:
@@ -27,6 +30,7 @@ def consume_until(consumer: GroupConsumer, done, seconds: float = 20.0) -> list:
     return records
 
 
+@pytest.mark.integration
 def test_partitions_lost_while_held_are_consumed_again_once_reassigned(
     kafka_bootstrap, redis_url, unique_name, make_topics
 ):
@@ -59,3 +63,32 @@ def test_partitions_lost_while_held_are_consumed_again_once_reassigned(
         ]  # fmt: skip
     finally:
         consumer.close()
+
+
+def test_an_unfinished_message_holds_its_partitions_offset_across_batches():
+    """On the simulator's in-memory broker: a message left unfinished in one batch keeps
+    every later batch's finished messages of its partition from moving the offset past
+    it, until the partition is assigned again (and read again from its commit)."""
+    scheduler = Scheduler(random.Random(0))
+    broker = Broker(scheduler)
+    broker.create("t", 1)
+    for _ in range(4):
+        broker.append("t", 0, None, b"v", [])
+    settings = make_settings(
+        "sim:9092", "redis://sim:6379", "g", [{"topic": "t", "handler": "x:y"}]
+    )
+    parts = Parts(consumer=lambda config: SimConsumer(broker, config))
+    consumer = GroupConsumer(
+        settings, Metrics(CollectorRegistry()), Health(60), structlog.get_logger(),
+        lambda e: None, parts,
+    )  # fmt: skip
+    consumer.subscribe(["t"])
+    consumer._consumer._serve()  # joined: t[0] assigned
+    first, second, third, fourth = broker.topics["t"][0]
+    assert consumer.store_offsets([first], [second]) == 1
+    assert consumer.store_offsets([third, fourth], []) == 2
+    assert consumer._consumer.stored == {("t", 0): 1}  # never past the unfinished one
+    consumer._on_revoke(consumer._consumer, [TopicPartition("t", 0)])
+    consumer._on_assign(consumer._consumer, [TopicPartition("t", 0)])
+    assert consumer.store_offsets([second, third], []) == 2
+    assert consumer._consumer.stored == {("t", 0): 3}

@@ -65,6 +65,9 @@ class GroupConsumer:
         self._health = health
         self._log = log
         self._owned: set[tuple[str, int]] = set()
+        self._floor: dict[tuple[str, int], int] = {}
+        """Per partition, the lowest offset of a message left unfinished by any batch:
+        no offset is stored past it until the partition is assigned again."""
         self._fresh: set[tuple[str, int]] = set()
         """Assigned since the last consume: resumed before it, unless holding still."""
         self._dirty = False
@@ -96,19 +99,25 @@ class GroupConsumer:
         self, finished: Iterable[KafkaMessage], unfinished: Iterable[KafkaMessage]
     ) -> int:
         """Store each partition's offset past its finished records, but never past an
-        unfinished one; how many finished records were in partitions still ours."""
+        unfinished one, of this batch or an earlier one; how many finished records were
+        in partitions still ours."""
         ends: dict[tuple[str, int], int] = {}
         counts: dict[tuple[str, int], int] = {}
+        floor = self._floor
         for record in finished:
             topic, partition, offset = coordinates(record)
             tp = (topic, partition)
             ends[tp] = max(ends.get(tp, 0), offset + 1)
             counts[tp] = counts.get(tp, 0) + 1
+            if floor.get(tp) == offset:  # read again (rewound) and finished this time
+                del floor[tp]
         for record in unfinished:
             topic, partition, offset = coordinates(record)
             tp = (topic, partition)
+            floor[tp] = min(floor.get(tp, offset), offset)
+        for tp, lowest in floor.items():
             if tp in ends:
-                ends[tp] = min(ends[tp], offset)
+                ends[tp] = min(ends[tp], lowest)
         stored = 0
         for (topic, partition), end in ends.items():
             try:
@@ -185,6 +194,8 @@ class GroupConsumer:
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         assigned = {(p.topic, p.partition) for p in partitions}
+        for tp in assigned:  # read again from its committed offset
+            self._floor.pop(tp, None)
         self._owned.update(assigned)
         self._fresh.update(assigned)
         self._health.joined = True
@@ -205,6 +216,7 @@ class GroupConsumer:
     def _disown(self, event: str, partitions: list[TopicPartition]) -> None:
         for p in partitions:
             self._owned.discard((p.topic, p.partition))
+            self._floor.pop((p.topic, p.partition), None)
             with contextlib.suppress(KeyError):  # no lag was reported for it yet
                 self._metrics.consumer_lag.remove(p.topic, str(p.partition))
         self._rebalanced(event, partitions)

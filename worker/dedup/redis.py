@@ -8,11 +8,12 @@ opened, so every record lives between one and 1.25 TTLs. ``<prefix>#windows`` in
 the live windows by expiry (about five); a window keeps a sentinel field (0x1f) until it
 expires, so that one missing while listed is on its way to another Cluster node (the
 scripts answer TRYAGAIN), or, on one Redis, was evicted or deleted: it leaves the index
-and the epoch key is deleted with it, so that every replica counts a store reset. A claim looks for its ids in each window, newest first,
-with one ``HMGET`` per window; claims and completions are written with one
-variadic ``HSET``. A completion overwrites its claim in place. What the values hold is
-described in ``worker/dedup/encoding.py``; a completed record takes about 108 bytes of
-Redis memory with 18-character ids, against 246 for the previous layout's key per id.
+and the epoch key is deleted with it, so that every replica counts a store reset. A
+claim looks for its ids in each window, newest first, with one ``HMGET`` per window;
+claims and completions are written with one variadic ``HSET``. A completion overwrites
+its claim in place. What the values hold is described in ``worker/dedup/encoding.py``;
+a completed record takes about 108 bytes of Redis memory with 18-character ids, against
+246 for the previous layout's key per id.
 
 The previous layout (one key ``<prefix>:<id>`` per record) is read for as long as its
 records may live after the first epoch check of this layout on the store (see EPOCH in
