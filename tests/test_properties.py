@@ -96,7 +96,7 @@ def test_an_id_is_a_usable_string_or_a_reason(spec, key, value, header):
         assert exc.reason in {"id_missing", "id_invalid", "id_not_utf8", "value_not_json"}
         assert exc.detail
         return
-    assert isinstance(id, str) and 0 < len(id)
+    assert isinstance(id, str) and len(id) > 0
     assert len(id) <= MAX_ID_LENGTH or spec in {"hash", "coordinates"}
     assert SEPARATOR not in id
 
