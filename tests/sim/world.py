@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog.testing
@@ -90,6 +90,10 @@ class Config:
     lost_deliveries: float
     rebalances: int
     linger_ms: float
+    cuts: list[tuple[str, str, float, float]] = field(default_factory=list)
+    """A replica cut from the network for a while: (replica, what from, start, end); what
+    from is ``redis``, ``broker`` (fetches, group coordinator, produce), ``coordinator``
+    (the group's only: fetches work) or ``both``."""
     summary: str = ""
 
 
@@ -132,6 +136,16 @@ def draw(rng: random.Random) -> Config:
         rebalances=rng.choice([0, 1, 3]),
         linger_ms=rng.choice([0.0, 5.0, 50.0]),
     )
+    for _ in range(rng.choice([0, 0, 1, 2])):
+        start = rng.uniform(1, 30)
+        config.cuts.append(
+            (
+                f"r{rng.randint(1, config.replicas)}",
+                rng.choice(["redis", "broker", "coordinator", "both"]),
+                start,
+                start + rng.choice([2.0, LEASE * 1.5, 20.0]),
+            )
+        )
     config.summary = (
         f"{len(routes)} route(s) "
         + ", ".join(
@@ -143,7 +157,7 @@ def draw(rng: random.Random) -> Config:
         f"kills {config.kills}, outages {config.outages}, ambiguous {config.ambiguous}, "
         f"failures {config.failures}, slow {config.slow}, crashes {config.crashes}, "
         f"delivery failures {config.delivery_failures}, lost {config.lost_deliveries}, "
-        f"rebalances {config.rebalances}, linger {config.linger_ms} ms"
+        f"rebalances {config.rebalances}, linger {config.linger_ms} ms, cuts {config.cuts}"
     )
     return config
 
@@ -165,7 +179,10 @@ class FaultyStore:
 
         def call(*args: Any) -> Any:
             world = self._world
-            if world.store_down():
+            running = world.scheduler.running
+            if world.store_down() or (
+                running is not None and world.cut(running.group, "redis", "both")
+            ):
                 world.scheduler.sleep(self.TIMEOUT)
                 raise StoreUnavailable(f"{name}: timed out")
             result = target(*args)
@@ -223,6 +240,10 @@ class World:
         }
         self.broker.on_commit.append(self._check_commit)
         self.broker.alive = self._alive
+        self.broker.fetch_fails = lambda c: self.cut(self._replica_of(c), "broker", "both")
+        self.broker.coordinator_fails = lambda c: self.cut(
+            self._replica_of(c), "broker", "coordinator", "both"
+        )
         events = self._events()
         self.scheduler.on_tick.append(lambda: self._tick(events))
         try:
@@ -286,7 +307,9 @@ class World:
 
         parts = Parts(
             consumer=consumer,
-            producer=lambda config: SimProducer(self.broker, self._delivery, self._on_delivered),
+            producer=lambda config: SimProducer(
+                self.broker, lambda: self._delivery(name), self._on_delivered
+            ),
             clock=self.clock,
             pool=lambda workers, pool_name: SimPool(scheduler, workers, pool_name),
             thread=lambda target, thread_name: scheduler.spawn(target, thread_name, name),
@@ -329,11 +352,27 @@ class World:
         self._kill(next(r for r in self.replicas if r.name == name))
         self.scheduler.park()
 
-    def _delivery(self) -> tuple[float, bool] | None:
+    def _delivery(self, replica: str) -> tuple[float, bool] | None:
         rng, config = self.rng, self.config
         if rng.random() < config.lost_deliveries:
             return None
-        return rng.uniform(0.001, 0.05), rng.random() < config.delivery_failures
+        latency = rng.uniform(0.001, 0.05)
+        now = self.scheduler.now
+        for name, kind, start, end in config.cuts:  # answered once the link is back
+            if name == replica and kind in ("broker", "both") and start <= now < end:
+                latency += end - now
+        return latency, rng.random() < config.delivery_failures
+
+    def cut(self, replica: str, *kinds: str) -> bool:
+        """Whether ``replica`` is cut now from what any of ``kinds`` names."""
+        now = self.scheduler.now
+        return any(
+            name == replica and kind in kinds and start <= now < end
+            for name, kind, start, end in self.config.cuts
+        )
+
+    def _replica_of(self, consumer: SimConsumer) -> str:
+        return next((r.name for r in self.replicas if r.consumer is consumer), "")
 
     def _on_delivered(self, record: KafkaMessage) -> None:
         self.delivered.append(record)
@@ -481,12 +520,19 @@ class World:
 
     def _excused(self, earlier: Run, later: Run) -> bool:
         """A second run is within the README's limits if the first run's replica died
-        before completing it, or the store was away for longer than the lease."""
+        before completing it, or the store was away from it (an outage, or that replica
+        cut from Redis) for longer than the lease."""
         if self._died(earlier):
             return True
+        outages = [(start, end) for start, end in self.config.outages]
+        outages += [
+            (start, end)
+            for name, kind, start, end in self.config.cuts
+            if name == earlier.replica and kind in ("redis", "both")
+        ]
         return any(
-            end - start >= LEASE and start < later.started and end > earlier.started
-            for start, end in self.config.outages
+            end - start >= LEASE and start < later.started and end > earlier.started - LEASE
+            for start, end in outages
         )
 
     def report(self) -> str:
