@@ -15,9 +15,12 @@ command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1 \
   || missing+=(postgresql)
 optional=()
-for tool in podman runc debootstrap; do
+for tool in podman runc debootstrap iptables; do
   command -v "$tool" >/dev/null 2>&1 || optional+=("$tool")
 done
+# ip and iptables: the partition scenarios run replicas in network namespaces
+# (tests/test_partitions.py, skipped with its reason where they cannot run).
+command -v ip >/dev/null 2>&1 || optional+=(iproute2)
 if ! command -v apt-get >/dev/null 2>&1; then
   if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: ${missing[*]} missing and apt-get is not available; install them" >&2

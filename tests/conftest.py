@@ -107,7 +107,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not config.pluginmanager.hasplugin("xdist"):
         return
     for item in items:
-        if item.get_closest_marker("chaos"):
+        if item.get_closest_marker("netns"):  # their own services: beside the others
+            item.add_marker(pytest.mark.xdist_group("network"))
+        elif item.get_closest_marker("chaos"):
             item.add_marker(pytest.mark.xdist_group("faults"))
         elif item.get_closest_marker("image"):  # one image build, beside the fault scenarios
             item.add_marker(pytest.mark.xdist_group("image"))

@@ -373,17 +373,22 @@ def test_prometheus_evaluates_every_panel_rule_and_alert_on_a_live_worker(
         print(f"duplicate share published {published_share:.4f}, reported {reported_share:.4f}")
         assert reported_share == pytest.approx(published_share, abs=0.005)
 
-        empty = [
-            f"{title}: {expr}" for title, expr in dashboard_queries() if not prometheus.query(expr)
-        ]
+        queries = [(title, expr) for title, expr in dashboard_queries()]
         for rule in rules():
             expr = (
                 rule["record"]
                 if "record" in rule
                 else ALERT_SHAPE.match(rule["expr"].strip())["series"]
             )
-            if not prometheus.query(expr):
-                empty.append(f"{rule.get('record') or rule['alert']}: {expr}")
+            queries.append((rule.get("record") or rule["alert"], expr))
+        # A series born late (the dead letter's) has a rate once two scrapes hold it.
+        deadline = time.monotonic() + 30
+        while empty := [
+            f"{title}: {expr}" for title, expr in queries if not prometheus.query(expr)
+        ]:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert empty == [], "queries without data"
 
         evaluated = prometheus.api("rules")["groups"]

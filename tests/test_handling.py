@@ -76,7 +76,7 @@ class FakeOutputs:
         self.sent.append((topic, value))
         return Delivery()
 
-    def confirm(self, deliveries, timeout):
+    def confirm(self, deliveries, timeout, serve=None):
         if self.leases is not None:
             self.running_at_confirm.append(self.leases.running())
         if self.failures:

@@ -89,7 +89,7 @@ class DeadLetterWriter:
                     key=item.record.key(),
                     headers=headers,
                 )
-                self._outputs.confirm([delivery], DELIVERY_TIMEOUT)
+                self._outputs.confirm([delivery], DELIVERY_TIMEOUT, lambda: self._sleep(0.01))
                 break
             except KafkaOperationError as exc:
                 self._metrics.dead_letter_failures.labels(item.route.topic).inc()

@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -35,9 +35,9 @@ PARTITIONS = 6
 FAST_CONSUMER = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500, "fetch.wait.max.ms": 10}
 
 
-def scrape(port: int) -> dict[str, float]:
+def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
     """A replica's metrics as ``{"name{label=value,...}": value}`` (counters with their _total)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     samples = {}
     for family in text_string_to_metric_families(text):
@@ -58,21 +58,22 @@ def metric_sum(samples: Iterable[dict[str, float]], name: str, **labels: str) ->
     )
 
 
-def probe(port: int, path: str) -> bool:
+def probe(port: int, path: str, host: str = "127.0.0.1") -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=2) as response:
             return bool(response.status == 200)
     except OSError:
         return False
 
 
 def spawn_worker(
-    env: dict[str, str], log_path: Path, cwd: Path | None = None
+    env: dict[str, str], log_path: Path, cwd: Path | None = None, prefix: Sequence[str] = ()
 ) -> subprocess.Popen[bytes]:
-    """Start ``idempotent-worker run`` as a subprocess, its output going to ``log_path``."""
+    """Start ``idempotent-worker run`` as a subprocess, its output going to ``log_path``
+    (run through ``prefix``, e.g. ``ip netns exec NAME``, if given)."""
     with log_path.open("wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "worker", "run"],
+            [*prefix, sys.executable, "-m", "worker", "run"],
             cwd=cwd,
             env=env,
             stdout=log,
@@ -287,13 +288,17 @@ def run_demo(messages: int, duplicate_share: float, replicas: int) -> int:
             redis.stop()
 
 
-def wait_for_group(ports: list[int], partitions: int, timeout: float = 60.0) -> None:
+def wait_for_group(
+    ports: list[int], partitions: int, timeout: float = 60.0, hosts: list[str] | None = None
+) -> None:
     """Wait until every replica is ready and the partitions are spread over all of them."""
+    where = list(zip(ports, hosts or ["127.0.0.1"] * len(ports), strict=True))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all(probe(port, "/readyz") for port in ports):
+        if all(probe(port, "/readyz", host) for port, host in where):
             assigned = [
-                metric_sum([scrape(p)], "idempotent_worker_assigned_partitions") for p in ports
+                metric_sum([scrape(p, h)], "idempotent_worker_assigned_partitions")
+                for p, h in where
             ]
             if sum(assigned) == partitions and (all(assigned) or len(ports) > partitions):
                 return

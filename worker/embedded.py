@@ -27,12 +27,20 @@ def free_port() -> int:
 
 
 class LocalService:
-    """A server process on a loopback port, with its output in a log file."""
+    """A server process on a port (of loopback, unless ``host`` says otherwise), with its
+    output in a log file."""
 
     def __init__(
-        self, name: str, argv: list[str], port: int, log_path: Path, user: str | None = None
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        log_path: Path,
+        user: str | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self.name = name
+        self.host = host
         self.argv = argv
         self.port = port
         self.log_path = log_path
@@ -56,7 +64,7 @@ class LocalService:
             if self.process.poll() is not None:
                 raise ServiceError(f"{self.name} exited at start; see {self.log_path}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
                 return
             except OSError:
                 time.sleep(0.05)

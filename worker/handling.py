@@ -335,6 +335,12 @@ class Handling:
             return exc
         return self._completion(item, ctx, token or "")
 
+    def serve(self) -> None:
+        """While a long wait on the broker goes on: on the loop's thread the partitions are
+        held still and the group protocol served (lost partitions, the group's state),
+        as during any other wait of the loop's."""
+        self.sleep(0.01)
+
     def _completion(self, item: Item, ctx: HandlerContext, token: str) -> Completion:
         mode = self.modes[item.route.topic]
         applied = ctx.applied
@@ -374,7 +380,7 @@ class Handling:
                     self._outputs.send(o.topic, o.value, key=o.key, headers=o.headers)
                     for o in outputs
                 ]
-                self._outputs.confirm(deliveries, DELIVERY_TIMEOUT)
+                self._outputs.confirm(deliveries, DELIVERY_TIMEOUT, self.serve)
                 break
             except KafkaOperationError as exc:
                 self.metrics.delivery_failures.labels(item.route.topic).inc()

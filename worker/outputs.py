@@ -9,7 +9,7 @@ the producer; each confirms only its own deliveries.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, Message
@@ -22,6 +22,12 @@ DELIVERY_TIMEOUT = 60.0
 
 CONFIRM_POLL = 0.005
 """Longest wait of one poll while confirming deliveries (seconds)."""
+
+SERVE_AFTER = 1.0
+SERVE_EVERY = 0.2
+"""A wait for acknowledgements longer than ``SERVE_AFTER`` calls its ``serve`` every
+``SERVE_EVERY`` seconds (the loop keeps its group membership, learns of lost partitions
+and reports its group's state meanwhile)."""
 
 HeaderValue = bytes | str
 Headers = Sequence[tuple[str, HeaderValue]]
@@ -74,15 +80,26 @@ class Outputs:
             raise _wrap("produce", exc) from exc
         return delivery
 
-    def confirm(self, deliveries: Sequence[Delivery], timeout: float) -> None:
-        """Wait for ``deliveries`` to be acknowledged; raise if any was not."""
+    def confirm(
+        self,
+        deliveries: Sequence[Delivery],
+        timeout: float,
+        serve: Callable[[], object] | None = None,
+    ) -> None:
+        """Wait for ``deliveries`` to be acknowledged; raise if any was not. A long wait
+        calls ``serve`` now and then (see ``SERVE_AFTER``)."""
         waiting = [delivery for delivery in deliveries if not delivery.done]
-        deadline = self._clock.monotonic() + timeout
+        started = self._clock.monotonic()
+        deadline = started + timeout
+        served = started + SERVE_AFTER
         while waiting and (remaining := deadline - self._clock.monotonic()) > 0:
             # poll, not flush: flush waits for every lane's outputs. Another lane's poll
             # may serve our callbacks, so the wait is short and looked at again.
             self._producer.poll(min(remaining, CONFIRM_POLL))
             waiting = [delivery for delivery in waiting if not delivery.done]
+            if serve is not None and waiting and self._clock.monotonic() >= served:
+                serve()
+                served = self._clock.monotonic() + SERVE_EVERY
         if waiting:
             raise KafkaOperationError("produce", f"{len(waiting)} deliveries not confirmed in time")
         for delivery in deliveries:

@@ -15,11 +15,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tests.support import netns
 from tests.support.kafka import group_lag
+from tests.support.netns import Network
 from worker import embedded
 from worker.demo import (
     generate_traffic,
     metric_sum,
+    probe,
     read_all,
     scrape,
     spawn_worker,
@@ -72,8 +75,19 @@ def report_table() -> list[str]:
 class Replicas:
     """``count`` slots, each running at most one ``idempotent-worker run`` process."""
 
-    def __init__(self, count: int, env_for: Callable[[int], dict[str, str]], logdir: Path):
-        self.ports = [embedded.free_port() for _ in range(count)]
+    def __init__(
+        self,
+        count: int,
+        env_for: Callable[[int], dict[str, str]],
+        logdir: Path,
+        network: Network | None = None,
+    ):
+        self.network = network
+        """Each slot in a network namespace of its own (tests/support/netns.py)."""
+        self.ports = (
+            [netns.HTTP_PORT] * count if network else [embedded.free_port() for _ in range(count)]
+        )
+        self.hosts = [network.host(k) if network else "127.0.0.1" for k in range(count)]
         self._env_for = env_for
         self._logdir = logdir
         self._processes: list[subprocess.Popen[bytes] | None] = [None] * count
@@ -92,7 +106,10 @@ class Replicas:
     def start(self, slot: int) -> None:
         self._starts[slot] += 1
         log = self._logdir / f"replica-{slot}-{self._starts[slot]}.log"
-        self._processes[slot] = spawn_worker(self._env_for(self.ports[slot]), log, cwd=REPO)
+        prefix = self.network.command(slot, []) if self.network else []
+        self._processes[slot] = spawn_worker(
+            self._env_for(self.ports[slot]), log, cwd=REPO, prefix=prefix
+        )
 
     def start_all(self, partitions: int) -> None:
         """Start every slot and wait until they share the ``partitions`` between them."""
@@ -136,15 +153,21 @@ class Replicas:
         The scenarios change membership only in a settled group: Tansu 0.6 (the local
         broker) loses a LeaveGroup sent while the group is rebalancing, keeps the
         departed member as its leader, and never completes a rebalance again."""
-        wait_for_group([self.ports[slot] for slot in self.running()], partitions, timeout)
+        running = self.running()
+        wait_for_group(
+            [self.ports[s] for s in running], partitions, timeout, [self.hosts[s] for s in running]
+        )
 
     def logs(self) -> str:
         return "".join(path.read_text() for path in sorted(self._logdir.glob("replica-*.log")))
 
     def metric(self, name: str, **labels: str) -> float:
         """``name`` summed over the running replicas."""
-        ports = [self.ports[slot] for slot in self.running()]
-        return metric_sum([scrape(port) for port in ports], name, **labels)
+        running = self.running()
+        return metric_sum([scrape(self.ports[s], self.hosts[s]) for s in running], name, **labels)
+
+    def ready(self, slot: int) -> bool:
+        return probe(self.ports[slot], "/readyz", self.hosts[slot])
 
 
 def message_ids(bootstrap: str, topic: str) -> Counter[str]:
@@ -242,8 +265,8 @@ class Scenario:
             **self.extra,
         )
 
-    def replicas(self, count: int) -> Replicas:
-        return Replicas(count, self.env_for, self.logdir)
+    def replicas(self, count: int, network: Network | None = None) -> Replicas:
+        return Replicas(count, self.env_for, self.logdir, network)
 
     def traffic(self, batch: int, rounds: int, interval: float) -> Traffic:
         """Orders with 30% duplicate ids, published to the input in the background."""
