@@ -29,6 +29,9 @@ CONSUMER_DEFAULTS = {
     # librdkafka prefetches up to 64 MiB by default, seconds of work for a worker
     # that runs a Python handler per message; 16 MiB keeps it fed and the RSS lower.
     "queued.max.messages.kbytes": 16384,
+    # A connection whose peer vanished (a partition that drops packets) is noticed by the
+    # kernel's keepalive, not only by the next request's timeout (socket.timeout.ms).
+    "socket.keepalive.enable": True,
 }
 
 

@@ -51,7 +51,13 @@ class Outputs:
     def __init__(self, config: dict[str, Any], parts: Parts = SYSTEM) -> None:
         self._clock = parts.clock
         self._producer = parts.producer(
-            {"linger.ms": 2, **config, "enable.idempotence": True, "acks": "all"}
+            {
+                "linger.ms": 2,
+                "socket.keepalive.enable": True,  # see worker/consumer.py
+                **config,
+                "enable.idempotence": True,
+                "acks": "all",
+            }
         )
 
     def send(

@@ -293,6 +293,7 @@ def client_options(timeout: float, tls_ca_file: str | None) -> dict[str, Any]:
         "decode_responses": True,
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
+        "socket_keepalive": True,  # a half-open connection is found by the kernel too
         "health_check_interval": 30,
         # No retries inside the client (redis-py's defaults differ between its
         # constructors and versions): the guard retries, counts and holds, and must learn

@@ -83,7 +83,18 @@ class InboxCleanup:
 
     def _connect(self) -> Any:
         if self._connection is None:
-            connection = self._psycopg.connect(self._url, autocommit=True)
+            # Bounded: a server that vanished without closing (a network partition) fails
+            # the call instead of holding the cleanup thread forever.
+            connection = self._psycopg.connect(
+                self._url,
+                autocommit=True,
+                connect_timeout=10,
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
+                options="-c statement_timeout=60000",
+            )
             with connection.transaction():
                 connection.execute(CREATE_LOCK, {"lock": lock_key("create", self._group)})
                 for statement in self._table.ddl():
