@@ -57,6 +57,16 @@ def test_claim_again_with_same_token_refreshes(store_and_wait):
     assert store.state("a") is State.IN_PROGRESS  # alive thanks to the refresh
 
 
+def test_a_first_claim_repeated_under_its_token_counts_one_run(store):
+    """A claim whose reply was lost (a timeout after Redis applied it) is sent again
+    under the same token: it is the same first run, not a second one."""
+    assert [c.attempt for c in store.claim(["a"], "t1", LEASE)] == [1]
+    assert [c.attempt for c in store.claim(["a"], "t1", LEASE)] == [1]
+    store.release(["a"], "t1")  # the run failed
+    assert [c.attempt for c in store.claim(["a"], "t2", LEASE)] == [0]  # earlier runs: begin
+    assert store.begin("a", "t2") == 2
+
+
 def test_batch_claim_reports_each_id_in_order(store):
     store.claim(["busy"], "other", LEASE)
     store.claim(["done"], "other", LEASE)

@@ -234,7 +234,12 @@ local function take(names, values, at, token, lease, now, target, windows, base)
       if at[name] ~= target then
         moved[#moved + 1] = name
       end
-      out[i] = '?'
+      -- The token's own live first claim, sent again (its reply was lost): the same run.
+      if owner == token and ends > now and runs == 1 then
+        out[i] = '+1'
+      else
+        out[i] = '?'
+      end
     else
       out[i] = value
     end

@@ -62,7 +62,9 @@ class MemoryDedupStore:
                 record = self._live(id)
                 if record is None or (record.state is State.IN_PROGRESS and record.token == token):
                     self._records[id] = _Record(State.IN_PROGRESS, token, now + lease_seconds)
-                    if id in self._attempts:
+                    if record is not None and self._attempts.get(id) == 1:
+                        claims.append(FIRST_CLAIM)  # its own first claim, sent again
+                    elif id in self._attempts:
                         claims.append(CLAIMED)
                     else:
                         self._attempts[id] = 1
