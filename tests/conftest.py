@@ -101,16 +101,17 @@ def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ledger:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Fault scenarios run one at a time on one pytest-xdist worker (`make test` runs two):
-    they time their processes' reactions, and two at once on two cores would starve
-    each other. The rest of the suite runs beside them."""
+    """Fault scenarios run in two queues, each one scenario at a time on a pytest-xdist
+    worker (`make test` runs two): the process faults of test_chaos.py in one, the
+    Redis topologies', the inbox's and the network partitions' in the other (about as
+    long; one queue took longer than the whole suite should). Two scenarios at a time
+    on two cores is as much as their timing allows. The rest of the suite fills in."""
     if not config.pluginmanager.hasplugin("xdist"):
         return
     for item in items:
-        if item.get_closest_marker("netns"):  # their own services: beside the others
-            item.add_marker(pytest.mark.xdist_group("network"))
-        elif item.get_closest_marker("chaos"):
-            item.add_marker(pytest.mark.xdist_group("faults"))
+        if item.get_closest_marker("chaos"):
+            process_faults = item.module is not None and item.module.__name__.endswith("test_chaos")
+            item.add_marker(pytest.mark.xdist_group("faults" if process_faults else "faults-2"))
         elif item.get_closest_marker("image"):  # one image build, beside the fault scenarios
             item.add_marker(pytest.mark.xdist_group("image"))
 

@@ -68,15 +68,21 @@ def scenario(network, unique_name, ledger, tmp_path):
 def cut_and_heal(network, scenario, replicas, seconds, *, redis=False, broker=False):
     """Cut the replica while traffic flows, for ``seconds``; how long it answered
     /readyz 200 during the cut past ``READY_WITHIN``, and the seconds from the heal to
-    every id run and committed."""
+    every id run and committed. Prints the longest stretch of the cut in which no
+    handler ran anywhere while the traffic flowed (the healthy replicas' progress)."""
     traffic = scenario.traffic(batch=300, rounds=8, interval=1.0)
     time.sleep(3)
     network.cut(CUT_REPLICA, redis=redis, broker=broker)
-    ready_late = 0.0
-    cut_at = time.monotonic()
+    ready_late = stalled = 0.0
+    cut_at = last_run = time.monotonic()
+    runs = sum(scenario.ledger.runs().values())
     for _ in during(seconds, step=0.5):
         if time.monotonic() - cut_at > READY_WITHIN and replicas.ready(CUT_REPLICA):
             ready_late += 0.5
+        if (now_runs := sum(scenario.ledger.runs().values())) != runs or not traffic.flowing():
+            runs, last_run = now_runs, time.monotonic()
+        stalled = max(stalled, time.monotonic() - last_run)
+    print(f"longest stretch without a run anywhere during the cut: {stalled:.1f} s")
     network.heal(CUT_REPLICA)
     healed = time.monotonic()
     traffic.join()
