@@ -331,6 +331,10 @@ class Worker:
                 seen.add(key)
                 token, claim = book.token, book.start(key)
                 if claim.status is ClaimStatus.BUSY:
+                    # Held elsewhere, or let go by this batch: claimed under a token of its
+                    # own, which the batch's release (maybe still under way, on another
+                    # lane) cannot take from it.
+                    token = self._new_token()
                     claim = self._handling.acquire(item, token, before_wait=book.let_go)
             self._handling.handle(item, claim, token, book.let_go)
 

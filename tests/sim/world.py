@@ -325,8 +325,8 @@ class World:
         def main() -> None:
             if delay:
                 scheduler.sleep(delay)
-            worker.start()
             try:
+                worker.start()
                 while worker.step():
                     pass
             except StoreUnavailable:
