@@ -13,4 +13,4 @@ lint: setup
 	.venv/bin/mypy
 
 test: lint
-	.venv/bin/pytest -n 2 --dist loadgroup
+	.venv/bin/pytest -n 3 --dist loadgroup

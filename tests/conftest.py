@@ -102,7 +102,7 @@ def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ledger:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Fault scenarios run in two queues, each one scenario at a time on a pytest-xdist
-    worker (`make test` runs two): the process faults of test_chaos.py in one, the
+    worker (`make test` runs three): the process faults of test_chaos.py in one, the
     Redis topologies', the inbox's and the network partitions' in the other (about as
     long; one queue took longer than the whole suite should). Two scenarios at a time
     on two cores is as much as their timing allows. The rest of the suite fills in."""
