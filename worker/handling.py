@@ -169,14 +169,6 @@ class Handling:
                 # that kills its worker. Complete what was handled before it runs.
                 self.completions.flush()
                 attempt = self._store.begin(item.key, token)
-            if attempt == 0:
-                # The claim expired before the run (a long wait on Redis): claim afresh.
-                token = self._new_token()
-                claim = self._reclaim(item, token, before_wait)
-                if claim is None:
-                    return
-                attempt = claim.attempt
-                continue
             if attempt > self._settings.retry.max_attempts:
                 # Earlier runs started and never finished: their worker died or timed out.
                 detail = f"{attempt - 1} runs started and none finished (crash or timeout?)"
@@ -185,14 +177,16 @@ class Handling:
                 )
                 self.give_up(item, token, exhausted)
                 return
-            self.completions.flush_if_lingered()  # may wait out a store outage
-            if (
+            if attempt:
+                self.completions.flush_if_lingered()  # may wait out a store outage
+            if not attempt or (
                 not self._leases.fresh(token, item.key)
                 and not self._store.renew([item.key], token)[0]
             ):
-                # The claim was not renewed for most of a lease (a store outage): it
-                # may have run out and the id been taken by another replica. Claim it
-                # afresh (a duplicate by now, or a wait) rather than run on a lost claim.
+                # The claim expired before the run (a long wait on Redis), or it was not
+                # renewed for most of a lease (an outage) and may have run out, the id
+                # taken by another replica. Claim it afresh (a duplicate by now, or a
+                # wait) rather than run on a lost claim.
                 self._leases.drop(token, [item.key])
                 token = self._new_token()
                 claim = self._reclaim(item, token, before_wait)
