@@ -13,10 +13,12 @@ import pytest
 from tests.sim.world import World
 
 SEEDS = int(os.environ.get("SIM_SEEDS", "200"))
-REGRESSIONS = [3169]
+REGRESSIONS = [3169, 10531, 10547]
 """Seeds that once failed, run every time: 3169, a lane let go of by the batch and
 re-claimed under the batch's token, whose late release then freed it (two replicas ran
-the id at once)."""
+the id at once); 10531 and 10547, a later copy in a lane taking over its id while the
+first copy's completion still waited (its claim expired in an outage): a partition
+stuck for good, and an offset committed past a message whose completion was refused."""
 ONE = os.environ.get("SIM_SEED")
 FIRST = int(os.environ.get("SIM_FIRST_SEED", "0"))
 

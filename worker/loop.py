@@ -321,12 +321,15 @@ class Worker:
             key = item.key
             if key in seen:
                 # An earlier record of this lane carried the same id (or entity) and is
-                # finished by now: look up how it ended (locally if it completed).
+                # finished by now: look up how it ended (locally if it completed), its
+                # completion written first (its claim may have expired meanwhile, and
+                # this copy would take the id over and refuse that completion).
                 token = self._new_token()
                 cache = item.route.topic not in self._uncached
-                claim = (cache and self._completed.get(key)) or self._handling.acquire(
-                    item, token, before_wait=book.let_go
-                )
+                claim = self._completed.get(key) if cache else None
+                if claim is None:
+                    self._completions.flush()
+                    claim = self._handling.acquire(item, token, before_wait=book.let_go)
             else:
                 seen.add(key)
                 token, claim = book.token, book.start(key)
