@@ -49,15 +49,12 @@ from worker.lanes import lanes
 from worker.leases import EXIT_HANDLER_TIMEOUT, LeaseKeeper
 from worker.logs import get_logger
 from worker.metrics import Metrics
-from worker.outputs import DELIVERY_TIMEOUT, Outputs
+from worker.outputs import DELIVERY_TIMEOUT, SERVE_AFTER, Outputs
 from worker.parts import SYSTEM, Parts
 from worker.registry import ResolvedRoute
 from worker.server import Health
 from worker.settings import Settings, client_config
 from worker.startup import check_eviction_policy, warn_missing_topics
-
-SERVE_AFTER = 1.0
-"""Seconds a batch waits on its lanes before the loop serves the group protocol."""
 
 
 class Worker:

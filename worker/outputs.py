@@ -25,9 +25,9 @@ CONFIRM_POLL = 0.005
 
 SERVE_AFTER = 1.0
 SERVE_EVERY = 0.2
-"""A wait for acknowledgements longer than ``SERVE_AFTER`` calls its ``serve`` every
-``SERVE_EVERY`` seconds (the loop keeps its group membership, learns of lost partitions
-and reports its group's state meanwhile)."""
+"""A wait of the loop's longer than ``SERVE_AFTER`` (for acknowledgements here, for its
+lanes in worker/loop.py) serves the group every ``SERVE_EVERY`` seconds or so: the loop
+keeps its membership, learns of lost partitions and reports its group's state."""
 
 HeaderValue = bytes | str
 Headers = Sequence[tuple[str, HeaderValue]]
