@@ -186,6 +186,10 @@ class Worker:
         if self._stopping or self._bound_reached():
             return False
         self._health.beat()
+        # Held still by a batch that ended before the store was seen back (the lease
+        # keeper's check may say so first): paused partitions bring no record, so no
+        # call of the loop's would ever find the store back and resume them.
+        self._store.resume_if_held()
         records = self._consumer.consume()
         if records:
             self._idle_since = self._clock.monotonic()

@@ -508,7 +508,7 @@ class World:
                 if other.started < (run.ended if run.ended is not None else float("inf")) and (
                     run.replica != other.replica or run.ended is None
                 ):
-                    if self._died(run):
+                    if self._excused(run, other):
                         continue
                     self.violations.append(
                         f"id {id} ran on {run.replica} and {other.replica} at the same time "
