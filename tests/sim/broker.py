@@ -37,6 +37,9 @@ class Member:
     last_poll: float
     last_heartbeat: float = 0.0
     owned: set[TP] = field(default_factory=set)
+    """What the group gives the member now (nothing while its callbacks are pending)."""
+    told: set[TP] = field(default_factory=set)
+    """What the member's client was told it owns (by the callbacks it ran)."""
     pending: list[tuple[str, list[TP]]] = field(default_factory=list)
     """Callbacks due at the member's next poll: ("revoke" | "lost" | "assign", partitions)."""
     rebalance_since: float | None = None
@@ -56,7 +59,7 @@ class Broker:
         self.members: list[Member] = []
         self.session_timeout = session_timeout
         self.max_poll_interval = max_poll_interval
-        self.on_commit: list[Callable[[TP, int], None]] = []
+        self.on_commit: list[Callable[[SimConsumer, TP, int], None]] = []
         self.fetch_fails: Callable[[SimConsumer], bool] = lambda consumer: False
         """The member's fetches fail (cut from the partitions' leaders)."""
         self.coordinator_fails: Callable[[SimConsumer], bool] = lambda consumer: False
@@ -128,10 +131,11 @@ class Broker:
             if wanting:
                 shares[id(wanting[index % len(wanting)])].append(tp)
         for member in self.members:
-            if member.owned:
-                member.pending.append(("revoke", sorted(member.owned)))
-                member.owned = set()
-            member.pending.append(("assign", shares[id(member)]))
+            # A new generation replaces what the member has not been told yet: it gives
+            # back what its client holds, then takes its share.
+            revoke = [("revoke", sorted(member.told))] if member.told else []
+            member.pending = [*revoke, ("assign", shares[id(member)])]
+            member.owned = set()
             member.rebalance_since = self.scheduler.now
 
     def expel_stale(self) -> None:
@@ -149,8 +153,9 @@ class Broker:
         ]
         for member in stale:
             self.members.remove(member)
-            member.consumer.expelled = sorted(member.owned)
+            member.consumer.expelled = sorted(member.told)
             member.owned = set()
+            member.told = set()
         if stale:
             self.rebalance()
 
@@ -196,10 +201,12 @@ class SimConsumer:
             event, tps = member.pending.pop(0)
             partitions = [TopicPartition(*tp) for tp in tps]
             if event == "revoke":
+                member.told.difference_update(tps)
                 self.callbacks["on_revoke"](self, partitions)
                 self._forget(tps)
             else:
                 member.owned = set(tps)
+                member.told = set(tps)
                 for tp in tps:
                     self.positions[tp] = broker.committed.get(tp, 0)
                 self.callbacks["on_assign"](self, partitions)
@@ -277,7 +284,7 @@ class SimConsumer:
                 raise KafkaException(KafkaError(KafkaError.ILLEGAL_GENERATION, "fenced"))
         for tp, offset in self.stored.items():
             for check in broker.on_commit:
-                check(tp, offset)
+                check(self, tp, offset)
             broker.committed[tp] = max(broker.committed.get(tp, 0), offset)
         self.stored = {}
 
