@@ -41,6 +41,11 @@ def _run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, timeout=30)
 
 
+def _try(*argv: str) -> None:
+    """Run it; whether it worked does not matter (removing what may not exist)."""
+    subprocess.run(argv, check=False, capture_output=True, timeout=30)
+
+
 class Network:
     def __init__(self, replicas: int, workdir: Path) -> None:
         tag = os.getpid() % 10_000
@@ -84,6 +89,7 @@ class Network:
 
     def _build(self) -> None:
         net, svc = self.net, self.svc
+        self._remove_leftovers()
         self._add_namespace(svc)
         _run("ip", "-n", svc, "link", "set", "lo", "up")
         _run("ip", "-n", svc, "addr", "add", f"{self.address}/32", "dev", "lo")
@@ -110,6 +116,14 @@ class Network:
         _run("ip", "-n", svc, "link", "set", there, "up")
         _run("ip", "route", "add", f"10.{net}.0.0/16", "via", f"10.{net}.250.1")
         self._route = True
+
+    def _remove_leftovers(self) -> None:
+        """What a run killed before its clean-up left under these names (a SIGKILLed
+        pytest): the names and the subnet come from the process id, which repeats."""
+        _try("ip", "route", "del", f"10.{self.net}.0.0/16")
+        _try("ip", "link", "del", f"{self.prefix}-r")
+        for name in [self.svc, *(self.namespace(k) for k in range(self.replicas))]:
+            _try("ip", "netns", "del", name)
 
     def _add_namespace(self, name: str) -> None:
         _run("ip", "netns", "add", name)
@@ -140,16 +154,11 @@ class Network:
             service.stop()
         self.services.clear()
         if self._route:
-            subprocess.run(
-                ["ip", "route", "del", f"10.{self.net}.0.0/16"], capture_output=True, check=False
-            )
+            _try("ip", "route", "del", f"10.{self.net}.0.0/16")
             self._route = False
         for made in reversed(self._made):
             kind, name = made.split(":", 1)
-            command = (
-                ["ip", "link", "del", name] if kind == "link" else ["ip", "netns", "del", name]
-            )
-            subprocess.run(command, capture_output=True, check=False)
+            _try("ip", kind, "del", name)
         self._made.clear()
 
     # -- faults ---------------------------------------------------------------------------
