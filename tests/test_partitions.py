@@ -28,6 +28,10 @@ pytestmark = [
 
 LEASE = 6
 CUT_REPLICA = 0
+CRASH_WINDOW = 5
+"""Ids a replica that lost Redis past its lease may see run again elsewhere: the README's
+window, the message in hand (one lane) and those it handled in the last
+``dedup.complete_linger_ms`` (5 ms: a few, with a handler of a millisecond or two)."""
 READY_WITHIN = 7
 """Seconds a cut replica may still answer ready: a Redis call's timeout and a retry, or
 librdkafka's statistics (every second here) reporting the coordinator unreachable."""
@@ -112,8 +116,7 @@ def test_a_replica_cut_from_redis_past_its_lease_loses_no_output(network, scenar
         ready_late, recovery = cut_and_heal(network, scenario, replicas, 10, redis=True)
         print(f"cut from Redis 10 s: recovered {recovery:.1f} s after the heal")
         assert ready_late == 0
-        # The message in hand when its claim expired may run again elsewhere.
-        check(scenario, replicas, "one replica cut from Redis 10 s", "iptables DROP", 3)
+        check(scenario, replicas, "one replica cut from Redis 10 s", "iptables DROP", CRASH_WINDOW)
 
 
 def test_a_replica_cut_from_the_broker_is_not_ready_and_loses_nothing(network, scenario):
@@ -133,7 +136,7 @@ def test_a_replica_isolated_comes_back_and_handles_its_partitions(network, scena
         )
         print(f"isolated 10 s: recovered {recovery:.1f} s after the heal")
         assert ready_late == 0
-        check(scenario, replicas, "one replica isolated 10 s", "iptables DROP", 3)
+        check(scenario, replicas, "one replica isolated 10 s", "iptables DROP", CRASH_WINDOW)
 
 
 def test_a_replica_cut_from_redis_then_from_the_broker_too_is_not_stuck(network, scenario):
@@ -150,7 +153,10 @@ def test_a_replica_cut_from_redis_then_from_the_broker_too_is_not_stuck(network,
         network.heal(CUT_REPLICA)
         recovery = finish_after_heal(scenario, traffic)
         print(f"cut from Redis, then the broker: recovered {recovery:.1f} s after the heal")
-        check(scenario, replicas, "cut from Redis, then also from the broker", "iptables DROP", 3)
+        check(
+            scenario, replicas, "cut from Redis, then also from the broker", "iptables DROP",
+            CRASH_WINDOW,
+        )  # fmt: skip
 
 
 def test_a_flapping_link_loses_nothing(network, scenario):
@@ -167,4 +173,6 @@ def test_a_flapping_link_loses_nothing(network, scenario):
             flaps += 1
         recovery = finish_after_heal(scenario, traffic)
         print(f"{flaps} flaps: recovered {recovery:.1f} s after the last")
-        check(scenario, replicas, "a link to both flapping every 1 s", f"{flaps} cuts", 3)
+        check(
+            scenario, replicas, "a link to both flapping every 1 s", f"{flaps} cuts", CRASH_WINDOW
+        )
