@@ -65,14 +65,11 @@ def test_partitions_lost_while_held_are_consumed_again_once_reassigned(
         consumer.close()
 
 
-def test_an_unfinished_message_holds_its_partitions_offset_across_batches():
-    """On the simulator's in-memory broker: a message left unfinished in one batch keeps
-    every later batch's finished messages of its partition from moving the offset past
-    it, until the partition is assigned again (and read again from its commit)."""
-    scheduler = Scheduler(random.Random(0))
-    broker = Broker(scheduler)
+def consumer_on(broker: Broker, records: int) -> GroupConsumer:
+    """A group consumer of topic ``t`` (one partition holding ``records`` records) on the
+    simulator's in-memory broker, joined and past its first poll."""
     broker.create("t", 1)
-    for _ in range(4):
+    for _ in range(records):
         broker.append("t", 0, None, b"v", [])
     settings = make_settings(
         "sim:9092", "redis://sim:6379", "g", [{"topic": "t", "handler": "x:y"}]
@@ -83,12 +80,43 @@ def test_an_unfinished_message_holds_its_partitions_offset_across_batches():
         lambda e: None, parts,
     )  # fmt: skip
     consumer.subscribe(["t"])
-    consumer._consumer._serve()  # joined: t[0] assigned
+    consumer.consume()  # joined: t[0] assigned
+    return consumer
+
+
+def given_back(consumer: GroupConsumer, committed: int = 0) -> None:
+    """t[0] revoked and assigned again, to be read again from its commit."""
+    consumer._on_revoke(consumer._consumer, [TopicPartition("t", 0)])
+    consumer._on_assign(consumer._consumer, [TopicPartition("t", 0)])
+    consumer._consumer.seek(TopicPartition("t", 0, committed))
+
+
+def test_an_unfinished_message_holds_its_partitions_offset_across_batches():
+    """A message left unfinished in one batch keeps every later batch's finished messages
+    of its partition from moving the offset past it, until the partition is assigned
+    again (and read again from its commit)."""
+    broker = Broker(Scheduler(random.Random(0)))
+    consumer = consumer_on(broker, 4)
     first, second, third, fourth = broker.topics["t"][0]
     assert consumer.store_offsets([first], [second]) == 1
     assert consumer.store_offsets([third, fourth], []) == 2
     assert consumer._consumer.stored == {("t", 0): 1}  # never past the unfinished one
-    consumer._on_revoke(consumer._consumer, [TopicPartition("t", 0)])
-    consumer._on_assign(consumer._consumer, [TopicPartition("t", 0)])
+    given_back(consumer)
+    consumer.consume()
+    assert consumer.store_offsets([second, third], []) == 2
+    assert consumer._consumer.stored == {("t", 0): 3}
+
+
+def test_a_message_read_before_its_partition_changed_hands_holds_nothing():
+    """Revoked and given back while its batch was in hand (the batch lets that message
+    go), the partition is read again from its commit, which another replica moved past
+    the message meanwhile: its old copy must not hold the offset back for good
+    (simulator seed 74181: a partition stuck)."""
+    broker = Broker(Scheduler(random.Random(0)))
+    consumer = consumer_on(broker, 3)
+    first, second, third = broker.topics["t"][0]
+    given_back(consumer, committed=1)
+    assert consumer.store_offsets([], [first]) == 0
+    consumer.consume()
     assert consumer.store_offsets([second, third], []) == 2
     assert consumer._consumer.stored == {("t", 0): 3}

@@ -13,7 +13,7 @@ import pytest
 from tests.sim.world import World
 
 SEEDS = int(os.environ.get("SIM_SEEDS", "200"))
-REGRESSIONS = [3169, 10531, 10547, 12325, 13021, 12896, 63207]
+REGRESSIONS = [3169, 10531, 10547, 12325, 13021, 12896, 63207, 74181]
 """Seeds that once failed, run every time: 3169, a lane let go of by the batch and
 re-claimed under the batch's token, whose late release then freed it (two replicas ran
 the id at once); 10531 and 10547, a later copy in a lane taking over its id while the
@@ -23,7 +23,8 @@ stuck for good, and an offset committed past a message whose completion was refu
 back, never resumed (nothing consumed, so no call found the store back); 12896 and
 63207, the simulator's own mistakes (a generation that replaced an undelivered one told
 its member nothing of what to give back; a commit past a message whose id another
-replica held was taken for a loss)."""
+replica held was taken for a loss); 74181, a partition revoked and given back while its
+batch was in hand, whose old unfinished copy held its offset back for good."""
 ONE = os.environ.get("SIM_SEED")
 FIRST = int(os.environ.get("SIM_FIRST_SEED", "0"))
 

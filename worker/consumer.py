@@ -71,6 +71,11 @@ class GroupConsumer:
         self._floor: dict[tuple[str, int], int] = {}
         """Per partition, the lowest offset of a message left unfinished by any batch:
         no offset is stored past it until the partition is assigned again."""
+        self._epochs: dict[tuple[str, int], int] = {}
+        """Per partition, how often it was assigned or taken away: a batch's unfinished
+        record of a partition that changed hands since it was read sets no floor (the
+        partition is read again from its committed offset)."""
+        self._read_epochs: dict[tuple[str, int], int] = {}
         self._fresh: set[tuple[str, int]] = set()
         """Assigned since the last consume: resumed before it, unless holding still."""
         self._dirty = False
@@ -88,6 +93,7 @@ class GroupConsumer:
             # lost while held (a session that timed out) come back still paused.
             self._consumer.resume(self._fresh_partitions())
         records: list[KafkaMessage] = self._consumer.consume(self._batch_size, self._poll_timeout)
+        self._read_epochs = dict(self._epochs)
         return records
 
     def owns(self, record: KafkaMessage) -> bool:
@@ -117,7 +123,8 @@ class GroupConsumer:
         for record in unfinished:
             topic, partition, offset = coordinates(record)
             tp = (topic, partition)
-            floor[tp] = min(floor.get(tp, offset), offset)
+            if self._epochs.get(tp) == self._read_epochs.get(tp):
+                floor[tp] = min(floor.get(tp, offset), offset)
         for tp, lowest in floor.items():
             if tp in ends:
                 ends[tp] = min(ends[tp], lowest)
@@ -199,6 +206,7 @@ class GroupConsumer:
         assigned = {(p.topic, p.partition) for p in partitions}
         for tp in assigned:  # read again from its committed offset
             self._floor.pop(tp, None)
+            self._epochs[tp] = self._epochs.get(tp, 0) + 1
         self._owned.update(assigned)
         self._fresh.update(assigned)
         self._health.joined = True
@@ -218,8 +226,10 @@ class GroupConsumer:
 
     def _disown(self, event: str, partitions: list[TopicPartition]) -> None:
         for p in partitions:
-            self._owned.discard((p.topic, p.partition))
-            self._floor.pop((p.topic, p.partition), None)
+            tp = (p.topic, p.partition)
+            self._owned.discard(tp)
+            self._floor.pop(tp, None)
+            self._epochs[tp] = self._epochs.get(tp, 0) + 1
             with contextlib.suppress(KeyError):  # no lag was reported for it yet
                 self._metrics.consumer_lag.remove(p.topic, str(p.partition))
         self._rebalanced(event, partitions)
