@@ -72,9 +72,10 @@ class GroupConsumer:
         """Per partition, the lowest offset of a message left unfinished by any batch:
         no offset is stored past it until the partition is assigned again."""
         self._epochs: dict[tuple[str, int], int] = {}
-        """Per partition, how often it was assigned or taken away: a batch's unfinished
-        record of a partition that changed hands since it was read sets no floor (the
-        partition is read again from its committed offset)."""
+        """Per partition, how often it was assigned or taken away: a batch's records of a
+        partition that changed hands since they were read store nothing and set no floor
+        (the partition is read again from its committed offset; what finished is found
+        done then)."""
         self._read_epochs: dict[tuple[str, int], int] = {}
         self._fresh: set[tuple[str, int]] = set()
         """Assigned since the last consume: resumed before it, unless holding still."""
@@ -108,14 +109,18 @@ class GroupConsumer:
         self, finished: Iterable[KafkaMessage], unfinished: Iterable[KafkaMessage]
     ) -> int:
         """Store each partition's offset past its finished records, but never past an
-        unfinished one, of this batch or an earlier one; how many finished records were
-        in partitions still ours."""
+        unfinished one, of this batch or an earlier one (nothing for a partition that
+        changed hands since the batch was read); how many finished records were in
+        partitions still ours."""
         ends: dict[tuple[str, int], int] = {}
         counts: dict[tuple[str, int], int] = {}
         floor = self._floor
+        changed = {tp for tp, epoch in self._read_epochs.items() if self._epochs.get(tp) != epoch}
         for record in finished:
             topic, partition, offset = coordinates(record)
             tp = (topic, partition)
+            if tp in changed:
+                continue
             ends[tp] = max(ends.get(tp, 0), offset + 1)
             counts[tp] = counts.get(tp, 0) + 1
             if floor.get(tp) == offset:  # read again (rewound) and finished this time
@@ -123,7 +128,7 @@ class GroupConsumer:
         for record in unfinished:
             topic, partition, offset = coordinates(record)
             tp = (topic, partition)
-            if self._epochs.get(tp) == self._read_epochs.get(tp):
+            if tp not in changed:
                 floor[tp] = min(floor.get(tp, offset), offset)
         for tp, lowest in floor.items():
             if tp in ends:
