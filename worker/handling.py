@@ -51,7 +51,7 @@ CLAIM_WAIT_INTERVAL = 0.05
 
 
 def noop() -> None:
-    pass
+    """Nothing to let go before a wait (a caller without a batch of claims)."""
 
 
 class Handling:

@@ -384,4 +384,4 @@ class SimProducer:
 
 
 def _ignore(error: KafkaError | None, record: Any) -> None:
-    pass
+    """A delivery nobody asked to hear about."""

@@ -75,7 +75,7 @@ class SimThread:
             if not self.dead:
                 self.target()
         except Killed:
-            pass
+            pass  # its replica was killed: the thread just ends
         except BaseException as exc:  # a bug in the worker or the simulator: the run fails
             self.error = exc
         finally:
