@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -20,8 +21,25 @@ class ServiceError(RuntimeError):
     """A local service could not be found or started."""
 
 
+_PICK = random.SystemRandom()
+
+
 def free_port() -> int:
+    """A loopback port free now, drawn at random below the kernel's ephemeral range: the
+    kernel's own picks (``bind`` to port 0, and every outgoing connection) come from that
+    range, and two test processes asking it at once were given the same port."""
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    candidates = [_PICK.randrange(10000, ephemeral) for _ in range(50)] if ephemeral > 10000 else []
     with socket.socket() as sock:
+        for port in candidates:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
@@ -65,9 +83,14 @@ class LocalService:
                 raise ServiceError(f"{self.name} exited at start; see {self.log_path}")
             try:
                 socket.create_connection((self.host, self.port), timeout=0.2).close()
-                return
             except OSError:
                 time.sleep(0.05)
+                continue
+            # Another process may have taken the port since it was found free: then ours
+            # exits on its failed bind, and the answer came from the other one.
+            if _listens(self.process.pid, self.port) is not False:
+                return
+            time.sleep(0.05)
         self.stop()
         raise ServiceError(f"{self.name} did not listen on port {self.port} in {timeout:g} s")
 
@@ -90,6 +113,23 @@ class LocalService:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def _listens(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds a socket listening on ``port`` (in its own network
+    namespace); None where ``/proc`` cannot say."""
+    try:
+        listeners = set()
+        for table in ("tcp", "tcp6"):
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+            for line in lines:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    listeners.add(f"socket:[{fields[9]}]")
+        fds = Path(f"/proc/{pid}/fd")
+        return any(os.readlink(fd) in listeners for fd in fds.iterdir())
+    except OSError:
+        return None
 
 
 def tansu_binary() -> str:
