@@ -182,6 +182,20 @@ def test_a_first_claim_counts_the_first_run(store):
     assert store.claim(["a"], "t3", LEASE)[0].attempt == 1
 
 
+def test_a_begin_sent_again_counts_its_run_once(store):
+    # A begin whose reply was lost (a timeout after Redis applied it) is sent again by
+    # the store guard: the same run, not a second one for the crash-loop count.
+    store.claim(["a"], "t1", LEASE)
+    store.release(["a"], "t1")
+    store.claim(["a"], "t2", LEASE)
+    assert store.begin("a", "t2") == store.begin("a", "t2") == 2
+    assert store.renew(["a"], "t2", LEASE) == [True]
+    assert store.begin("a", "t2") == 2  # a renewal keeps the mark
+    store.release(["a"], "t2")
+    store.claim(["a"], "t3", LEASE)
+    assert store.begin("a", "t3") == 3  # a new claim's run counts
+
+
 def test_an_unstarted_claim_released_with_clear_leaves_no_count(store):
     store.claim(["a", "b"], "t1", LEASE)
     store.release(["a", "b"], "t1", "clear")  # e.g. revoked before they ran

@@ -2,7 +2,7 @@
 
 - In progress: ``p|<token>|<lease end>|<runs>``, read by the scripts: the claim's owner,
   the end of its lease in Redis's clock (ms), and the runs of the handler begun, over
-  every replica.
+  every replica. The lease end is odd once a run was counted under this claim by BEGIN.
 - Completed, compact (what nearly every record is): ``<tag><fingerprint><topic>
   <partition>/<offset>`` without spaces, 25 characters for ``orders/3/12345678``, so that
   its value fits Redis's 32-byte allocation. The tag (4 characters) is a hash of the

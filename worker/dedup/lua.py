@@ -188,6 +188,13 @@ local function in_progress(token, lease, runs)
   return 'p|' .. token .. '|' .. lease .. '|' .. runs
 end
 
+-- A claim's lease end is even until BEGIN counts a run under it, then odd: a BEGIN sent
+-- again (its reply lost) finds its run counted. (A mark in the lease keeps the record
+-- readable by every version of these scripts.)
+local function even(ms)
+  return ms - ms % 2
+end
+
 -- Whether a completion under token may write over value (a record, or nil): the
 -- token's claim (even with its lease over), a claim nobody holds any more, or nothing.
 local claim_prefixes = {}
@@ -217,6 +224,7 @@ end
 -- target; a claim taken over elsewhere moves there.
 local function take(names, values, at, token, lease, now, target, windows, base)
   local out, writes, moved = {}, {}, {}
+  lease = even(lease)
   local first = in_progress(token, lease, 1)
   for i, name in ipairs(names) do
     local value = values[name]
@@ -230,7 +238,8 @@ local function take(names, values, at, token, lease, now, target, windows, base)
       out[i] = '+1'
     elseif owner and (owner == token or ends <= now) then
       writes[#writes + 1] = name
-      writes[#writes + 1] = in_progress(token, lease, runs)
+      local mark = owner == token and ends > now and ends % 2 or 0
+      writes[#writes + 1] = in_progress(token, lease + mark, runs)
       if at[name] ~= target then
         moved[#moved + 1] = name
       end

@@ -35,6 +35,8 @@ class _Record:
     origin: str = ""
     fingerprint: str = ""
     reply: str = ""
+    begun: bool = False
+    """A run was counted under this claim (by ``begin``)."""
 
 
 class MemoryDedupStore:
@@ -61,7 +63,10 @@ class MemoryDedupStore:
             for id in ids:
                 record = self._live(id)
                 if record is None or (record.state is State.IN_PROGRESS and record.token == token):
-                    self._records[id] = _Record(State.IN_PROGRESS, token, now + lease_seconds)
+                    begun = record is not None and record.begun
+                    self._records[id] = _Record(
+                        State.IN_PROGRESS, token, now + lease_seconds, begun=begun
+                    )
                     if record is not None and self._attempts.get(id) == 1:
                         claims.append(FIRST_CLAIM)  # its own first claim, sent again
                     elif id in self._attempts:
@@ -141,7 +146,9 @@ class MemoryDedupStore:
             record = self._live(id)
             if not (record and record.state is State.IN_PROGRESS and record.token == token):
                 return 0
-            self._attempts[id] = self._attempts.get(id, 0) + 1
+            if not record.begun:  # sent again (its reply lost): the same run
+                record.begun = True
+                self._attempts[id] = self._attempts.get(id, 0) + 1
             return self._attempts[id]
 
     def release(self, ids: Sequence[str], token: str, attempts: Attempts = "keep") -> int:

@@ -127,7 +127,8 @@ return out
 )
 
 # KEYS: the index. ARGV: base, name, token. The number of this run (1 for the first,
-# over every replica) if the caller holds the claim, else 0.
+# over every replica) if the caller holds the claim, else 0. Counted once per claim:
+# sent again, it answers the same number.
 BEGIN = (
     COMMON
     + """
@@ -137,7 +138,10 @@ local token, ends, runs = progress(values[ARGV[2]])
 if token ~= ARGV[3] or ends <= now then
   return 0
 end
-redis.call('HSET', at[ARGV[2]], ARGV[2], in_progress(token, ends, runs + 1))
+if ends % 2 == 1 then
+  return runs
+end
+redis.call('HSET', at[ARGV[2]], ARGV[2], in_progress(token, ends + 1, runs + 1))
 return runs + 1
 """
 )
@@ -226,7 +230,8 @@ local out = {}
 for i, name in ipairs(names) do
   local token, ends, runs = progress(values[name])
   if token == ARGV[2] and ends > now then
-    redis.call('HSET', at[name], name, in_progress(token, now + tonumber(ARGV[3]), runs))
+    local lease = even(now + tonumber(ARGV[3])) + ends % 2
+    redis.call('HSET', at[name], name, in_progress(token, lease, runs))
     out[i] = 1
   else
     out[i] = 0
