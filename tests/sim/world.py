@@ -5,13 +5,16 @@ in-memory parts, faults, and the checks of the product's promises afterwards.
 
 What a seed draws: 1 to 4 routes (each a topic with 1 to 4 partitions, a dedup mode,
 ``on_duplicate``, ``max_in_flight`` 1 to 16, a handler shape), ids shared across
-routes, partitions and copies; 1 to 3 replicas; handlers that fail, fail for good,
-take long, or kill their replica; replicas killed and started again; the dedup store
-unavailable for a while, or answering with an error after applying a write; output
-deliveries late, failed or never answered; rebalances at any time.
+routes, partitions and copies; on ``sequence`` routes, entities whose numbered
+messages come in order on their partition, with copies and gaps; 1 to 3 replicas;
+handlers that fail, fail for good, take long, or kill their replica; replicas killed
+and started again; the dedup store unavailable for a while, or answering with an error
+after applying a write; output deliveries late, failed or never answered; rebalances at
+any time.
 
-The checks (``check``): no id's handler ran twice at the same time; every message was
-handled once, skipped as a duplicate or dead-lettered (never lost); an id ran twice
+The checks (``check``): no id's handler (no entity's, on a sequence route) ran twice at
+the same time; every message was handled once, skipped as a duplicate (or as stale)
+or dead-lettered (never lost); an id ran twice
 only in a window the README names (its first run's replica died, or the store was
 away past the lease); no offset was ever committed past a message that was not
 finished; the outputs of every completed id were delivered; the store's final records
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +41,7 @@ from tests.support.harness import make_settings
 from worker.dedup.base import State
 from worker.dedup.memory import MemoryDedupStore
 from worker.errors import PermanentFailure, RetryLater, StoreUnavailable
+from worker.ids import SEPARATOR
 from worker.loop import Worker
 from worker.metrics import Metrics
 from worker.parts import Parts
@@ -90,6 +95,9 @@ class Config:
     lost_deliveries: float
     rebalances: int
     linger_ms: float
+    sequences: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
+    """Per sequence route, its messages in the order published: (entity, sequence,
+    partition)."""
     cuts: list[tuple[str, str, float, float]] = field(default_factory=list)
     """A replica cut from the network for a while: (replica, what from, start, end); what
     from is ``redis``, ``broker`` (fetches, group coordinator, produce), ``coordinator``
@@ -146,10 +154,16 @@ def draw(rng: random.Random) -> Config:
                 start + rng.choice([2.0, LEASE * 1.5, 20.0]),
             )
         )
-    config.summary = (
+    return config
+
+
+def _summary(config: Config) -> str:
+    routes, partitions = config.routes, config.partitions
+    return (
         f"{len(routes)} route(s) "
         + ", ".join(
-            f"{r['topic']}[{partitions[r['topic']]}] {r['dedup']}/{r['on_duplicate']} "
+            f"{r['topic']}[{partitions[r['topic']]}] {r['dedup']}/"
+            f"{r.get('on_gap', r['on_duplicate'])} "
             f"x{r['max_in_flight']} {r['handler'].rsplit(':', 1)[1]}"
             for r in routes
         )
@@ -159,7 +173,35 @@ def draw(rng: random.Random) -> Config:
         f"delivery failures {config.delivery_failures}, lost {config.lost_deliveries}, "
         f"rebalances {config.rebalances}, linger {config.linger_ms} ms, cuts {config.cuts}"
     )
-    return config
+
+
+def _draw_sequences(rng: random.Random, config: Config) -> None:
+    """Make some routes ``sequence`` routes (from an rng of their own, so that a seed
+    without one draws what it drew before they existed), and draw their messages."""
+    for route in config.routes:
+        if rng.random() >= 0.2:
+            continue
+        topic = route["topic"]
+        gaps = rng.choice(["process", "dead_letter"])
+        route.update(
+            dedup="sequence", on_duplicate="skip", entity="key", sequence="header:seq", on_gap=gaps
+        )
+        streams = []
+        for number in range(rng.randint(1, 6)):
+            entity = f"{topic}-e{number}"
+            partition = zlib.crc32(entity.encode()) % config.partitions[topic]
+            firsts, sequence = [], rng.randint(0, 3)
+            for _ in range(rng.randint(1, 8)):
+                sequence += 2 if rng.random() < 0.1 else 1  # now and then a gap
+                firsts.append((entity, sequence, partition))
+            stream = list(firsts)
+            for first in firsts:  # copies come after their first, maybe after later ones
+                for _ in range(rng.randint(0, config.copies - 1)):
+                    stream.insert(rng.randint(stream.index(first) + 1, len(stream)), first)
+            streams.append(stream)
+        ordered = config.sequences[topic] = []
+        while any(streams):
+            ordered.append(rng.choice([s for s in streams if s]).pop(0))
 
 
 class FaultyStore:
@@ -198,10 +240,16 @@ WRITES = {"claim", "claim_positions", "begin", "complete", "release", "renew"}
 
 
 class World:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, *, sequences: bool = True) -> None:
+        """``sequences=False`` draws no sequence route: what a seed drew before the
+        simulator had them (its regression seeds were found then)."""
         self.seed = seed
+        self._replay_flag = "" if sequences else " SIM_SEQUENCES=0"
         self.rng = random.Random(seed)
         self.config = draw(self.rng)
+        if sequences:
+            _draw_sequences(random.Random(f"sequences-{seed}"), self.config)
+        self.config.summary = _summary(self.config)
         self.scheduler = Scheduler(random.Random(seed * 7919 + 1))
         self.clock = SimClock(self.scheduler)
         self.broker = Broker(self.scheduler, session_timeout=6.0, max_poll_interval=30.0)
@@ -263,8 +311,16 @@ class World:
 
     def _publish(self) -> None:
         config, rng = self.config, self.rng
-        topics = list(config.partitions)
-        for number in range(config.ids):
+        for topic, messages in config.sequences.items():
+            for entity, sequence, partition in messages:
+                id = f"{entity}@{sequence}"
+                record = self.broker.append(
+                    topic, partition, entity.encode(), f"payload-{id}".encode(),
+                    [("seq", str(sequence).encode()), ("message-id", id.encode())],
+                )  # fmt: skip
+                self.inputs.append(record)
+        topics = [t for t in config.partitions if t not in config.sequences]
+        for number in range(config.ids if topics else 0):
             id = f"id{number}"
             for _ in range(rng.randint(1, config.copies)):
                 topic = rng.choice(topics)
@@ -441,7 +497,11 @@ class World:
         topic, partition, offset = record.topic(), record.partition(), record.offset()
         if (topic, partition, offset) in self._dead_lettered():
             return True
-        id = dict(record.headers() or [])["message-id"].decode()
+        id = _key_of(record)
+        if (sequence := _sequence_of(record)) is not None:
+            position = self.store.store.position(id)
+            if position is not None and position >= sequence:
+                return True
         state = self.store.store.state(id)
         if state is State.COMPLETED:
             return True
@@ -481,10 +541,11 @@ class World:
         ids_by_route: dict[str, set[str]] = defaultdict(set)
         for record in self.inputs:
             ids_by_route[_id_of(record)].add(record.topic())
+        by_entity: dict[str, list[Run]] = defaultdict(list)
         for id, runs in self.runs.items():
             if ids_by_route[id] & shadow:
                 continue  # shadow routes run duplicates on purpose
-            self._check_overlap(id, runs)
+            by_entity[id.rpartition("@")[0] or id] += runs
             ok = [r for r in runs if r.ok]
             for earlier, later in itertools.pairwise(ok):
                 if not self._excused(earlier, later):
@@ -492,6 +553,8 @@ class World:
                         f"id {id} ran twice: on {earlier.replica} at {earlier.started:.3f} "
                         f"and on {later.replica} at {later.started:.3f}"
                     )
+        for entity, runs in by_entity.items():
+            self._check_overlap(entity, sorted(runs, key=lambda run: run.started))
         letters = self._dead_lettered()
         outputs = {r.value() for r in self.delivered if r.topic() == "out"}
         for record in self.inputs:
@@ -499,6 +562,9 @@ class World:
             coordinates = (record.topic(), record.partition(), record.offset())
             state = self.store.store.state(id)
             if coordinates in letters:
+                continue
+            if (sequence := _sequence_of(record)) is not None:
+                self._check_position(record, sequence, letters)
                 continue
             if state is not State.COMPLETED:
                 self.violations.append(
@@ -509,9 +575,32 @@ class World:
                 self.violations.append(
                     f"lost: id {id} completed but its handler never ran to its end"
                 )
-            missing = [i for i in range(outputs_of(id)) if f"{id}:{i}".encode() not in outputs]
-            if missing:
-                self.violations.append(f"lost: id {id} completed without outputs {missing}")
+            self._check_outputs(id, outputs)
+
+    def _check_position(
+        self, record: KafkaMessage, sequence: int, letters: set[tuple[str, int, int]]
+    ) -> None:
+        """A message of a sequence route not dead-lettered: its entity's position reached
+        it, and it ran (or a copy of it was dead-lettered, e.g. a gap)."""
+        id, coordinates = _id_of(record), (record.topic(), record.partition(), record.offset())
+        position = self.store.store.position(_key_of(record))
+        if position is None or position < sequence:
+            self.violations.append(
+                f"lost: {coordinates} ({id}) not dead-lettered, its entity at {position}"
+            )
+            return
+        copies = {(r.topic(), r.partition(), r.offset()) for r in self.inputs if _id_of(r) == id}
+        if copies & letters:
+            return
+        if not any(r.ok for r in self.runs[id]):
+            self.violations.append(f"lost: {coordinates} ({id}) stale but never ran")
+            return
+        self._check_outputs(id, {r.value() for r in self.delivered if r.topic() == "out"})
+
+    def _check_outputs(self, id: str, outputs: set[bytes]) -> None:
+        missing = [i for i in range(outputs_of(id)) if f"{id}:{i}".encode() not in outputs]
+        if missing:
+            self.violations.append(f"lost: id {id} completed without outputs {missing}")
 
     def _check_overlap(self, id: str, runs: list[Run]) -> None:
         for index, run in enumerate(runs):
@@ -550,12 +639,26 @@ class World:
         return (
             f"seed {self.seed}: {self.config.summary}\n  "
             + "\n  ".join(self.violations[:10])
-            + f"\n  replay: SIM_SEED={self.seed} pytest tests/test_simulation.py"
+            + f"\n  replay: SIM_SEED={self.seed}{self._replay_flag} pytest tests/test_simulation.py"
         )
 
 
 def outputs_of(id: str) -> int:
-    return int(id.removeprefix("id")) % 3
+    if id.startswith("id"):
+        return int(id.removeprefix("id")) % 3
+    return zlib.crc32(id.encode()) % 3
+
+
+def _sequence_of(record: KafkaMessage) -> int | None:
+    sequence = dict(record.headers() or []).get("seq")
+    return None if sequence is None else int(sequence)
+
+
+def _key_of(record: KafkaMessage) -> str:
+    """What the message claims: its id, or on a sequence route its entity."""
+    if _sequence_of(record) is None:
+        return _id_of(record)
+    return f"{record.topic()}{SEPARATOR}{record.key().decode()}"
 
 
 def _id_of(record: KafkaMessage) -> str:

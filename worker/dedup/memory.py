@@ -90,7 +90,7 @@ class MemoryDedupStore:
         claims = []
         with self._lock:  # reentrant: each entity's claim is taken with its position read
             for entity, sequence in entities:
-                position = self._position(entity)
+                position = self.position(entity)
                 if position is not None and sequence <= position:
                     claims.append(Claim(ClaimStatus.COMPLETED, position=position))
                     continue
@@ -98,7 +98,7 @@ class MemoryDedupStore:
                 claims.append(dataclasses.replace(claim, position=position))
         return claims
 
-    def _position(self, entity: str) -> int | None:
+    def position(self, entity: str) -> int | None:
         position, expires_at = self._positions.get(entity, (None, math.inf))
         return position if expires_at > self._clock() else None
 
@@ -131,7 +131,7 @@ class MemoryDedupStore:
     def _raise(
         self, completion: Completion, sequence: int, record: _Record | None, ttl: int | None
     ) -> bool:
-        position = self._position(completion.id)
+        position = self.position(completion.id)
         if record is not None and record.token != completion.token:
             return position is not None and sequence <= position
         if position is None or sequence > position:
