@@ -379,7 +379,7 @@ class SimProducer:
     def flush(self, timeout: float | None = None) -> int:
         deadline = self.broker.scheduler.now + (timeout or 0)
         while self.queue and self.broker.scheduler.now < deadline:
-            self.poll(0.01)
+            self.poll(deadline - self.broker.scheduler.now)
         return len(self.queue)
 
 

@@ -43,11 +43,14 @@ class SimThread:
         self.name = name
         self.group = group
         self.wake_at = 0.0
+        self.waiting: object | None = None
+        """What the thread is blocked on (``Scheduler.block``), if anything."""
         self.started = False
         self.done = False
         self.dead = False
         self.error: BaseException | None = None
-        self._turn = threading.Event()
+        self._turn = threading.Lock()  # held until this thread's turn: released to give it
+        self._turn.acquire()
         self._thread = threading.Thread(target=self._body, name=f"sim-{name}", daemon=True)
 
     # -- the Startable protocol of worker/parts.py --------------------------------------
@@ -69,8 +72,7 @@ class SimThread:
 
     def _body(self) -> None:
         self.scheduler._by_ident[threading.get_ident()] = self
-        self._turn.wait()
-        self._turn.clear()
+        self._turn.acquire()
         try:
             if not self.dead:
                 self.target()
@@ -83,9 +85,8 @@ class SimThread:
             self.scheduler._hand_back()
 
     def run_turn(self) -> None:
-        self.scheduler._back.clear()
-        self._turn.set()
-        if not self.scheduler._back.wait(REAL_TIMEOUT):
+        self._turn.release()
+        if not self.scheduler._back.acquire(timeout=REAL_TIMEOUT):
             frame = sys._current_frames().get(self._thread.ident or 0)
             where = "".join(traceback.format_stack(frame)[-6:]) if frame else "?"
             raise SimStuck(f"{self.name} blocked outside the virtual clock:\n{where}")
@@ -94,8 +95,7 @@ class SimThread:
         if self.dead:
             raise Killed
         self.scheduler._hand_back()
-        self._turn.wait()
-        self._turn.clear()
+        self._turn.acquire()
         if self.dead:
             raise Killed
 
@@ -105,7 +105,8 @@ class Scheduler:
         self.rng = rng
         self.now = 0.0
         self.threads: list[SimThread] = []
-        self._back = threading.Event()
+        self._back = threading.Lock()  # held while a thread has the turn: released to end it
+        self._back.acquire()
         self.running: SimThread | None = None
         self._by_ident: dict[int, SimThread] = {}
         self.on_tick: list[Callable[[], None]] = []
@@ -128,6 +129,22 @@ class Scheduler:
         me.wake_at = self.now + max(seconds, QUANTUM)
         me.wait_turn()
 
+    def block(self, on: object, deadline: float = float("inf")) -> None:
+        """Wait until ``wake(on)`` or the clock reaches ``deadline``."""
+        me = self.current()
+        me.waiting = on
+        me.wake_at = max(deadline, self.now + QUANTUM)
+        try:
+            me.wait_turn()
+        finally:
+            me.waiting = None
+
+    def wake(self, on: object) -> None:
+        """Make every thread blocked on ``on`` due now."""
+        for thread in self.threads:
+            if thread.waiting is on:
+                thread.wake_at = min(thread.wake_at, self.now)
+
     def kill(self, group: str) -> None:
         """Stop every thread of ``group`` where it is, for good (a crashed process). Its
         threads are not run again; ``close`` unwinds them at the end of the run."""
@@ -140,11 +157,11 @@ class Scheduler:
         me = self.current()
         me.dead = True
         self._hand_back()
-        me._turn.wait()
+        me._turn.acquire()
         raise Killed
 
     def _hand_back(self) -> None:
-        self._back.set()
+        self._back.release()
 
     def run(self, until: float, finished: Callable[[], bool]) -> None:
         """Give turns until ``finished()`` or the clock passes ``until``."""
@@ -174,8 +191,8 @@ class Scheduler:
         for thread in self.threads:
             if not thread.done:
                 thread.dead = True
-                self._back.clear()
-                thread._turn.set()
+                thread._turn.release()
+                self._back.acquire(timeout=REAL_TIMEOUT)
                 thread._thread.join(REAL_TIMEOUT)
 
 
@@ -201,32 +218,36 @@ class SimClock:
     ) -> tuple[set[Future[None]], set[Future[None]]]:
         pending = set(futures)
         deadline = self._scheduler.now + seconds
+        waiting = object()
+        for future in pending:
+            future.add_done_callback(lambda _: self._scheduler.wake(waiting))
         while True:
             done = {f for f in pending if f.done()}
             if done or self._scheduler.now >= deadline:
                 return done, pending - done
-            self._scheduler.sleep(0.02)
+            self._scheduler.block(waiting, deadline)
 
     def lock(self) -> Any:
         return _SimLock(self)
 
 
 class _SimLock:
-    """A lock whose waiters wait on the virtual clock (only one thread runs at a time, so
-    a flag is enough)."""
+    """A lock whose waiters block on the scheduler (only one thread runs at a time, so a
+    flag is enough)."""
 
     def __init__(self, clock: SimClock) -> None:
-        self._clock = clock
+        self._scheduler = clock._scheduler
         self._held = False
 
     def __enter__(self) -> bool:
         while self._held:
-            self._clock.sleep(QUANTUM)
+            self._scheduler.block(self)
         self._held = True
         return True
 
     def __exit__(self, *exc: object) -> None:
         self._held = False
+        self._scheduler.wake(self)
 
 
 class SimPool(Executor):

@@ -269,6 +269,7 @@ class World:
         self.violations: list[str] = []
         self.kills: list[tuple[str, float]] = []
         self._names = 0
+        self._stopping = False
         self.logs: list[dict[str, Any]] = []
 
     # -- the run ---------------------------------------------------------------------------
@@ -301,6 +302,7 @@ class World:
                 self.scheduler.run(TIME_LIMIT, self._drained)
                 if not self._drained():
                     self._stuck()
+                self._stopping = True
                 for replica in self.replicas:
                     replica.worker.stop()
                 self.scheduler.run(TIME_LIMIT + 120, self._all_stopped)
@@ -377,6 +379,8 @@ class World:
         )  # fmt: skip
         replica = Replica(name, worker, made[0])
         self.replicas.append(replica)
+        if self._stopping:  # started again after a kill while the run winds down
+            worker.stop()
 
         def main() -> None:
             if delay:
