@@ -647,6 +647,13 @@ class World:
         )
 
 
+def report_of(seed: int) -> str:
+    """Run ``seed``: its report if a promise broke, else ""."""
+    world = World(seed)
+    world.run()
+    return world.report() if world.violations else ""
+
+
 def outputs_of(id: str) -> int:
     if id.startswith("id"):
         return int(id.removeprefix("id")) % 3
