@@ -9,8 +9,9 @@ import time
 import pytest
 
 from tests.support.harness import Run, make_settings, run_worker
-from tests.support.kafka import Record, produce, with_id
+from tests.support.kafka import dead_letter, produce, with_id
 from worker.cli import main
+from worker.dedup.redis import RedisDedupStore
 from worker.demo import read_all
 
 pytestmark = pytest.mark.integration
@@ -42,20 +43,6 @@ def env(kafka_bootstrap, redis_url, unique_name, make_topics, tmp_path, monkeypa
             return code, capsys.readouterr().out
 
     return Env()
-
-
-def dead_letter(topic, id, reason, **extra):
-    """A dead-letter record as the worker writes it, for the cases it does not make."""
-    headers = {
-        "message-id": id,
-        "dlq-reason": reason,
-        "dlq-message-id": id,
-        "dlq-original-topic": topic,
-        "dlq-original-partition": "0",
-        "dlq-original-offset": "0",
-        **extra,
-    }
-    return Record(value=None if "dlq-value-dropped" in extra else b"{}", key=id, headers=headers)
 
 
 def test_dead_letters_are_replayed_once_each_after_the_fix(
@@ -129,6 +116,28 @@ def test_dead_letters_are_replayed_once_each_after_the_fix(
     ]
 
 
+def test_a_letter_another_replay_is_on_is_left_for_a_later_run(
+    env, kafka_bootstrap, redis_url, capsys
+):
+    produce(kafka_bootstrap, env.dlq, [dead_letter(env.input, f"l{n}", "x") for n in range(3)])
+    replays = RedisDedupStore.from_url(redis_url, f"{env.settings('ledger').key_prefix}:dlq-replay")
+    busy = f"{env.dlq}/0/1"
+    replays.claim([busy], "another-run", 60)  # another replay, on it now
+
+    code, out = env.cli(capsys, "dlq", "replay", "--topic", env.dlq, "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["busy"] == [busy]
+    assert summary["replayed"] == [f"{env.dlq}/0/0", f"{env.dlq}/0/2"]
+
+    replays.release([busy], "another-run")  # it failed before re-publishing
+    code, out = env.cli(capsys, "dlq", "replay", "--topic", env.dlq)
+    assert [line for line in out.splitlines() if line.startswith("replayed ")] == [
+        f"replayed {busy}"
+    ]
+    published = [h["replay-of"].decode() for h, _ in read_all(kafka_bootstrap, env.input)]
+    assert sorted(published) == [f"{env.dlq}/0/{n}" for n in range(3)]
+
+
 def test_ids_show_and_forget(env, kafka_bootstrap, ledger, capsys):
     produce(kafka_bootstrap, env.input, [with_id("shown")])
     run_worker(env.settings("ledger"), max_messages=1)
@@ -152,8 +161,6 @@ def test_ids_show_and_forget(env, kafka_bootstrap, ledger, capsys):
 
 
 def test_ids_in_progress_are_forgotten_only_with_force(env, capsys, redis_url):
-    from worker.dedup.redis import RedisDedupStore
-
     store = RedisDedupStore.from_url(redis_url, env.settings("ledger").key_prefix)
     try:
         store.claim(["busy"], "someone:1", 30)

@@ -11,14 +11,19 @@ Skipped, with the reason, where namespaces cannot be made (not root, no ``ip`` o
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from collections import Counter
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from tests.support import netns
-from tests.support.chaos import PARTITIONS, Scenario, during, wait_until
+from tests.support.chaos import PARTITIONS, REPO, Scenario, during, wait_until
+from tests.support.kafka import dead_letter, produce
 from tests.support.netns import Network
-from worker.demo import create_topics
+from worker.demo import create_topics, read_all
 
 pytestmark = [
     pytest.mark.chaos,
@@ -176,3 +181,63 @@ def test_a_flapping_link_loses_nothing(network, scenario):
         check(
             scenario, replicas, "a link to both flapping every 1 s", f"{flaps} cuts", CRASH_WINDOW
         )
+
+
+LETTERS = 4000
+
+
+@pytest.mark.parametrize("cut", ["redis", "broker"])
+def test_a_dlq_replay_cut_mid_run_replays_each_letter_once(tmp_path, unique_name, cut):
+    """``dlq replay`` run in a namespace, cut from Redis or the broker while it replays,
+    then healed; run again until it says it is done: every letter replayed, none twice."""
+    with Network(1, tmp_path) as network:
+        topic = unique_name("in")
+        dlq = f"{topic}.dlq"
+        create_topics(network.bootstrap, {topic: 1, dlq: 2})
+        letters = [dead_letter(topic, f"id{n}", "handler_failed") for n in range(LETTERS)]
+        for n, letter in enumerate(letters):
+            letter.partition = n % 2
+        produce(network.bootstrap, dlq, letters)
+        config = tmp_path / "worker.toml"
+        config.write_text(
+            f'[kafka]\nbootstrap_servers = "{network.bootstrap}"\n'
+            f'group_id = "{unique_name("group")}"\n'
+            f'[redis]\nurl = "{network.redis_url}"\nsocket_timeout_seconds = 0.5\n'
+            f"[dedup]\nlease_seconds = {LEASE}\n"
+            f'[[routes]]\ntopic = "{topic}"\nhandler = "tests.support.handlers:ledger"\n'
+        )
+        argv = network.command(
+            0,
+            [sys.executable, "-m", "worker", "dlq", "replay", "--topic", dlq, "--config",
+             str(config)],
+        )  # fmt: skip
+        first = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        wait_until(lambda: replayed(network, topic), 30, "the replay to start re-publishing")
+        network.cut(0, redis=cut == "redis", broker=cut == "broker")
+        time.sleep(8)
+        network.heal(0)
+        lines = first.communicate(timeout=180)[0].decode().splitlines()
+        print(f"first run, exit {first.returncode}: {lines[-1]}")
+        if cut == "redis":  # the cut fell in the run, which waited for the store
+            assert any("dedup store unavailable" in line for line in lines)
+        for _ in range(3):  # again, as an operator would after an incomplete run
+            rerun = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=180)
+            print(f"run again, exit {rerun.returncode}: {rerun.stdout.splitlines()[-1:]}")
+            if rerun.returncode == 0 and "replayed 0," in rerun.stdout:
+                break
+        counts = Counter(
+            headers["replay-of"].decode()
+            for headers, _ in read_all(network.bootstrap, topic)
+            if "replay-of" in headers
+        )
+        assert len(counts) == LETTERS, f"{LETTERS - len(counts)} letters never replayed"
+        assert [p for p, n in counts.items() if n > 1] == []
+
+
+def replayed(network, topic):
+    """Whether anything was re-published to ``topic`` yet (its end moved)."""
+    consumer = Consumer({"bootstrap.servers": network.bootstrap, "group.id": "peek"})
+    try:
+        return consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=5)[1] > 0
+    finally:
+        consumer.close()

@@ -13,8 +13,14 @@ a record replayed before is not replayed again even when filters made the earlie
 skip records before it; and a consumer group of its own on the dead-letter topic
 (``<group_id>.dlq-replay``) commits, per partition, past the records finished
 (replayed, replayed before, or refused for good: no original topic, value dropped),
-only once the re-published records are acknowledged. Records not selected, and those
-refused for their ``replay-count``, are not passed: a later run may select them.
+only once the re-published records are acknowledged. Records not selected, those
+refused for their ``replay-count`` and those another run is replaying now are not
+passed: a later run may select them.
+
+A dedup store that stops answering is waited for (``STORE_PATIENCE``), as the worker
+holds still: a replay whose records went out is recorded once the store is back, not
+left to be replayed again. Past that wait the run fails, saying how many records went
+out unrecorded (a later run re-publishes them; the worker skips the copies by id).
 """
 
 from __future__ import annotations
@@ -24,24 +30,30 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka import Message as KafkaMessage
 
 from worker.dedup import open_store
 from worker.dedup.base import ClaimStatus, Completion, DedupStore, State
+from worker.errors import StoreUnavailable
 from worker.outputs import DELIVERY_TIMEOUT, Delivery, Outputs
 from worker.records import coordinates, header_pairs
 from worker.settings import Settings, client_config
+
+T = TypeVar("T")
 
 LISTED = 50
 """Records listed one per line in the text summary."""
 
 IDLE_SECONDS = 2.0
 """The dead-letter topic is read until nothing new arrives for this long."""
+
+STORE_PATIENCE = 60.0
+"""How long a run waits for an unavailable dedup store before it gives up."""
 
 
 @dataclass
@@ -59,6 +71,8 @@ class Report:
     """Dead-letter positions replayed (or that would be, with --dry-run)."""
     before: list[str] = field(default_factory=list)
     """Selected, and replayed by an earlier run."""
+    busy: list[str] = field(default_factory=list)
+    """Selected, and being replayed by another run now: left for a later run."""
     refused: dict[str, list[str]] = field(default_factory=dict)
     """Positions refused, by reason."""
 
@@ -122,6 +136,7 @@ class _Run:
         self._claimed: list[str] = []
         self._first: dict[int, int] = {}  # partition -> first offset read
         self._finished: dict[int, set[int]] = {}  # partition -> offsets done with
+        self._waiting = False  # said so once
 
     def read(self) -> Report:
         metadata = self._consumer.list_topics(self._topic, timeout=10).topics[self._topic]
@@ -146,9 +161,37 @@ class _Run:
         if not self._dry_run:
             self._producer.confirm(self._deliveries, DELIVERY_TIMEOUT)
             completions = [Completion(p, self._token, p) for p in self._claimed]
-            self._store.complete(completions, self._ttl)
+            try:
+                self._patiently(lambda: self._store.complete(completions, self._ttl))
+            except StoreUnavailable as exc:
+                raise StoreUnavailable(
+                    f"{exc}; {len(completions)} records were re-published and not recorded "
+                    "as replayed: a later run re-publishes them (the worker skips the copies "
+                    "by their message id)"
+                ) from exc
             self._commit()
         return self.report
+
+    def _patiently(self, call: Callable[[], T]) -> T:
+        """``call()``, retried while the dedup store is unavailable, for at most
+        ``STORE_PATIENCE`` seconds."""
+        deadline = time.monotonic() + STORE_PATIENCE
+        delay = 0.1
+        while True:
+            try:
+                return call()
+            except StoreUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                if not self._waiting:
+                    self._waiting = True
+                    print(
+                        f"dedup store unavailable ({exc}); waiting up to {STORE_PATIENCE:g} s",
+                        file=self._progress.stream,
+                        flush=True,
+                    )
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     def _one(self, record: KafkaMessage) -> None:
         topic, partition, offset = coordinates(record)
@@ -165,7 +208,10 @@ class _Run:
             self.report.refused.setdefault(refusal, []).append(position)
             if refusal == "max_replays":
                 return  # not passed: a later run with a higher --max-replays may want it
-        elif self._replayed_before(position):
+        elif (claim := self._claim(position)) is ClaimStatus.BUSY:
+            self.report.busy.append(position)
+            return  # not passed: its run may yet fail
+        elif claim is ClaimStatus.COMPLETED:
             self.report.before.append(position)
         else:
             self.report.replayed.append(position)
@@ -190,14 +236,18 @@ class _Run:
             return "max_replays"
         return None
 
-    def _replayed_before(self, position: str) -> bool:
+    def _claim(self, position: str) -> ClaimStatus:
+        """COMPLETED if replayed by an earlier run, BUSY if another run is on it now, else
+        CLAIMED (by this run; with --dry-run, nothing is claimed)."""
         if self._dry_run:
-            return self._store.state(position) is not State.ABSENT
-        claim = self._store.claim([position], self._token, self._lease)[0]
+            state = self._patiently(lambda: self._store.state(position))
+            if state is State.COMPLETED:
+                return ClaimStatus.COMPLETED
+            return ClaimStatus.BUSY if state is State.IN_PROGRESS else ClaimStatus.CLAIMED
+        claim = self._patiently(lambda: self._store.claim([position], self._token, self._lease)[0])
         if claim.status is ClaimStatus.CLAIMED:
             self._claimed.append(position)
-            return False
-        return True  # completed by an earlier run, or another run is on it now
+        return claim.status
 
     def _publish(
         self,
@@ -244,7 +294,7 @@ class _Progress:
     """A line redrawn in place on a terminal; a plain line every 1,000 records otherwise."""
 
     def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
+        self.stream = stream
         self._tty = stream.isatty()
         self._read = 0
         self.total = 0
@@ -253,13 +303,13 @@ class _Progress:
     def read(self, report: Report) -> None:
         self._read += 1
         if self._tty and self._read % 50 == 0:
-            self._stream.write(f"\r{self._line(report)}")
-            self._stream.flush()
+            self.stream.write(f"\r{self._line(report)}")
+            self.stream.flush()
         elif not self._tty and self._read % 1000 == 0:
-            print(self._line(report), file=self._stream, flush=True)
+            print(self._line(report), file=self.stream, flush=True)
 
     def done(self, report: Report) -> None:
-        print(("\r" if self._tty else "") + self._line(report), file=self._stream, flush=True)
+        print(("\r" if self._tty else "") + self._line(report), file=self.stream, flush=True)
 
     def _line(self, report: Report) -> str:
         width = 30
@@ -280,12 +330,14 @@ def _print(report: Report, dry_run: bool, as_json: bool, out: TextIO) -> None:
             "selected": report.selected,
             "replayed": report.replayed,
             "replayed_before": report.before,
+            "busy": report.busy,
             "refused": report.refused,
         }
         print(json.dumps(summary, indent=2), file=out)
         return
     verb = "would replay" if dry_run else "replayed"
     lines = [f"{verb} {position}" for position in report.replayed]
+    lines += [f"busy {position}: another run is replaying it" for position in report.busy]
     lines += [
         f"refused {position}: {reason}"
         for reason, positions in sorted(report.refused.items())
@@ -299,6 +351,7 @@ def _print(report: Report, dry_run: bool, as_json: bool, out: TextIO) -> None:
     print(
         f"selected {report.selected}, {verb} {len(report.replayed)}, replayed before "
         f"{len(report.before)}, refused {sum(refused.values())}"
-        + (f" ({counts})" if counts else ""),
+        + (f" ({counts})" if counts else "")
+        + (f", busy {len(report.busy)} (run again later)" if report.busy else ""),
         file=out,
     )

@@ -48,6 +48,20 @@ def with_id(
     )
 
 
+def dead_letter(topic: str, id: str, reason: str, **extra: str) -> Record:
+    """A dead-letter record as the worker writes it, for the cases it does not make."""
+    headers = {
+        "message-id": id,
+        "dlq-reason": reason,
+        "dlq-message-id": id,
+        "dlq-original-topic": topic,
+        "dlq-original-partition": "0",
+        "dlq-original-offset": "0",
+        **extra,
+    }
+    return Record(value=None if "dlq-value-dropped" in extra else b"{}", key=id, headers=headers)
+
+
 def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     """``group``'s committed offset per partition of ``topic`` (0 where none is)."""
     consumer = Consumer(
