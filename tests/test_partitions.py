@@ -43,8 +43,11 @@ librdkafka's statistics (every second here) reporting the coordinator unreachabl
 
 
 @pytest.fixture
-def network(tmp_path):
-    with Network(3, tmp_path) as network:
+def network(request, tmp_path):
+    """Three replicas' namespaces (``redis_replica`` by indirect parametrisation: and a
+    Redis replica in one more)."""
+    options = getattr(request, "param", {})
+    with Network(3, tmp_path, **options) as network:
         yield network
 
 
@@ -161,6 +164,36 @@ def test_a_replica_cut_from_redis_then_from_the_broker_too_is_not_stuck(network,
         check(
             scenario, replicas, "cut from Redis, then also from the broker", "iptables DROP",
             CRASH_WINDOW,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("network", [{"redis_replica": True}], indirect=True)
+def test_redis_cut_from_its_replica_under_min_replicas_holds_and_loses_nothing(network, scenario):
+    """``redis.min_replicas = 1``: while the Redis replica is cut from its primary, no
+    write is acknowledged; every replica holds still, not ready, and carries on after."""
+    scenario.extra.update(
+        {"WORKER_REDIS__MIN_REPLICAS": "1", "WORKER_REDIS__REPLICA_TIMEOUT_MS": "300"}
+    )
+    with scenario.replicas(3, network) as replicas:
+        replicas.start_all(PARTITIONS)
+        traffic = scenario.traffic(batch=300, rounds=8, interval=1.0)
+        time.sleep(3)
+        network.cut(network.redis_replica, redis=True)
+        cut_at = time.monotonic()
+        ready_late = 0.0
+        runs = sum(scenario.ledger.runs().values())
+        for _ in during(10, step=0.5):
+            late = time.monotonic() - cut_at > READY_WITHIN
+            ready_late += 0.5 * sum(late and replicas.ready(k) for k in range(3))
+        ran = sum(scenario.ledger.runs().values()) - runs
+        network.heal(network.redis_replica)
+        recovery = finish_after_heal(scenario, traffic)
+        print(f"Redis cut from its replica 10 s: {ran} runs during the cut, "
+              f"recovered {recovery:.1f} s after the heal")  # fmt: skip
+        assert ready_late == 0
+        check(
+            scenario, replicas, "Redis cut from its replica 10 s, min_replicas 1",
+            "iptables DROP", CRASH_WINDOW,
         )  # fmt: skip
 
 

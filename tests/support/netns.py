@@ -6,6 +6,9 @@ connections, as a real partition leaves them), then heal.
       |-- veth -- replica k (namespace "<p>-wk"): 10.N.k.2, default route via 10.N.k.1
       |-- veth -- this process (the root namespace): 10.N.250.2, a route to 10.N.0.0/16
 
+With ``redis_replica``, one more namespace like a replica's ("<p>-w<replicas>") runs a
+Redis replica of that Redis, which ``cut`` can cut from its primary like a worker.
+
 The services' namespace forwards between its links, so the test reaches each replica's
 HTTP port at 10.N.k.2 without crossing the rules that cut the replica from the
 services (they match only the broker's and Redis's address and ports). Traffic goes only
@@ -47,11 +50,13 @@ def _try(*argv: str) -> None:
 
 
 class Network:
-    def __init__(self, replicas: int, workdir: Path) -> None:
+    def __init__(self, replicas: int, workdir: Path, *, redis_replica: bool = False) -> None:
         tag = os.getpid() % 10_000
         self.prefix = f"iw{tag}"
         self.net = 10 + tag % 200  # 10.N/16, N from the process: no two runs collide
         self.replicas = replicas
+        self.redis_replica = replicas if redis_replica else None
+        """The namespace slot of the Redis replica, if there is one."""
         self.workdir = workdir
         self.svc = f"{self.prefix}-svc"
         self.address = f"10.{self.net}.0.1"
@@ -94,7 +99,7 @@ class Network:
         _run("ip", "-n", svc, "link", "set", "lo", "up")
         _run("ip", "-n", svc, "addr", "add", f"{self.address}/32", "dev", "lo")
         _run("ip", "netns", "exec", svc, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        for k in range(self.replicas):
+        for k in range(self._slots):
             ns = self.namespace(k)
             self._add_namespace(ns)
             _run("ip", "-n", ns, "link", "set", "lo", "up")
@@ -122,8 +127,12 @@ class Network:
         pytest): the names and the subnet come from the process id, which repeats."""
         _try("ip", "route", "del", f"10.{self.net}.0.0/16")
         _try("ip", "link", "del", f"{self.prefix}-r")
-        for name in [self.svc, *(self.namespace(k) for k in range(self.replicas))]:
+        for name in [self.svc, *(self.namespace(k) for k in range(self._slots))]:
             _try("ip", "netns", "del", name)
+
+    @property
+    def _slots(self) -> int:
+        return self.replicas + (self.redis_replica is not None)
 
     def _add_namespace(self, name: str) -> None:
         _run("ip", "netns", "add", name)
@@ -145,7 +154,36 @@ class Network:
              "--dir", str(self.workdir)],
             REDIS_PORT, self.workdir / "redis.log", host=self.address,
         )  # fmt: skip
-        for service in (broker, redis):
+        services = [broker, redis]
+        if (slot := self.redis_replica) is not None:
+            services.append(
+                embedded.LocalService(
+                    "redis replica",
+                    [
+                        *self.command(slot, [embedded.redis_binary()]),
+                        "--port",
+                        str(REDIS_PORT),
+                        "--bind",
+                        self.host(slot),
+                        "--protected-mode",
+                        "no",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(self.workdir / "replica"),
+                        "--replicaof",
+                        self.address,
+                        str(REDIS_PORT),
+                    ],
+                    REDIS_PORT,
+                    self.workdir / "redis-replica.log",
+                    host=self.host(slot),
+                )  # fmt: skip
+            )
+            (self.workdir / "replica").mkdir(exist_ok=True)
+        for service in services:
             service.start()
             self.services.append(service)
 
