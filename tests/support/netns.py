@@ -156,33 +156,18 @@ class Network:
         )  # fmt: skip
         services = [broker, redis]
         if (slot := self.redis_replica) is not None:
+            data = self.workdir / "replica"
+            data.mkdir(exist_ok=True)
+            argv = [
+                *self.command(slot, [embedded.redis_binary()]), "--port", str(REDIS_PORT),
+                "--bind", self.host(slot), "--protected-mode", "no", "--save", "",
+                "--appendonly", "no", "--dir", str(data),
+                "--replicaof", self.address, str(REDIS_PORT),
+            ]  # fmt: skip
+            log = self.workdir / "redis-replica.log"
             services.append(
-                embedded.LocalService(
-                    "redis replica",
-                    [
-                        *self.command(slot, [embedded.redis_binary()]),
-                        "--port",
-                        str(REDIS_PORT),
-                        "--bind",
-                        self.host(slot),
-                        "--protected-mode",
-                        "no",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--dir",
-                        str(self.workdir / "replica"),
-                        "--replicaof",
-                        self.address,
-                        str(REDIS_PORT),
-                    ],
-                    REDIS_PORT,
-                    self.workdir / "redis-replica.log",
-                    host=self.host(slot),
-                )  # fmt: skip
+                embedded.LocalService("redis replica", argv, REDIS_PORT, log, host=self.host(slot))
             )
-            (self.workdir / "replica").mkdir(exist_ok=True)
         for service in services:
             service.start()
             self.services.append(service)
