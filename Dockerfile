@@ -3,8 +3,9 @@
 #   docker run --read-only -e WORKER_KAFKA__BOOTSTRAP_SERVERS=... -e WORKER_REDIS__URL=... \
 #     -v ./worker.toml:/etc/idempotent-worker/worker.toml:ro idempotent-worker
 # Configuration: the TOML file at $WORKER_CONFIG, overridden by WORKER_* variables.
-# Handlers: put your package under /app (e.g. in an image built FROM this one); /app is on
-# PYTHONPATH. The example handlers.orders is installed.
+# Handlers: put your package under /app (e.g. in an image built FROM this one); /app is the
+# working directory, which is on the import path. The example
+# idempotent_worker.examples.orders is installed with the package.
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
@@ -13,8 +14,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
-COPY worker ./worker
-COPY handlers ./handlers
+COPY idempotent_worker ./idempotent_worker
 # Wheels only: confluent-kafka and the rest ship binary wheels, so no compiler is needed.
 # The postgres extra (psycopg) lets mounted handlers use ctx.inbox(conn).
 RUN /opt/venv/bin/pip install --only-binary=:all: --no-compile ".[postgres]" \

@@ -8,8 +8,8 @@ demo: setup
 	.venv/bin/idempotent-worker demo
 
 lint: setup
-	.venv/bin/ruff check worker handlers tests scripts bench
-	.venv/bin/ruff format --check worker handlers tests scripts bench
+	.venv/bin/ruff check idempotent_worker examples tests scripts bench
+	.venv/bin/ruff format --check idempotent_worker examples tests scripts bench
 	.venv/bin/mypy
 
 test: lint

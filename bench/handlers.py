@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from worker import Context, Message
+from idempotent_worker import Context, Message
 
 
 class Tally:

@@ -76,13 +76,14 @@ sys.path.insert(0, str(ROOT))
 from bench import handlers  # noqa: E402
 from bench.sequence import sequence_cost  # noqa: E402
 from bench.store_cost import compare_with, store_cost  # noqa: E402
-from worker import embedded, embedded_postgres  # noqa: E402
-from worker.cli import run_worker  # noqa: E402
-from worker.dedup.base import FIRST_CLAIM, Completion  # noqa: E402
-from worker.dedup.redis import RedisDedupStore  # noqa: E402
-from worker.demo import FAST_CONSUMER, create_topics  # noqa: E402
-from worker.registry import resolve_routes  # noqa: E402
-from worker.settings import Settings  # noqa: E402
+from idempotent_worker.config.registry import resolve_routes  # noqa: E402
+from idempotent_worker.config.settings import Settings  # noqa: E402
+from idempotent_worker.dedup.base import FIRST_CLAIM, Completion  # noqa: E402
+from idempotent_worker.dedup.redis import RedisDedupStore  # noqa: E402
+from idempotent_worker.local import embedded  # noqa: E402
+from idempotent_worker.local import postgres as embedded_postgres  # noqa: E402
+from idempotent_worker.local.demo import FAST_CONSUMER, create_topics  # noqa: E402
+from idempotent_worker.ops.cli import run_worker  # noqa: E402
 
 PARTITIONS = 6
 BATCH = 1000

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 from confluent_kafka import Producer
 
-from worker.demo import create_topics
+from idempotent_worker.local.demo import create_topics
 
 SEQUENCE_ROUTE = {"dedup": "sequence", "entity": "json:entity", "sequence": "json:version"}
 

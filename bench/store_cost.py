@@ -31,10 +31,10 @@ from pathlib import Path
 
 import redis
 
-from worker import embedded
-from worker.dedup.base import Completion
-from worker.dedup.redis import RedisDedupStore
-from worker.dedup.scripts import DEFAULT_TTL_SECONDS
+from idempotent_worker.dedup.base import Completion
+from idempotent_worker.dedup.redis import RedisDedupStore
+from idempotent_worker.dedup.scripts import DEFAULT_TTL_SECONDS
+from idempotent_worker.local import embedded
 
 MEMORY_IDS = 100_000
 PREFIX = "idempotent-worker:orders-worker"
@@ -90,7 +90,7 @@ def store_cost(
 
 def fill_older_windows(client: redis.Redis, prefix: str) -> None:
     """The windows a store has after a week at the default TTL, before this one: each
-    a quarter TTL older, written as the store lays them out (worker/dedup/redis.py)."""
+    a quarter TTL older, written as the store lays them out (idempotent_worker/dedup/redis.py)."""
     now_ms = int(time.time() * 1000)
     ttl_ms = DEFAULT_TTL_SECONDS * 1000
     for age in range(1, OLDER_WINDOWS + 1):

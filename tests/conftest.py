@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from idempotent_worker.local import embedded
+from idempotent_worker.local.demo import create_topics
 from tests.support import chaos, figures, services
-from worker import embedded
-from worker.demo import create_topics
 
 pytest_plugins = ["tests.support.stores"]
 

@@ -1,8 +1,8 @@
 """The local cache of completed ids: pure logic, on a fake clock."""
 
-from worker.cache import CompletedIds
-from worker.dedup import ClaimStatus
-from worker.dedup.base import Claim
+from idempotent_worker.dedup import ClaimStatus
+from idempotent_worker.dedup.base import Claim
+from idempotent_worker.processing.cache import CompletedIds
 
 
 class Clock:

@@ -17,12 +17,12 @@ import time
 import pytest
 import redis
 
+from idempotent_worker.dedup import State
+from idempotent_worker.dedup.redis import RedisDedupStore
+from idempotent_worker.local import embedded
+from idempotent_worker.local.demo import FAST_CONSUMER, metric_sum, probe, scrape
 from tests.support.chaos import PARTITIONS, Scenario, during, wait_until
 from tests.support.kafka import committed_offsets, produce, with_id
-from worker import embedded
-from worker.dedup import State
-from worker.dedup.redis import RedisDedupStore
-from worker.demo import FAST_CONSUMER, metric_sum, probe, scrape
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.chaos]
 

@@ -27,14 +27,14 @@ url = "redis://worker:{SECRETS[1]}@127.0.0.1:1/0"
 
 [[routes]]
 topic = "orders"
-handler = "handlers.orders:handle"
+handler = "idempotent_worker.examples.orders:handle"
 """
 
 
 def cli(*args, env=None, timeout=60):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
     return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
+        [sys.executable, "-m", "idempotent_worker", *args],
         cwd=REPO,
         env={**clean, **(env or {})},
         capture_output=True,
@@ -65,11 +65,15 @@ def test_good_config_passes(tmp_path):
     ("edit", "key"),
     [
         (
-            lambda t: t.replace("handlers.orders:handle", "handlers.nowhere:handle"),
+            lambda t: t.replace(
+                "idempotent_worker.examples.orders:handle", "handlers.nowhere:handle"
+            ),
             "routes[0].handler",
         ),
         (
-            lambda t: t.replace("handlers.orders:handle", "handlers.orders:missing"),
+            lambda t: t.replace(
+                "idempotent_worker.examples.orders:handle", "handlers.orders:missing"
+            ),
             "routes[0].handler",
         ),
         (lambda t: t.replace('group_id = "g"', 'group_id = "g"\nretries = 3'), "kafka.retries"),
@@ -111,7 +115,7 @@ def test_environment_errors_name_the_key(tmp_path):
 
 
 def test_run_refuses_bad_config_before_joining(tmp_path):
-    text = GOOD.replace("handlers.orders:handle", "handlers.nowhere:handle")
+    text = GOOD.replace("idempotent_worker.examples.orders:handle", "handlers.nowhere:handle")
     result = cli("run", "--config", write(tmp_path, text))
     assert result.returncode == 2
     assert "routes[0].handler" in result.stderr
@@ -122,7 +126,7 @@ def test_run_refuses_bad_config_before_joining(tmp_path):
 def test_generate_publishes_rounds_with_the_asked_duplicate_share(
     kafka_bootstrap, unique_name, make_topics
 ):
-    from worker.demo import read_all
+    from idempotent_worker.local.demo import read_all
 
     topic = unique_name("traffic")
     make_topics({topic: 3})

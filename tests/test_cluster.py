@@ -11,13 +11,13 @@ import time
 import pytest
 from redis.crc import key_slot
 
+from idempotent_worker.dedup.base import Completion
+from idempotent_worker.dedup.cluster import RedisClusterDedupStore, bucket_tags
+from idempotent_worker.errors import StoreUnavailable
+from idempotent_worker.local import embedded
+from idempotent_worker.local.demo import read_all
 from tests.support.chaos import PARTITIONS, Scenario, wait_until
 from tests.support.kafka import Record, produce
-from worker import embedded
-from worker.dedup.base import Completion
-from worker.dedup.cluster import RedisClusterDedupStore, bucket_tags
-from worker.demo import read_all
-from worker.errors import StoreUnavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.chaos]
 

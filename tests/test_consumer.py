@@ -12,14 +12,14 @@ import structlog
 from confluent_kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
+from idempotent_worker.kafka.consumer import GroupConsumer
+from idempotent_worker.observe.metrics import Metrics
+from idempotent_worker.observe.server import Health
+from idempotent_worker.processing.parts import Parts
 from tests.sim.broker import Broker, SimConsumer
 from tests.sim.sched import Scheduler
 from tests.support.harness import make_settings
 from tests.support.kafka import Record, produce
-from worker.consumer import GroupConsumer
-from worker.metrics import Metrics
-from worker.parts import Parts
-from worker.server import Health
 
 
 def consume_until(consumer: GroupConsumer, done, seconds: float = 20.0) -> list:

@@ -3,13 +3,13 @@ import json
 
 import pytest
 
-from worker.context import HandlerContext, Output
-from worker.errors import PermanentFailure
-from worker.inbox import Inbox
-from worker.logs import configure_logging, get_logger
-from worker.replies import Kept, decode, encode, resolve, size
-from worker.settings import InboxSettings, LogSettings
-from worker.types import Message
+from idempotent_worker.config.settings import InboxSettings, LogSettings
+from idempotent_worker.errors import PermanentFailure
+from idempotent_worker.inbox import Inbox
+from idempotent_worker.observe.logs import configure_logging, get_logger
+from idempotent_worker.processing.context import HandlerContext, Output
+from idempotent_worker.processing.replies import Kept, decode, encode, resolve, size
+from idempotent_worker.types import Message
 
 
 def context(default_topic="out"):

@@ -8,16 +8,16 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from idempotent_worker.dedup import ClaimStatus, State, lua
+from idempotent_worker.dedup.base import FIRST_CLAIM, Completion
+from idempotent_worker.dedup.cluster import BUCKETS, RedisClusterDedupStore, bucket_tags
+from idempotent_worker.dedup.memory import MemoryDedupStore
+from idempotent_worker.dedup.redis import Durability, RedisDedupStore
+from idempotent_worker.errors import StoreUnavailable
+from idempotent_worker.local import embedded
 from tests.support import stores
 from tests.support.harness import complete
 from tests.support.stores import prefix_keys, sentinel_store
-from worker import embedded
-from worker.dedup import ClaimStatus, State, lua
-from worker.dedup.base import FIRST_CLAIM, Completion
-from worker.dedup.cluster import BUCKETS, RedisClusterDedupStore, bucket_tags
-from worker.dedup.memory import MemoryDedupStore
-from worker.dedup.redis import Durability, RedisDedupStore
-from worker.errors import StoreUnavailable
 
 LEASE = stores.LEASE
 

@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.e2e]
 
 def test_demo_ends_with_summary_and_no_double_processing():
     result = subprocess.run(
-        [sys.executable, "-m", "worker", "demo", "--messages", "1000"],
+        [sys.executable, "-m", "idempotent_worker", "demo", "--messages", "1000"],
         cwd=Path(__file__).resolve().parent.parent,
         capture_output=True,
         text=True,

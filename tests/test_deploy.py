@@ -26,8 +26,14 @@ import pytest
 import yaml
 from confluent_kafka import Producer
 
-from worker import embedded
-from worker.demo import metric_sum, publish_with_duplicates, scrape, spawn_worker, worker_env
+from idempotent_worker.local import embedded
+from idempotent_worker.local.demo import (
+    metric_sum,
+    publish_with_duplicates,
+    scrape,
+    spawn_worker,
+    worker_env,
+)
 
 pytestmark = pytest.mark.deploy
 
@@ -337,7 +343,11 @@ def test_prometheus_evaluates_every_panel_rule_and_alert_on_a_live_worker(
     topic = unique_name("orders")
     make_topics({topic: 3, f"{topic}.accepted": 3, f"{topic}.dlq": 1})
     routes = [
-        {"topic": topic, "handler": "handlers.orders:handle", "output_topic": f"{topic}.accepted"}
+        {
+            "topic": topic,
+            "handler": "idempotent_worker.examples.orders:handle",
+            "output_topic": f"{topic}.accepted",
+        }
     ]
     port = embedded.free_port()
     env = worker_env(kafka_bootstrap, redis_url, unique_name("group"), port, routes)

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.kafka import group_lag
-from worker import embedded
-from worker.demo import (
+from idempotent_worker.local import embedded
+from idempotent_worker.local.demo import (
     follow_progress,
     publish_with_duplicates,
     read_all,
@@ -17,6 +16,7 @@ from worker.demo import (
     wait_for_group,
     worker_env,
 )
+from tests.support.kafka import group_lag
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 

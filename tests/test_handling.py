@@ -1,4 +1,4 @@
-"""The per-message state machine (worker/handling.py) on in-memory parts: the memory
+"""The per-message state machine (processing/handling.py) on in-memory parts: the memory
 store with a virtual clock, a producer whose deliveries fail on demand. What happens
 after a handler succeeded is the worker's business, never the handler's."""
 
@@ -14,22 +14,22 @@ from confluent_kafka import KafkaError
 from confluent_kafka import Message as KafkaMessage
 from prometheus_client import CollectorRegistry
 
+from idempotent_worker.config.registry import resolve_routes
+from idempotent_worker.dedup import State
+from idempotent_worker.dedup.memory import MemoryDedupStore
+from idempotent_worker.errors import KafkaOperationError, PermanentFailure, StoreUnavailable
+from idempotent_worker.kafka.outputs import Delivery
+from idempotent_worker.observe.metrics import Metrics
+from idempotent_worker.observe.server import Health
+from idempotent_worker.processing.aio import EventLoopThread
+from idempotent_worker.processing.cache import CompletedIds
+from idempotent_worker.processing.guard import GuardedStore
+from idempotent_worker.processing.handling import Handling, assemble
+from idempotent_worker.processing.items import Item, prepare
+from idempotent_worker.processing.leases import LeaseKeeper
+from idempotent_worker.processing.parts import SystemClock
 from tests.support.harness import make_settings
 from tests.support.stores import FakeClock
-from worker.aio import EventLoopThread
-from worker.cache import CompletedIds
-from worker.dedup import State
-from worker.dedup.memory import MemoryDedupStore
-from worker.errors import KafkaOperationError, PermanentFailure, StoreUnavailable
-from worker.guard import GuardedStore
-from worker.handling import Handling, assemble
-from worker.items import Item, prepare
-from worker.leases import LeaseKeeper
-from worker.metrics import Metrics
-from worker.outputs import Delivery
-from worker.parts import SystemClock
-from worker.registry import resolve_routes
-from worker.server import Health
 
 LEASE = 10.0
 TOPIC = "orders"

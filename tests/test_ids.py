@@ -2,8 +2,8 @@ import hashlib
 
 import pytest
 
-from worker.errors import MessageIdError
-from worker.ids import MAX_ID_LENGTH, parse_id_spec, parse_position_specs
+from idempotent_worker.config.ids import MAX_ID_LENGTH, parse_id_spec, parse_position_specs
+from idempotent_worker.errors import MessageIdError
 
 
 def extract(spec, *, key=None, value=None, headers=None, topic="t", partition=1, offset=7):

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from idempotent_worker.local import embedded
+from idempotent_worker.local.demo import FAST_CONSUMER, metric_sum, scrape, wait_for_group
 from tests.support import figures, images
 from tests.support.chaos import message_ids
 from tests.support.kafka import Record, group_lag, produce
-from worker import embedded
-from worker.demo import FAST_CONSUMER, metric_sum, scrape, wait_for_group
 
 pytestmark = [pytest.mark.image, pytest.mark.integration]
 

@@ -22,14 +22,14 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
 
-from worker.context import HandlerContext
-from worker.errors import ConfigError, PermanentFailure, RetryLater
-from worker.inbox import AlreadyApplied, Inbox
-from worker.inbox.cleanup import InboxCleanup
-from worker.inbox.sql import Table
-from worker.metrics import Metrics
-from worker.settings import InboxSettings, Settings, load_settings
-from worker.types import Message
+from idempotent_worker.config.settings import InboxSettings, Settings, load_settings
+from idempotent_worker.errors import ConfigError, PermanentFailure, RetryLater
+from idempotent_worker.inbox import AlreadyApplied, Inbox
+from idempotent_worker.inbox.cleanup import InboxCleanup
+from idempotent_worker.inbox.sql import Table
+from idempotent_worker.observe.metrics import Metrics
+from idempotent_worker.processing.context import HandlerContext
+from idempotent_worker.types import Message
 
 pytestmark = pytest.mark.integration
 
@@ -269,7 +269,7 @@ def test_inbox_ddl_prints_what_the_worker_creates(conn, names, tmp_path):
     table = names("migrated")
     load_inbox(tmp_path, f'table = "{table}"')  # writes tmp_path / "worker.toml"
     config = tmp_path / "worker.toml"
-    argv = [sys.executable, "-m", "worker", "inbox", "ddl", "--config", str(config)]
+    argv = [sys.executable, "-m", "idempotent_worker", "inbox", "ddl", "--config", str(config)]
     ddl = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     assert f'CREATE TABLE IF NOT EXISTS "public"."{table}"' in ddl
     for statement in filter(str.strip, ddl.split(";")):
@@ -333,7 +333,7 @@ def test_cleanup_deletes_only_the_groups_expired_rows_in_bounded_batches(postgre
 
 
 def cleanup_lock(group: str) -> int:
-    from worker.inbox.sql import lock_key
+    from idempotent_worker.inbox.sql import lock_key
 
     return lock_key("cleanup", group)
 

@@ -17,17 +17,17 @@ import psycopg
 import pytest
 import structlog
 
+from idempotent_worker.config.settings import InboxSettings
+from idempotent_worker.dedup import State
+from idempotent_worker.dedup.redis import RedisDedupStore
+from idempotent_worker.inbox import Inbox
+from idempotent_worker.inbox.sql import lock_key
+from idempotent_worker.local.demo import metric_sum, read_all, scrape
+from idempotent_worker.processing.context import HandlerContext
+from idempotent_worker.types import Message
 from tests.support.chaos import PARTITIONS, Row, Scenario, message_ids, report, wait_until
 from tests.support.harness import make_settings, run_worker
 from tests.support.kafka import produce, with_id
-from worker.context import HandlerContext
-from worker.dedup import State
-from worker.dedup.redis import RedisDedupStore
-from worker.demo import metric_sum, read_all, scrape
-from worker.inbox import Inbox
-from worker.inbox.sql import lock_key
-from worker.settings import InboxSettings
-from worker.types import Message
 
 HANDLERS = "tests.support.inbox_handlers"
 

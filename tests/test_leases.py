@@ -7,14 +7,14 @@ import time
 import structlog
 from prometheus_client import CollectorRegistry
 
+from idempotent_worker.dedup import ClaimStatus, State
+from idempotent_worker.dedup.memory import MemoryDedupStore
+from idempotent_worker.errors import StoreUnavailable
+from idempotent_worker.observe.metrics import Metrics
+from idempotent_worker.observe.server import Health
+from idempotent_worker.processing.leases import LeaseKeeper
+from idempotent_worker.processing.parts import Parts
 from tests.sim.sched import Scheduler, SimClock
-from worker.dedup import ClaimStatus, State
-from worker.dedup.memory import MemoryDedupStore
-from worker.errors import StoreUnavailable
-from worker.leases import LeaseKeeper
-from worker.metrics import Metrics
-from worker.parts import Parts
-from worker.server import Health
 
 LEASE = 0.3
 

@@ -7,12 +7,12 @@ import signal
 
 import pytest
 
+from idempotent_worker.config.settings import load_settings
+from idempotent_worker.errors import ConfigError
+from idempotent_worker.local.demo import read_all
 from tests.support.chaos import Scenario, wait_until
 from tests.support.harness import make_settings, run_worker
 from tests.support.kafka import produce, with_id
-from worker.demo import read_all
-from worker.errors import ConfigError
-from worker.settings import load_settings
 
 pytestmark = pytest.mark.integration
 

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
+from idempotent_worker.dedup.redis import RedisDedupStore
+from idempotent_worker.local.demo import read_all
+from idempotent_worker.ops.cli import main
 from tests.support.harness import Run, make_settings, run_worker
 from tests.support.kafka import dead_letter, produce, with_id
-from worker.cli import main
-from worker.dedup.redis import RedisDedupStore
-from worker.demo import read_all
 
 pytestmark = pytest.mark.integration
 

@@ -19,11 +19,11 @@ from collections import Counter
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from idempotent_worker.local.demo import create_topics, read_all
 from tests.support import netns
 from tests.support.chaos import PARTITIONS, REPO, Scenario, during, wait_until
 from tests.support.kafka import dead_letter, produce
 from tests.support.netns import Network
-from worker.demo import create_topics, read_all
 
 pytestmark = [
     pytest.mark.chaos,
@@ -241,7 +241,7 @@ def test_a_dlq_replay_cut_mid_run_replays_each_letter_once(tmp_path, unique_name
         )
         argv = network.command(
             0,
-            [sys.executable, "-m", "worker", "dlq", "replay", "--topic", dlq, "--config",
+            [sys.executable, "-m", "idempotent_worker", "dlq", "replay", "--topic", dlq, "--config",
              str(config)],
         )  # fmt: skip
         first = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -9,10 +9,10 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.dedup.base import ClaimStatus, Completion
-from worker.dedup.encoding import RecordCodec, short_hash
-from worker.errors import MessageIdError
-from worker.ids import MAX_ID_LENGTH, SEPARATOR, parse_id_spec
+from idempotent_worker.config.ids import MAX_ID_LENGTH, SEPARATOR, parse_id_spec
+from idempotent_worker.dedup.base import ClaimStatus, Completion
+from idempotent_worker.dedup.encoding import RecordCodec, short_hash
+from idempotent_worker.errors import MessageIdError
 
 TOPICS = st.from_regex(r"[A-Za-z0-9._-]{1,40}", fullmatch=True)
 PARTITIONS = st.integers(min_value=0, max_value=100_000)

@@ -1,9 +1,9 @@
-"""The completed records' values (worker/dedup/encoding.py): pure logic, no server."""
+"""The completed records' values (idempotent_worker/dedup/encoding.py): pure logic, no server."""
 
 import pytest
 
-from worker.dedup.base import ClaimStatus, Completion
-from worker.dedup.encoding import RecordCodec, short_hash
+from idempotent_worker.dedup.base import ClaimStatus, Completion
+from idempotent_worker.dedup.encoding import RecordCodec, short_hash
 
 FINGERPRINT = "9f86d081884c7d65"
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from idempotent_worker.dedup import ClaimStatus, State
+from idempotent_worker.dedup.redis import RedisDedupStore
+from idempotent_worker.local import embedded
+from idempotent_worker.local.demo import read_all, spawn_worker, worker_env
 from tests.support.harness import Run, make_settings
 from tests.support.kafka import Record, group_lag, produce, with_id
-from worker import embedded
-from worker.dedup import ClaimStatus, State
-from worker.dedup.redis import RedisDedupStore
-from worker.demo import read_all, spawn_worker, worker_env
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ import pytest
 import redis
 import trustme
 
+from idempotent_worker.local import embedded
+from idempotent_worker.local.demo import spawn_worker, worker_env
 from tests.support.kafka import produce, with_id
-from worker import embedded
-from worker.demo import spawn_worker, worker_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 

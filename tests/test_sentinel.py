@@ -11,10 +11,10 @@ import urllib.request
 
 import pytest
 
+from idempotent_worker.local import embedded
+from idempotent_worker.local.demo import read_all
 from tests.support.chaos import PARTITIONS, Scenario, during, wait_until
 from tests.support.kafka import Record, produce, with_id
-from worker import embedded
-from worker.demo import read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.chaos]
 

@@ -16,11 +16,11 @@ import pytest
 import redis
 from confluent_kafka import Producer
 
+from idempotent_worker.local.demo import read_all
 from tests.support import figures
 from tests.support.chaos import PARTITIONS, Row, Scenario, report, wait_until
 from tests.support.harness import make_settings, run_worker
 from tests.support.kafka import Record, produce
-from worker.demo import read_all
 
 pytestmark = pytest.mark.integration
 

@@ -3,9 +3,9 @@ store: the in-memory one, Redis, Redis through Sentinel and a Redis Cluster."""
 
 import pytest
 
+from idempotent_worker.dedup import ClaimStatus, State
+from idempotent_worker.dedup.base import Completion
 from tests.support.stores import LEASE, prefix_keys
-from worker.dedup import ClaimStatus, State
-from worker.dedup.base import Completion
 
 ENTITY = "orders\x1f42"
 

@@ -4,9 +4,9 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry
 
-from worker.consumer import group_problem
-from worker.metrics import Metrics
-from worker.server import STUCK_SECONDS, Health, HttpServer
+from idempotent_worker.kafka.consumer import group_problem
+from idempotent_worker.observe.metrics import Metrics
+from idempotent_worker.observe.server import STUCK_SECONDS, Health, HttpServer
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 import pytest
 
-from worker.consumer import CONSUMER_DEFAULTS
-from worker.errors import ConfigError
-from worker.settings import client_config, load_settings
+from idempotent_worker.config.settings import client_config, load_settings
+from idempotent_worker.errors import ConfigError
+from idempotent_worker.kafka.consumer import CONSUMER_DEFAULTS
 
 MINIMAL = """
 [kafka]
@@ -14,7 +14,7 @@ url = "redis://:s3cret-redis@localhost:6379/0"
 
 [[routes]]
 topic = "orders"
-handler = "handlers.orders:handle"
+handler = "idempotent_worker.examples.orders:handle"
 """
 
 
@@ -80,7 +80,9 @@ def test_config_path_from_environment(config, monkeypatch):
         ),
         (MINIMAL + "\n[dedup]\nttl = 5\n", "dedup.ttl", "unknown key"),
         (
-            MINIMAL.replace('handler = "handlers.orders:handle"', 'handler = "no colon"'),
+            MINIMAL.replace(
+                'handler = "idempotent_worker.examples.orders:handle"', 'handler = "no colon"'
+            ),
             "routes[0].handler",
             "",
         ),
@@ -114,7 +116,8 @@ def test_config_path_from_environment(config, monkeypatch):
         ),
         (
             MINIMAL.replace(
-                'handler = "handlers.orders:handle"', 'handler = "a:b"\ntimeout_seconds = 300'
+                'handler = "idempotent_worker.examples.orders:handle"',
+                'handler = "a:b"\ntimeout_seconds = 300',
             ),
             "routes[0].timeout_seconds",
             "polling thread",

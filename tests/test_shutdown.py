@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from idempotent_worker.local import embedded
+from idempotent_worker.local.demo import metric_sum, probe, scrape, spawn_worker, worker_env
 from tests.support.kafka import Record, group_lag, produce
-from worker import embedded
-from worker.demo import metric_sum, probe, scrape, spawn_worker, worker_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 

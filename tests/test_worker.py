@@ -4,12 +4,12 @@ import time
 
 import pytest
 
+from idempotent_worker.dedup import State
+from idempotent_worker.dedup.redis import RedisDedupStore
+from idempotent_worker.local import embedded
+from idempotent_worker.local.demo import read_all
 from tests.support.harness import Run, complete, make_settings, run_worker
 from tests.support.kafka import Record, group_lag, produce, with_id
-from worker import embedded
-from worker.dedup import State
-from worker.dedup.redis import RedisDedupStore
-from worker.demo import read_all
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """An in-memory Kafka for the simulator: topics, a consumer group, an idempotent producer.
 
-The consumer and producer answer the calls worker/consumer.py and worker/outputs.py
+The consumer and producer answer the calls kafka/consumer.py and kafka/outputs.py
 make of confluent-kafka's clients, on the scheduler's virtual time:
 
 - the group assigns partitions eagerly: on a change every member is revoked first
@@ -164,7 +164,7 @@ class Broker:
 
 
 class SimConsumer:
-    """confluent-kafka's ``Consumer``, as far as worker/consumer.py uses it."""
+    """confluent-kafka's ``Consumer``, as far as idempotent_worker/kafka/consumer.py uses it."""
 
     def __init__(self, broker: Broker, config: dict[str, Any]) -> None:
         self.broker = broker
@@ -313,7 +313,7 @@ class _Pending:
 
 
 class SimProducer:
-    """confluent-kafka's ``Producer``, as far as worker/outputs.py uses it. What each
+    """confluent-kafka's ``Producer``, as far as kafka/outputs.py uses it. What each
     delivery does is ``deliveries()``'s answer: (latency, fails) or None (never
     answered: the delivery is dropped once its timeout passes)."""
 

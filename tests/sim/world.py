@@ -34,19 +34,19 @@ import structlog.testing
 from confluent_kafka import Message as KafkaMessage
 from prometheus_client import CollectorRegistry
 
+from idempotent_worker.config.ids import SEPARATOR
+from idempotent_worker.config.registry import resolve_routes
+from idempotent_worker.dedup.base import State
+from idempotent_worker.dedup.memory import MemoryDedupStore
+from idempotent_worker.errors import PermanentFailure, RetryLater, StoreUnavailable
+from idempotent_worker.observe.metrics import Metrics
+from idempotent_worker.observe.server import Health
+from idempotent_worker.processing.loop import Worker
+from idempotent_worker.processing.parts import Parts
 from tests.sim.broker import TP, Broker, SimConsumer, SimProducer
 from tests.sim.handlers import SHAPES
 from tests.sim.sched import Scheduler, SimClock, SimPool
 from tests.support.harness import make_settings
-from worker.dedup.base import State
-from worker.dedup.memory import MemoryDedupStore
-from worker.errors import PermanentFailure, RetryLater, StoreUnavailable
-from worker.ids import SEPARATOR
-from worker.loop import Worker
-from worker.metrics import Metrics
-from worker.parts import Parts
-from worker.registry import resolve_routes
-from worker.server import Health
 
 LEASE = 6.0
 TIME_LIMIT = 900.0

@@ -15,11 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tests.support import netns
-from tests.support.kafka import group_lag
-from tests.support.netns import Network
-from worker import embedded
-from worker.demo import (
+from idempotent_worker.local import embedded
+from idempotent_worker.local.demo import (
     generate_traffic,
     metric_sum,
     probe,
@@ -29,6 +26,9 @@ from worker.demo import (
     wait_for_group,
     worker_env,
 )
+from tests.support import netns
+from tests.support.kafka import group_lag
+from tests.support.netns import Network
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PARTITIONS = 6

@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import ClassVar
 
-from worker import Context, Message, PermanentFailure
+from idempotent_worker import Context, Message, PermanentFailure
 
 
 def _record(message: Message) -> None:

@@ -7,14 +7,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from worker.dedup import open_store
-from worker.dedup.base import Completion, DedupStore
-from worker.demo import FAST_CONSUMER
-from worker.loop import Worker
-from worker.metrics import Metrics
-from worker.registry import resolve_routes
-from worker.server import Health
-from worker.settings import Settings
+from idempotent_worker.config.registry import resolve_routes
+from idempotent_worker.config.settings import Settings
+from idempotent_worker.dedup import open_store
+from idempotent_worker.dedup.base import Completion, DedupStore
+from idempotent_worker.local.demo import FAST_CONSUMER
+from idempotent_worker.observe.metrics import Metrics
+from idempotent_worker.observe.server import Health
+from idempotent_worker.processing.loop import Worker
 
 
 def make_settings(

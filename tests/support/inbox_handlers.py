@@ -15,7 +15,7 @@ import psycopg
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
 
-from worker import Context, Message
+from idempotent_worker import Context, Message
 
 _local = threading.local()
 _engine: Any = None

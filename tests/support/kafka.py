@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from worker.demo import read_all
+from idempotent_worker.local.demo import read_all
 
 
 @dataclass

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from worker import embedded
+from idempotent_worker.local import embedded
 
 BROKER_PORT = 9092
 REDIS_PORT = 6379

@@ -21,7 +21,8 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from worker import embedded, embedded_postgres
+from idempotent_worker.local import embedded
+from idempotent_worker.local import postgres as embedded_postgres
 
 SENTINEL_PASSWORD = "s3cret-sentinel"
 """What the session's Sentinels ask of their clients (the Redis servers ask nothing)."""

@@ -8,10 +8,10 @@ import uuid
 import pytest
 import redis
 
+from idempotent_worker.dedup.cluster import RedisClusterDedupStore
+from idempotent_worker.dedup.memory import MemoryDedupStore
+from idempotent_worker.dedup.redis import RedisDedupStore
 from tests.support.services import SENTINEL_PASSWORD
-from worker.dedup.cluster import RedisClusterDedupStore
-from worker.dedup.memory import MemoryDedupStore
-from worker.dedup.redis import RedisDedupStore
 
 LEASE = 0.3
 

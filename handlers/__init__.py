@@ -1,1 +1,0 @@
-"""Business handlers: the examples shipped with the worker, and the place for yours."""

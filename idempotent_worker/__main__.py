@@ -1,0 +1,5 @@
+import sys
+
+from idempotent_worker.ops.cli import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""Routes resolved at start-up: each topic's handler imported and its id extractor built."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from idempotent_worker.config.ids import (
+    IdExtractor,
+    PositionExtractor,
+    parse_id_spec,
+    parse_position_specs,
+)
+from idempotent_worker.config.routes import Route
+from idempotent_worker.config.settings import Settings
+from idempotent_worker.errors import ConfigError
+from idempotent_worker.types import Handler
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedRoute:
+    topic: str
+    handler_path: str
+    handler: Handler
+    extract_id: IdExtractor
+    output_topic: str | None
+    dlq_topic: str
+    timeout_seconds: float
+    max_in_flight: int
+    dedup: str
+    """``id``, ``shadow`` or ``sequence`` (see idempotent_worker/processing/modes/)."""
+    on_duplicate: str
+    reply_header: str | None
+    """The header naming the topic of outputs that name none (``reply_to``)."""
+    correlation_header: str | None
+    extract_position: PositionExtractor | None = None
+    """``dedup = "sequence"``: the message's entity and sequence."""
+    on_gap: str = "process"
+
+    def default_topic(self, headers: Mapping[str, bytes]) -> str | None:
+        """Where a message's outputs that name no topic go: its reply header's topic,
+        else the route's output topic."""
+        if self.reply_header is not None and (reply := headers.get(self.reply_header)):
+            return reply.decode(errors="replace")
+        return self.output_topic
+
+    def correlation(self, headers: Mapping[str, bytes]) -> tuple[str, bytes] | None:
+        """The header copied onto the message's replies, if the route and message have one."""
+        if self.correlation_header is None or self.correlation_header not in headers:
+            return None
+        return self.correlation_header, headers[self.correlation_header]
+
+
+def import_handler(path: str, key: str) -> Handler:
+    """Import ``package.module:function``; raise ConfigError naming ``key`` if that fails."""
+    module_name, _, attribute = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of user code is a config problem
+        raise ConfigError(key, f"cannot import module '{module_name}': {exc}") from exc
+    handler = getattr(module, attribute, None)
+    if handler is None:
+        raise ConfigError(key, f"module '{module_name}' has no attribute '{attribute}'")
+    if not callable(handler):
+        raise ConfigError(key, f"'{path}' is not callable")
+    try:
+        signature = inspect.signature(handler)
+    except ValueError:  # a builtin without an introspectable signature: trust it
+        return handler  # type: ignore[no-any-return]
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise ConfigError(key, f"'{path}' must accept (message, ctx)") from None
+    return handler  # type: ignore[no-any-return]
+
+
+def resolve_routes(settings: Settings) -> dict[str, ResolvedRoute]:
+    """Every route by topic, with handlers imported. Fails on the first bad route."""
+    routes = {}
+    for index, route in enumerate(settings.routes):
+        routes[route.topic] = _resolve(index, route, settings.handler_timeout(route))
+    return routes
+
+
+def _resolve(index: int, route: Route, timeout_seconds: float) -> ResolvedRoute:
+    handler = import_handler(route.handler, f"routes[{index}].handler")
+    return ResolvedRoute(
+        topic=route.topic,
+        handler_path=route.handler,
+        handler=handler,
+        extract_id=parse_id_spec(route.id),
+        output_topic=route.output_topic,
+        dlq_topic=route.dead_letter_topic,
+        timeout_seconds=timeout_seconds,
+        max_in_flight=route.max_in_flight,
+        dedup=route.dedup,
+        on_duplicate=route.on_duplicate,
+        reply_header=route.reply_to.removeprefix("header:") if route.reply_to else None,
+        correlation_header=route.correlation_header,
+        extract_position=(
+            parse_position_specs(route.entity, route.sequence)
+            if route.entity is not None and route.sequence is not None
+            else None
+        ),
+        on_gap=route.on_gap,
+    )

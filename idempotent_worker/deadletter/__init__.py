@@ -1,0 +1,1 @@
+"""Dead letters: the letter and its writer, and ``dlq replay``."""

@@ -1,0 +1,2 @@
+"""Observability: Prometheus metrics, the HTTP server (``/metrics``, ``/healthz``,
+``/readyz``) and structured logs."""

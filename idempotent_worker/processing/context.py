@@ -1,0 +1,119 @@
+"""The ``ctx`` a handler receives: its attempt number, a bound logger, ``emit`` and
+``inbox``.
+
+``emit`` only collects outputs. The loop produces them after the handler returns and
+after checking that this replica still holds the message's claim, so a replica that
+lost its claim while it ran (a zombie, paused past its lease) publishes nothing.
+``inbox`` is the transactional inbox of database handlers (see :mod:`idempotent_worker.inbox`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from structlog.typing import FilteringBoundLogger
+
+from idempotent_worker.errors import PermanentFailure
+from idempotent_worker.types import Message
+
+if TYPE_CHECKING:
+    from idempotent_worker.inbox import Applied, Inbox, InboxBlock
+    from idempotent_worker.processing.replies import Kept
+
+OUTPUT_ID_HEADER = "message-id"
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    topic: str
+    value: bytes | str | None
+    key: bytes | str | None
+    headers: list[tuple[str, bytes | str]]
+
+
+class HandlerContext:
+    def __init__(
+        self,
+        message: Message,
+        attempt: int,
+        make_logger: Callable[[], FilteringBoundLogger],
+        default_topic: str | None,
+        inbox: Inbox,
+        fingerprint: str,
+        origin: str,
+        correlation: tuple[str, bytes] | None = None,
+    ) -> None:
+        self._message = message
+        self._attempt = attempt
+        self._make_logger = make_logger
+        self._logger: FilteringBoundLogger | None = None
+        self._default_topic = default_topic
+        self._inbox = inbox
+        self._inbox_entered = False
+        self.fingerprint = fingerprint
+        self.origin = origin
+        self._correlation = correlation
+        self.outputs: list[Output] = []
+        """What the handler emitted, in order."""
+        self._named: list[bool] = []
+        """Per output: whether the handler named its topic."""
+        self.applied: Applied | None = None
+        """Set when the inbox found this id applied by an earlier run."""
+
+    @property
+    def message_id(self) -> str:
+        return self._message.id
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt
+
+    @property
+    def logger(self) -> FilteringBoundLogger:
+        # Bound on first use: most handlers never log, and binding costs on every message.
+        if self._logger is None:
+            self._logger = self._make_logger()
+        return self._logger
+
+    def emit(
+        self,
+        value: bytes | str | None,
+        *,
+        topic: str | None = None,
+        key: bytes | str | None = None,
+        headers: Mapping[str, bytes | str] | None = None,
+    ) -> str:
+        target = topic or self._default_topic
+        if target is None:
+            raise PermanentFailure("ctx.emit() without topic= on a route that has no output_topic")
+        # The n-th output of an input gets the same id on every run, so a re-run after a
+        # crash re-emits ids that a downstream idempotent consumer skips.
+        output_id = f"{self._message.id}:{len(self.outputs)}"
+        extra = [(name, value) for name, value in (headers or {}).items()]
+        if topic is None and self._correlation is not None:
+            extra.append(self._correlation)  # a reply carries the request's correlation id
+        self.outputs.append(Output(target, value, key, [(OUTPUT_ID_HEADER, output_id), *extra]))
+        self._named.append(topic is not None)
+        return output_id
+
+    def kept(self) -> list[Kept]:
+        """The outputs so far as kept for producing again (see processing/replies.py)."""
+        from idempotent_worker.processing.replies import keep
+
+        correlated = self._correlation is not None
+        return [
+            keep(output, named, correlated and not named)
+            for output, named in zip(self.outputs, self._named, strict=True)
+        ]
+
+    def inbox(self, connection: object) -> InboxBlock:
+        from idempotent_worker.inbox import InboxBlock
+
+        return InboxBlock(self._inbox, self, connection)
+
+    def enter_inbox(self) -> None:
+        if self._inbox_entered:
+            raise PermanentFailure("ctx.inbox() can be entered once per run of a handler")
+        self._inbox_entered = True

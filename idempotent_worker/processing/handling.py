@@ -1,0 +1,441 @@
+"""One message, from its claim to its end: the per-message state machine.
+
+    handle(claim)
+      COMPLETED   -> the route's mode: skip it, replay its reply, or (shadow) run it
+      CLAIMED     -> run:
+        begin       count the run when earlier runs began (and flush what is handled)
+        too many    runs began and none finished: dead-letter (attempts_exhausted)
+        attempt     the handler, then its outputs (fenced by the claim) -> handled
+        lease lost  another replica took the id: nothing produced, nothing completed
+        failure     retry after backoff (claim released, taken again), or dead-letter
+
+Completions are written in groups by idempotent_worker/processing/completions.py; dead letters by
+deadletter/letter.py; what a route does with duplicates is its mode (processing/modes/).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from structlog.typing import FilteringBoundLogger
+
+from idempotent_worker.config.registry import ResolvedRoute
+from idempotent_worker.config.settings import Settings
+from idempotent_worker.deadletter.letter import DeadLetter, DeadLetterWriter
+from idempotent_worker.dedup.base import Claim, ClaimStatus, Completion
+from idempotent_worker.errors import (
+    Interrupted,
+    KafkaOperationError,
+    LeaseLost,
+    PermanentFailure,
+    RetryLater,
+)
+from idempotent_worker.inbox import AlreadyApplied, Inbox
+from idempotent_worker.kafka.outputs import DELIVERY_TIMEOUT, Outputs
+from idempotent_worker.observe.metrics import Metrics
+from idempotent_worker.processing.aio import EventLoopThread
+from idempotent_worker.processing.cache import CompletedIds
+from idempotent_worker.processing.completions import Completions, Handled
+from idempotent_worker.processing.context import HandlerContext, Output
+from idempotent_worker.processing.guard import GuardedStore
+from idempotent_worker.processing.items import Item
+from idempotent_worker.processing.leases import LeaseKeeper
+from idempotent_worker.processing.modes import DedupMode, duplicate_reason, mode_for
+from idempotent_worker.processing.outcomes import Outcomes, fields_of
+from idempotent_worker.processing.parts import Clock
+from idempotent_worker.processing.replies import resolve
+
+CLAIM_WAIT_INTERVAL = 0.05
+
+
+def noop() -> None:
+    """Nothing to let go before a wait (a caller without a batch of claims)."""
+
+
+class Handling:
+    def __init__(
+        self,
+        settings: Settings,
+        modes: Mapping[str, DedupMode],
+        store: GuardedStore,
+        leases: LeaseKeeper,
+        outputs: Outputs,
+        completions: Completions,
+        dead_letters: DeadLetterWriter,
+        cache: CompletedIds,
+        inbox: Inbox,
+        event_loop: EventLoopThread,
+        metrics: Metrics,
+        outcomes: Outcomes,
+        log: FilteringBoundLogger,
+        sleep: Callable[[float], bool],
+        new_token: Callable[[], str],
+    ) -> None:
+        self._settings = settings
+        self.modes = modes
+        self._store = store
+        self._leases = leases
+        self._outputs = outputs
+        self.completions = completions
+        self.dead_letters = dead_letters
+        self._cache = cache
+        self._inbox = inbox
+        self._event_loop = event_loop
+        self.metrics = metrics
+        self.outcomes = outcomes
+        self.log = log
+        self.sleep = sleep
+        self._new_token = new_token
+
+    def handle(
+        self, item: Item, claim: Claim | None, token: str, before_wait: Callable[[], None] = noop
+    ) -> None:
+        """Take ``item`` to its end from ``claim``; ``before_wait`` is called before a
+        retry waits on another replica's claim (the loop lets its lane's later claims go)."""
+        if claim is None:
+            return
+        mode = self.modes[item.route.topic]
+        if claim.status is ClaimStatus.COMPLETED:
+            mode.duplicate(self, item, claim)
+        elif mode.admit(self, item, claim, token):
+            self.run(item, token, claim.attempt, before_wait)
+
+    def acquire(
+        self, item: Item, token: str, before_wait: Callable[[], None] = noop
+    ) -> Claim | None:
+        """Claim one message's id (or entity), waiting while another claim holds it (after
+        calling ``before_wait``). None if stopping meanwhile."""
+        claim = self._claim(item, token)
+        if claim.status is ClaimStatus.BUSY:
+            # Perhaps our own completion, not written yet: write it, then look again.
+            self.completions.flush()
+            claim = self._claim(item, token)
+        if claim.status is ClaimStatus.BUSY:
+            before_wait()
+            self.metrics.claim_waits.labels(item.route.topic).inc()
+            self.log.info("waiting for another claim", id=item.id, origin=item.origin)
+        while claim.status is ClaimStatus.BUSY:
+            if not self.sleep(CLAIM_WAIT_INTERVAL):
+                return None
+            # Other lanes' handled messages are written while this one waits: their
+            # claims may be what the other replica waits for.
+            self.completions.flush_if_lingered()
+            claim = self._claim(item, token)
+        if claim.status is ClaimStatus.CLAIMED:
+            self._leases.hold(token, [item.key])
+        return claim
+
+    def _claim(self, item: Item, token: str) -> Claim:
+        if item.sequence is None:
+            return self._store.claim([item.key], token)[item.key]
+        return self._store.claim_positions([(item.key, item.sequence)], token)[item.key]
+
+    # -- duplicates ----------------------------------------------------------------------
+
+    def skip(self, item: Item, claim: Claim, reason: str | None = None) -> None:
+        """Count ``item`` as a duplicate of ``claim``'s completed id; a different payload
+        follows ``dedup.on_payload_conflict``."""
+        reason = reason or duplicate_reason(item, claim)
+        if reason == "conflict" and self._settings.dedup.on_payload_conflict == "dead_letter":
+            detail = (
+                f"id {item.id!r} was already processed from {claim.origin} with a different payload"
+            )
+            self.dead_letters.write(
+                item, DeadLetter("id_conflict", "PayloadConflict", detail, 0, item.id)
+            )
+            return
+        if reason != "conflict":
+            self._cache.put(item.id, Claim(ClaimStatus.COMPLETED, claim.origin, claim.fingerprint))
+        self.metrics.duplicates.labels(item.route.topic, reason).inc()
+        if self.outcomes.debug:
+            self.outcomes.log(item, "duplicate", reason=reason, first_seen=claim.origin)
+        item.done = True
+
+    # -- a claimed message ---------------------------------------------------------------
+
+    def run(
+        self, item: Item, token: str, attempt: int, before_wait: Callable[[], None] = noop
+    ) -> None:
+        """Run the handler until it succeeds or the message is given up.
+
+        ``attempt`` is the run number the claim already counted (a fresh claim counts
+        run 1), or 0 when the run must be counted first: earlier runs began and did
+        not finish (a crash, a timeout) or failed."""
+        while True:
+            if attempt == 0:
+                # Runs of this id began before and did not finish: it may be the message
+                # that kills its worker. Complete what was handled before it runs.
+                self.completions.flush()
+                attempt = self._store.begin(item.key, token)
+            if attempt > self._settings.retry.max_attempts:
+                # Earlier runs started and never finished: their worker died or timed out.
+                detail = f"{attempt - 1} runs started and none finished (crash or timeout?)"
+                exhausted = DeadLetter(
+                    "attempts_exhausted", "AttemptsExhausted", detail, attempt - 1, item.id
+                )
+                self.give_up(item, token, exhausted)
+                return
+            if attempt:
+                self.completions.flush_if_lingered()  # may wait out a store outage
+            if not attempt or (
+                not self._leases.fresh(token, item.key)
+                and not self._store.renew([item.key], token)[0]
+            ):
+                # The claim expired before the run (a long wait on Redis), or it was not
+                # renewed for most of a lease (an outage) and may have run out, the id
+                # taken by another replica. Claim it afresh (a duplicate by now, or a
+                # wait) rather than run on a lost claim.
+                self._leases.drop(token, [item.key])
+                token = self._new_token()
+                claim = self._reclaim(item, token, before_wait)
+                if claim is None:
+                    return
+                attempt = claim.attempt
+                continue
+            started = time.perf_counter()
+            result = self.attempt(item, attempt, token)
+            elapsed = time.perf_counter() - started
+            if isinstance(result, Completion):
+                self.completions.add(Handled(item, result, attempt, elapsed))
+                return
+            if isinstance(result, LeaseLost):
+                self.outcomes.lease_lost(item, attempt, elapsed)
+                return
+            if isinstance(result, Interrupted):
+                # Its outputs may not be out: not finished. Another replica (or this
+                # one, restarted) runs it again; its run stays counted.
+                if result.token is not None:
+                    self._leases.drop(result.token, [item.key])
+                    self._store.release_if_reachable([item.key], result.token, "keep")
+                return
+            letter = self.failed(item, attempt, result)
+            if letter is not None:
+                self.give_up(item, token, letter)
+                return
+            retried = self._retry(item, token, self.backoff(attempt, result), before_wait)
+            if retried is None:
+                return
+            token, attempt = retried
+
+    def failed(self, item: Item, attempt: int, failure: Exception) -> DeadLetter | None:
+        """Count and log a failed attempt; the dead letter if the message is given up."""
+        self.metrics.processed.labels(item.route.topic, "failed").inc()
+        self.log.warning(
+            "handler failed",
+            **fields_of(item),
+            attempt=attempt,
+            error_type=type(failure).__name__,
+            error=str(failure),
+        )
+        permanent = isinstance(failure, PermanentFailure)
+        if not permanent and attempt < self._settings.retry.max_attempts:
+            return None
+        reason = "permanent_failure" if permanent else "handler_failed"
+        return DeadLetter(reason, type(failure).__name__, str(failure), attempt, item.id)
+
+    def _retry(
+        self, item: Item, token: str, delay: float, before_wait: Callable[[], None]
+    ) -> tuple[str, int] | None:
+        """Let the claim go, wait ``delay``, claim the id again under a new token: that
+        token and the claim's attempt, or None if the message ended meanwhile."""
+        self._leases.drop(token, [item.key])
+        self._store.release([item.key], token, "keep")
+        if not self.sleep(delay):
+            return None
+        token = self._new_token()
+        claim = self._reclaim(item, token, before_wait)
+        return None if claim is None else (token, claim.attempt)
+
+    def _reclaim(
+        self, item: Item, token: str, before_wait: Callable[[], None] = noop
+    ) -> Claim | None:
+        """Claim the message's id again: the claim, or None if it was finished meanwhile
+        (then handled here, by the route's mode) or the worker is stopping."""
+        claim = self.acquire(item, token, before_wait)
+        if claim is not None and claim.status is ClaimStatus.COMPLETED:
+            self.modes[item.route.topic].duplicate(self, item, claim)
+            return None
+        return claim
+
+    def give_up(self, item: Item, token: str, letter: DeadLetter) -> None:
+        """Dead-letter a claimed message, then drop its claim and its attempt count (kept
+        if the worker stopped before the letter was written: a message that crashes its
+        workers must still reach the dead-letter topic after a restart)."""
+        written = self.dead_letters.write(item, letter)
+        self._leases.drop(token, [item.key])
+        self._store.release([item.key], token, "clear" if written else "keep")
+
+    def backoff(self, attempt: int, failure: Exception) -> float:
+        retry = self._settings.retry
+        if isinstance(failure, RetryLater) and failure.delay is not None:
+            return min(failure.delay, retry.backoff_max_seconds)
+        return float(
+            min(retry.backoff_initial_seconds * 2 ** (attempt - 1), retry.backoff_max_seconds)
+        )
+
+    # -- one run ---------------------------------------------------------------------------
+
+    def attempt(
+        self, item: Item, attempt: int, token: str | None
+    ) -> Completion | LeaseLost | Interrupted | Exception:
+        """Run the handler once and confirm its outputs (fenced by ``token``'s claim if
+        given): what to complete; the handler's exception if it failed; LeaseLost or
+        Interrupted if its outputs could not go out. If the inbox found an earlier run
+        applied, that run's kept outputs are produced instead.
+
+        The route's timeout is the handler's alone: delivering its outputs and checking
+        the fence wait out a store or broker outage as the loop does, and a failure
+        there is the worker's, never the handler's (it does not run the handler again)."""
+        message = item.message
+        assert message is not None
+        route = item.route
+        ctx = HandlerContext(
+            message,
+            attempt,
+            lambda: self.log.bind(**fields_of(item), attempt=attempt),
+            route.default_topic(message.headers),
+            self._inbox,
+            item.fingerprint,
+            item.origin,
+            route.correlation(message.headers),
+        )
+        running = self._leases.handler_started(route.timeout_seconds, item.origin, message.id)
+        started = time.perf_counter()
+        try:
+            result = route.handler(message, ctx)
+            if inspect.isawaitable(
+                result
+            ):  # decided per call: see idempotent_worker/processing/aio.py
+                self._event_loop.run(result)
+        except (Exception, AlreadyApplied) as exc:
+            # A handler may raise anything: that is its way to fail. But if the inbox
+            # found the effects applied, whatever the handler made of that, the message
+            # is done once the first run's outputs are out.
+            if ctx.applied is None:
+                if not isinstance(exc, Exception):
+                    raise
+                return exc
+        finally:
+            self._leases.handler_finished(running)
+            self.metrics.topic(route.topic).handler_duration.observe(time.perf_counter() - started)
+        outputs = ctx.outputs
+        if ctx.applied is not None:
+            default = route.default_topic(message.headers)
+            correlation = route.correlation(message.headers)
+            outputs = resolve(ctx.applied.outputs, default, correlation)
+        try:
+            token = self.produce(outputs, item, token)
+        except (LeaseLost, Interrupted) as exc:
+            return exc
+        return self._completion(item, ctx, token or "")
+
+    def serve(self) -> None:
+        """While a long wait on the broker goes on: on the loop's thread the partitions are
+        held still and the group protocol served (lost partitions, the group's state),
+        as during any other wait of the loop's."""
+        self.sleep(0.01)
+
+    def _completion(self, item: Item, ctx: HandlerContext, token: str) -> Completion:
+        mode = self.modes[item.route.topic]
+        applied = ctx.applied
+        if applied is None:
+            reply = mode.reply(ctx.kept)
+            return Completion(item.key, token, item.origin, item.fingerprint, reply, item.sequence)
+        item.applied = True
+        if applied.fingerprint != item.fingerprint:
+            self.log.warning(
+                "the inbox holds this id applied from a different payload",
+                **fields_of(item),
+                applied_from=applied.origin,
+            )
+        # The inbox's row is the first run's: remember its payload, origin and outputs.
+        reply = mode.reply(lambda: applied.outputs)
+        return Completion(
+            item.key, token, applied.origin, applied.fingerprint, reply, item.sequence
+        )
+
+    def produce(self, outputs: Sequence[Output], item: Item, token: str | None) -> str | None:
+        """Produce ``outputs`` and wait for the broker; with ``token``, only while a claim
+        of the item's id holds (a replica that lost it to another publishes nothing): the
+        token of that claim. A claim that expired with nobody taking the id over (a store
+        outage longer than the lease) is taken again under a new token.
+
+        A failed delivery is retried with backoff, the same outputs (their ``message-id``
+        headers are the same, so a copy of one delivered late is a duplicate downstream).
+        Raises LeaseLost, or Interrupted if the worker stops before they are confirmed."""
+        if not outputs:
+            return token
+        delay = self._settings.retry.backoff_initial_seconds
+        while True:
+            if token is not None:
+                token = self._fence(item, token)
+            try:
+                deliveries = [
+                    self._outputs.send(o.topic, o.value, key=o.key, headers=o.headers)
+                    for o in outputs
+                ]
+                self._outputs.confirm(deliveries, DELIVERY_TIMEOUT, self.serve)
+                break
+            except KafkaOperationError as exc:
+                self.metrics.delivery_failures.labels(item.route.topic).inc()
+                self.log.error(
+                    "outputs not delivered; delivering them again (the handler does not run again)",
+                    **fields_of(item),
+                    error=str(exc),
+                    code=exc.code,
+                )
+                if not self.sleep(delay):
+                    raise Interrupted(token) from exc
+                delay = min(max(delay * 2, 0.1), self._settings.retry.backoff_max_seconds)
+        for output in outputs:
+            self.metrics.outputs.labels(output.topic).inc()
+        return token
+
+    def _fence(self, item: Item, token: str) -> str:
+        """The token of a claim that holds the item's id now: ``token`` if its claim is
+        renewed, else a new one if nobody else took the id meanwhile."""
+        if self._store.renew([item.key], token)[0]:
+            return token
+        self._leases.drop(token, [item.key])
+        retaken = self._new_token()
+        claim = self._claim(item, retaken)
+        if claim.status is not ClaimStatus.CLAIMED:
+            raise LeaseLost("another replica took the claim while the handler ran")
+        self._leases.hold(retaken, [item.key])
+        self.log.warning("the claim expired while the handler ran; taken again", **fields_of(item))
+        return retaken
+
+
+def assemble(
+    settings: Settings,
+    routes: Mapping[str, ResolvedRoute],
+    store: GuardedStore,
+    leases: LeaseKeeper,
+    outputs: Outputs,
+    cache: CompletedIds,
+    event_loop: EventLoopThread,
+    metrics: Metrics,
+    log: FilteringBoundLogger,
+    sleep: Callable[[float], bool],
+    new_token: Callable[[], str],
+    on_loop_thread: Callable[[], bool],
+    clock: Clock,
+) -> Handling:
+    """The state machine with its parts: completions, dead letters, each route's mode."""
+    dedup = settings.dedup
+    outcomes = Outcomes(metrics, log, settings.log.level == "DEBUG")
+    completions = Completions(
+        store, leases, cache, metrics, outcomes, dedup.complete_linger_ms, dedup.ttl_seconds,
+        dedup.sequence_ttl_seconds, on_loop_thread, clock,
+    )  # fmt: skip
+    dead_letters = DeadLetterWriter(outputs, metrics, outcomes, log, settings.retry, sleep)
+    modes = {
+        topic: mode_for(route, dedup.max_stored_reply_bytes) for topic, route in routes.items()
+    }
+    inbox = Inbox(settings.inbox, settings.kafka.group_id, log)
+    return Handling(
+        settings, modes, store, leases, outputs, completions, dead_letters, cache, inbox,
+        event_loop, metrics, outcomes, log, sleep, new_token,
+    )  # fmt: skip

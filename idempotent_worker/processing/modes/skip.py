@@ -1,0 +1,26 @@
+"""The default mode: a duplicate is skipped and counted."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from idempotent_worker.dedup.base import Claim
+from idempotent_worker.processing.items import Item
+from idempotent_worker.processing.replies import Kept
+
+if TYPE_CHECKING:
+    from idempotent_worker.processing.handling import Handling
+
+
+class SkipDuplicates:
+    uses_cache = True
+
+    def admit(self, handling: Handling, item: Item, claim: Claim, token: str) -> bool:
+        return True
+
+    def duplicate(self, handling: Handling, item: Item, claim: Claim) -> None:
+        handling.skip(item, claim)
+
+    def reply(self, outputs: Callable[[], Sequence[Kept]]) -> str:
+        return ""

@@ -1,6 +1,0 @@
-"""idempotent-worker: a Kafka consumer that runs each message id's handler at most once."""
-
-from worker.errors import PermanentFailure, RetryLater, WorkerError
-from worker.types import Context, Handler, Message
-
-__all__ = ["Context", "Handler", "Message", "PermanentFailure", "RetryLater", "WorkerError"]
