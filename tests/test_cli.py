@@ -146,3 +146,51 @@ def test_generate_refuses_an_impossible_share():
     result = cli("generate", "--bootstrap-servers", "127.0.0.1:1", "--duplicate-share", "1")
     assert result.returncode == 2
     assert "--duplicate-share" in result.stderr
+
+
+CONSOLE = Path(sys.executable).with_name("idempotent-worker")
+
+
+def user_project(root: Path, package: str, *, init: bool) -> None:
+    """The README's layout: ``<package>/payments.py`` (a package without an
+    ``__init__.py`` unless ``init``) and ``worker.toml`` naming its handler."""
+    (root / package).mkdir(parents=True)
+    if init:
+        (root / package / "__init__.py").write_text("")
+    (root / package / "payments.py").write_text(
+        (REPO / "examples" / "handlers" / "payments.py").read_text()
+    )
+    (root / "worker.toml").write_text(
+        GOOD.replace("idempotent_worker.examples.orders:handle", f"{package}.payments:handle")
+    )
+
+
+@pytest.mark.parametrize("init", [False, True])
+def test_handlers_beside_the_config_are_found_from_the_working_directory(tmp_path, init):
+    # The console script's own folder is first on its path, not the working directory.
+    user_project(tmp_path, "handlers", init=init)
+    result = subprocess.run(
+        [str(CONSOLE), "check-config", "--config", "worker.toml"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK: 1 route(s): orders" in result.stdout
+
+
+def test_path_adds_folders_to_search_and_an_import_failure_says_where_it_looked(tmp_path):
+    user_project(tmp_path / "src", "billing", init=False)
+    config = str(tmp_path / "src" / "worker.toml")
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [str(CONSOLE), "check-config", "--config", config, *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    missing = run()
+    assert missing.returncode == 2
+    assert "routes[0].handler: cannot import module 'billing.payments'" in missing.stderr
+    assert f"searched {tmp_path}" in missing.stderr  # the working directory
+    assert "ModuleNotFoundError" in missing.stderr
+    assert run("--path", "src").returncode == 0
+    keyed = cli("check-config", "--config", config, env={"WORKER_PATHS": f'["{tmp_path}/src"]'})
+    assert keyed.returncode == 0, keyed.stderr
+    nowhere = run("--path", "nowhere")
+    assert nowhere.returncode == 2 and "--path: not a directory: nowhere" in nowhere.stderr

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Mapping
+import os
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from idempotent_worker.config.ids import (
@@ -53,13 +55,37 @@ class ResolvedRoute:
         return self.correlation_header, headers[self.correlation_header]
 
 
+def search_path(folders: Sequence[tuple[str, str]]) -> None:
+    """Put the working directory, then ``folders`` (each with the key that named it, for
+    an error), first on the import path, as celery and gunicorn do (a console script's
+    own folder is first otherwise)."""
+    added = [os.getcwd()]
+    for folder, key in folders:
+        if not os.path.isdir(folder):
+            raise ConfigError(key, f"not a directory: {folder}")
+        added.append(os.path.abspath(folder))
+    for folder in reversed(added):
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)
+    _searched[:] = added
+
+
+_searched: list[str] = []
+"""The folders ``search_path`` put first, for the import errors' message."""
+
+
 def import_handler(path: str, key: str) -> Handler:
     """Import ``package.module:function``; raise ConfigError naming ``key`` if that fails."""
     module_name, _, attribute = path.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure of user code is a config problem
-        raise ConfigError(key, f"cannot import module '{module_name}': {exc}") from exc
+        where = ", ".join([*_searched, "the installed packages"])
+        raise ConfigError(
+            key,
+            f"cannot import module '{module_name}' (searched {where}): {type(exc).__name__}: {exc}",
+        ) from exc
     handler = getattr(module, attribute, None)
     if handler is None:
         raise ConfigError(key, f"module '{module_name}' has no attribute '{attribute}'")

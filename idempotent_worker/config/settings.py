@@ -190,6 +190,10 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     inbox: InboxSettings = InboxSettings()
+    paths: list[str] = []
+    """Folders searched for handler modules, after the working directory and before the
+    installed packages (as ``--path``); relative ones are relative to the working
+    directory."""
     routes: list[Route] = Field(min_length=1)
 
     @classmethod

@@ -15,7 +15,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer
 from prometheus_client import CollectorRegistry
 
-from idempotent_worker.config.registry import ResolvedRoute, resolve_routes
+from idempotent_worker.config.registry import ResolvedRoute, resolve_routes, search_path
 from idempotent_worker.config.settings import Settings, client_config, load_settings
 from idempotent_worker.deadletter.replay import Selection, replay
 from idempotent_worker.dedup import open_store
@@ -29,15 +29,20 @@ EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 
 
+PATH_HELP = "a folder to search for handler modules (repeatable; the working directory is first)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="idempotent-worker", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="consume, dedup and handle until stopped")
     run.add_argument("--config", help="TOML file (default: $WORKER_CONFIG)")
+    run.add_argument("--path", action="append", default=[], help=PATH_HELP)
     run.add_argument("--max-messages", type=int, help="stop after finishing this many messages")
     run.add_argument("--idle-timeout", type=float, help="stop after this many idle seconds")
     check = commands.add_parser("check-config", help="validate the configuration and exit")
     check.add_argument("--config", help="TOML file (default: $WORKER_CONFIG)")
+    check.add_argument("--path", action="append", default=[], help=PATH_HELP)
     demo = commands.add_parser("demo", help="run two replicas on an embedded broker and Redis")
     demo.add_argument("--messages", type=int, default=5000)
     demo.add_argument("--duplicate-share", type=float, default=0.3)
@@ -86,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("ids", "dlq"):
         return _operate(args)
     try:
-        settings, routes = prepare(args.config)
+        settings, routes = prepare(args.config, args.path)
     except ConfigError as exc:
         print(f"idempotent-worker: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -120,9 +125,12 @@ def _add_operator_commands(commands: Any) -> None:
         operator.add_argument("--config", help="TOML file (default: $WORKER_CONFIG)")
 
 
-def prepare(config_path: str | None) -> tuple[Settings, dict[str, ResolvedRoute]]:
+def prepare(
+    config_path: str | None, paths: Sequence[str] = ()
+) -> tuple[Settings, dict[str, ResolvedRoute]]:
     """Everything that can be checked before joining the group; raises ConfigError."""
     settings = load_settings(config_path)
+    search_path([(path, "--path") for path in paths] + [(path, "paths") for path in settings.paths])
     routes = resolve_routes(settings)
     _check_client_options(settings)
     if settings.inbox.url is not None:
