@@ -11,6 +11,7 @@ lint: setup
 	.venv/bin/ruff check idempotent_worker examples tests scripts bench
 	.venv/bin/ruff format --check idempotent_worker examples tests scripts bench
 	.venv/bin/mypy
+	.venv/bin/lint-imports
 
 test: lint
 	.venv/bin/pytest -n 3 --dist loadgroup

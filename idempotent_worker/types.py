@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from types import TracebackType
+from typing import Any, Protocol
 
 from structlog.typing import FilteringBoundLogger
-
-if TYPE_CHECKING:
-    from idempotent_worker.inbox import InboxBlock
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +34,29 @@ class Message:
         if self.value is None:
             raise ValueError("message has no value")
         return json.loads(self.value)
+
+
+class InboxBlock(Protocol):
+    """What ``ctx.inbox(connection)`` returns: entered with ``with`` (or ``async with``
+    for an asynchronous connection) around the handler's database work."""
+
+    def __enter__(self) -> None: ...
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def __aenter__(self) -> None: ...
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
 
 class Context(Protocol):

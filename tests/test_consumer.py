@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from idempotent_worker.kafka.consumer import GroupConsumer
 from idempotent_worker.observe.metrics import Metrics
 from idempotent_worker.observe.server import Health
-from idempotent_worker.processing.parts import Parts
+from idempotent_worker.parts import Parts
 from tests.sim.broker import Broker, SimConsumer
 from tests.sim.sched import Scheduler
 from tests.support.harness import make_settings

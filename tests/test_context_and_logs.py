@@ -7,8 +7,8 @@ from idempotent_worker.config.settings import InboxSettings, LogSettings
 from idempotent_worker.errors import PermanentFailure
 from idempotent_worker.inbox import Inbox
 from idempotent_worker.observe.logs import configure_logging, get_logger
-from idempotent_worker.processing.context import HandlerContext, Output
-from idempotent_worker.processing.replies import Kept, decode, encode, resolve, size
+from idempotent_worker.processing.context import HandlerContext
+from idempotent_worker.replies import Kept, Output, decode, encode, resolve, size
 from idempotent_worker.types import Message
 
 

@@ -21,13 +21,13 @@ from idempotent_worker.errors import KafkaOperationError, PermanentFailure, Stor
 from idempotent_worker.kafka.outputs import Delivery
 from idempotent_worker.observe.metrics import Metrics
 from idempotent_worker.observe.server import Health
+from idempotent_worker.parts import SystemClock
 from idempotent_worker.processing.aio import EventLoopThread
 from idempotent_worker.processing.cache import CompletedIds
 from idempotent_worker.processing.guard import GuardedStore
 from idempotent_worker.processing.handling import Handling, assemble
 from idempotent_worker.processing.items import Item, prepare
 from idempotent_worker.processing.leases import LeaseKeeper
-from idempotent_worker.processing.parts import SystemClock
 from tests.support.harness import make_settings
 from tests.support.stores import FakeClock
 

@@ -12,8 +12,8 @@ from idempotent_worker.dedup.memory import MemoryDedupStore
 from idempotent_worker.errors import StoreUnavailable
 from idempotent_worker.observe.metrics import Metrics
 from idempotent_worker.observe.server import Health
+from idempotent_worker.parts import Parts
 from idempotent_worker.processing.leases import LeaseKeeper
-from idempotent_worker.processing.parts import Parts
 from tests.sim.sched import Scheduler, SimClock
 
 LEASE = 0.3

@@ -47,7 +47,7 @@ class Claim:
     """For COMPLETED: the fingerprint of the payload that was processed."""
     reply: str | None = None
     """For COMPLETED: what the completion stored for duplicates to replay (a route with
-    ``on_duplicate = "replay"``; see processing/replies.py), None if nothing was."""
+    ``on_duplicate = "replay"``; see replies.py), None if nothing was."""
     position: int | None = None
     """From ``claim_positions``: the entity's recorded position (None: no record yet). With
     COMPLETED, the message's sequence is at or below it (stale) and nothing was claimed."""

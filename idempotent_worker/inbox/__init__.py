@@ -21,7 +21,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from structlog.typing import FilteringBoundLogger
 
@@ -36,10 +36,23 @@ from idempotent_worker.inbox.drivers import (
     begin_async,
 )
 from idempotent_worker.inbox.sql import CREATE_LOCK, UNDEFINED_TABLE, Table, lock_key
-from idempotent_worker.processing.replies import Kept, decode, encode, size
+from idempotent_worker.replies import Kept, decode, encode, size
 
-if TYPE_CHECKING:
-    from idempotent_worker.processing.context import HandlerContext
+
+class Run(Protocol):
+    """What an inbox block needs of the handler's run (the handler context has it)."""
+
+    fingerprint: str
+    origin: str
+    applied: Applied | None
+
+    @property
+    def message_id(self) -> str: ...
+
+    def enter_inbox(self) -> None: ...
+
+    def kept(self) -> list[Kept]: ...
+
 
 LOCK_POLL_SECONDS = 0.05
 
@@ -85,7 +98,7 @@ class Inbox:
 class InboxBlock:
     """``with ctx.inbox(conn):`` (or ``async with``) around a handler's database work."""
 
-    def __init__(self, inbox: Inbox, ctx: HandlerContext, connection: object) -> None:
+    def __init__(self, inbox: Inbox, ctx: Run, connection: object) -> None:
         self._inbox = inbox
         self._ctx = ctx
         self._connection = connection

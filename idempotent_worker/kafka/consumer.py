@@ -21,7 +21,7 @@ from idempotent_worker.config.settings import Settings, client_config
 from idempotent_worker.kafka.records import coordinates
 from idempotent_worker.observe.metrics import Metrics
 from idempotent_worker.observe.server import Health
-from idempotent_worker.processing.parts import SYSTEM, Parts
+from idempotent_worker.parts import SYSTEM, Parts
 
 CONSUMER_DEFAULTS = {
     "auto.offset.reset": "earliest",

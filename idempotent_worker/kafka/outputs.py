@@ -15,7 +15,7 @@ from typing import Any
 from confluent_kafka import KafkaError, Message
 
 from idempotent_worker.errors import KafkaOperationError
-from idempotent_worker.processing.parts import SYSTEM, Parts
+from idempotent_worker.parts import SYSTEM, Parts
 
 DELIVERY_TIMEOUT = 60.0
 """How long the worker waits for the broker to acknowledge what it produced."""

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 from idempotent_worker.dedup.base import Claim, ClaimStatus, Completion
 from idempotent_worker.observe.metrics import Metrics
+from idempotent_worker.parts import Clock
 from idempotent_worker.processing.cache import CompletedIds
 from idempotent_worker.processing.guard import GuardedStore
 from idempotent_worker.processing.items import Item
 from idempotent_worker.processing.leases import LeaseKeeper
 from idempotent_worker.processing.outcomes import Outcomes
-from idempotent_worker.processing.parts import Clock
 
 
 @dataclass(slots=True)

@@ -10,30 +10,18 @@ lost its claim while it ran (a zombie, paused past its lease) publishes nothing.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from structlog.typing import FilteringBoundLogger
 
 from idempotent_worker.errors import PermanentFailure
-from idempotent_worker.types import Message
-
-if TYPE_CHECKING:
-    from idempotent_worker.inbox import Applied, Inbox, InboxBlock
-    from idempotent_worker.processing.replies import Kept
+from idempotent_worker.inbox import Applied, Inbox, InboxBlock
+from idempotent_worker.replies import Kept, Output, keep
+from idempotent_worker.types import Context, Message
 
 OUTPUT_ID_HEADER = "message-id"
 
 
-@dataclass(frozen=True, slots=True)
-class Output:
-    topic: str
-    value: bytes | str | None
-    key: bytes | str | None
-    headers: list[tuple[str, bytes | str]]
-
-
-class HandlerContext:
+class HandlerContext(Context):
     def __init__(
         self,
         message: Message,
@@ -99,9 +87,7 @@ class HandlerContext:
         return output_id
 
     def kept(self) -> list[Kept]:
-        """The outputs so far as kept for producing again (see processing/replies.py)."""
-        from idempotent_worker.processing.replies import keep
-
+        """The outputs so far as kept for producing again (see replies.py)."""
         correlated = self._correlation is not None
         return [
             keep(output, named, correlated and not named)
@@ -109,8 +95,6 @@ class HandlerContext:
         ]
 
     def inbox(self, connection: object) -> InboxBlock:
-        from idempotent_worker.inbox import InboxBlock
-
         return InboxBlock(self._inbox, self, connection)
 
     def enter_inbox(self) -> None:

@@ -18,7 +18,7 @@ from idempotent_worker.errors import StoreUnavailable
 from idempotent_worker.kafka.consumer import GroupConsumer
 from idempotent_worker.observe.metrics import Metrics
 from idempotent_worker.observe.server import Health
-from idempotent_worker.processing.parts import Clock
+from idempotent_worker.parts import Clock
 
 T = TypeVar("T")
 

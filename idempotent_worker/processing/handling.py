@@ -23,7 +23,7 @@ from structlog.typing import FilteringBoundLogger
 
 from idempotent_worker.config.registry import ResolvedRoute
 from idempotent_worker.config.settings import Settings
-from idempotent_worker.deadletter.letter import DeadLetter, DeadLetterWriter
+from idempotent_worker.deadletter.letter import DeadLetter
 from idempotent_worker.dedup.base import Claim, ClaimStatus, Completion
 from idempotent_worker.errors import (
     Interrupted,
@@ -35,17 +35,19 @@ from idempotent_worker.errors import (
 from idempotent_worker.inbox import AlreadyApplied, Inbox
 from idempotent_worker.kafka.outputs import DELIVERY_TIMEOUT, Outputs
 from idempotent_worker.observe.metrics import Metrics
+from idempotent_worker.parts import Clock
 from idempotent_worker.processing.aio import EventLoopThread
 from idempotent_worker.processing.cache import CompletedIds
 from idempotent_worker.processing.completions import Completions, Handled
-from idempotent_worker.processing.context import HandlerContext, Output
+from idempotent_worker.processing.context import HandlerContext
+from idempotent_worker.processing.deadletters import DeadLetterWriter
 from idempotent_worker.processing.guard import GuardedStore
 from idempotent_worker.processing.items import Item
 from idempotent_worker.processing.leases import LeaseKeeper
-from idempotent_worker.processing.modes import DedupMode, duplicate_reason, mode_for
+from idempotent_worker.processing.modes import mode_for
+from idempotent_worker.processing.modes.base import DedupMode, duplicate_reason
 from idempotent_worker.processing.outcomes import Outcomes, fields_of
-from idempotent_worker.processing.parts import Clock
-from idempotent_worker.processing.replies import resolve
+from idempotent_worker.replies import Output, resolve
 
 CLAIM_WAIT_INTERVAL = 0.05
 

@@ -40,7 +40,7 @@ from idempotent_worker.dedup.base import DedupStore
 from idempotent_worker.errors import StoreUnavailable
 from idempotent_worker.observe.metrics import Metrics
 from idempotent_worker.observe.server import Health
-from idempotent_worker.processing.parts import SYSTEM, Parts
+from idempotent_worker.parts import SYSTEM, Parts
 
 EXIT_HANDLER_TIMEOUT = 3
 

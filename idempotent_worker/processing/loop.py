@@ -45,6 +45,7 @@ from idempotent_worker.kafka.outputs import DELIVERY_TIMEOUT, SERVE_AFTER, Outpu
 from idempotent_worker.observe.logs import get_logger
 from idempotent_worker.observe.metrics import Metrics
 from idempotent_worker.observe.server import Health
+from idempotent_worker.parts import SYSTEM, Parts
 from idempotent_worker.processing.aio import EventLoopThread
 from idempotent_worker.processing.cache import CompletedIds
 from idempotent_worker.processing.claimbook import ClaimBook
@@ -53,7 +54,6 @@ from idempotent_worker.processing.handling import assemble
 from idempotent_worker.processing.items import Item, prepare
 from idempotent_worker.processing.lanes import lanes
 from idempotent_worker.processing.leases import EXIT_HANDLER_TIMEOUT, LeaseKeeper
-from idempotent_worker.processing.parts import SYSTEM, Parts
 from idempotent_worker.processing.startup import check_eviction_policy, warn_missing_topics
 
 

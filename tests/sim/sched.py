@@ -53,7 +53,7 @@ class SimThread:
         self._turn.acquire()
         self._thread = threading.Thread(target=self._body, name=f"sim-{name}", daemon=True)
 
-    # -- the Startable protocol of processing/parts.py --------------------------------------
+    # -- the Startable protocol of parts.py --------------------------------------
 
     def start(self) -> None:
         self.wake_at = self.scheduler.now
@@ -197,7 +197,7 @@ class Scheduler:
 
 
 class SimClock:
-    """The Clock of idempotent_worker/processing/parts.py on a scheduler's virtual time."""
+    """The Clock of idempotent_worker/parts.py on a scheduler's virtual time."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler

@@ -41,8 +41,8 @@ from idempotent_worker.dedup.memory import MemoryDedupStore
 from idempotent_worker.errors import PermanentFailure, RetryLater, StoreUnavailable
 from idempotent_worker.observe.metrics import Metrics
 from idempotent_worker.observe.server import Health
+from idempotent_worker.parts import Parts
 from idempotent_worker.processing.loop import Worker
-from idempotent_worker.processing.parts import Parts
 from tests.sim.broker import TP, Broker, SimConsumer, SimProducer
 from tests.sim.handlers import SHAPES
 from tests.sim.sched import Scheduler, SimClock, SimPool

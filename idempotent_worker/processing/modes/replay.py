@@ -11,15 +11,12 @@ reply are skipped as by default; a reply too large to keep is skipped and counte
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from idempotent_worker.dedup.base import Claim
 from idempotent_worker.errors import Interrupted
 from idempotent_worker.processing.items import Item
-from idempotent_worker.processing.replies import NOT_KEPT, Kept, decode, encode, resolve, size
-
-if TYPE_CHECKING:
-    from idempotent_worker.processing.handling import Handling
+from idempotent_worker.processing.modes.base import Host
+from idempotent_worker.replies import NOT_KEPT, Kept, decode, encode, resolve, size
 
 
 class ReplayReplies:
@@ -28,10 +25,10 @@ class ReplayReplies:
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
 
-    def admit(self, handling: Handling, item: Item, claim: Claim, token: str) -> bool:
+    def admit(self, handling: Host, item: Item, claim: Claim, token: str) -> bool:
         return True
 
-    def duplicate(self, handling: Handling, item: Item, claim: Claim) -> None:
+    def duplicate(self, handling: Host, item: Item, claim: Claim) -> None:
         same_payload = claim.fingerprint is None or claim.fingerprint == item.fingerprint
         if claim.reply is None or not same_payload or claim.origin == item.origin:
             handling.skip(item, claim)
@@ -44,7 +41,7 @@ class ReplayReplies:
         kept = outputs()
         return encode(kept) if size(kept) <= self._max_bytes else NOT_KEPT
 
-    def _replay(self, handling: Handling, item: Item, reply: str) -> None:
+    def _replay(self, handling: Host, item: Item, reply: str) -> None:
         """Produce the kept outputs; a failed produce is retried with backoff, the offset
         held until it succeeds (or the worker stops)."""
         assert item.message is not None

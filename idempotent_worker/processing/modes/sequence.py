@@ -14,15 +14,12 @@ sets it, whatever its number.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from idempotent_worker.deadletter.letter import DeadLetter
 from idempotent_worker.dedup.base import Claim
 from idempotent_worker.processing.items import Item
-from idempotent_worker.processing.replies import Kept
-
-if TYPE_CHECKING:
-    from idempotent_worker.processing.handling import Handling
+from idempotent_worker.processing.modes.base import Host
+from idempotent_worker.replies import Kept
 
 
 class Positions:
@@ -31,14 +28,14 @@ class Positions:
     def __init__(self, on_gap: str) -> None:
         self._dead_letter_gaps = on_gap == "dead_letter"
 
-    def duplicate(self, handling: Handling, item: Item, claim: Claim) -> None:
+    def duplicate(self, handling: Host, item: Item, claim: Claim) -> None:
         """``claim`` found the entity's position at or above the message's sequence."""
         handling.metrics.duplicates.labels(item.route.topic, "stale").inc()
         if handling.outcomes.debug:
             handling.outcomes.log(item, "duplicate", reason="stale", position=claim.position)
         item.done = True
 
-    def admit(self, handling: Handling, item: Item, claim: Claim, token: str) -> bool:
+    def admit(self, handling: Host, item: Item, claim: Claim, token: str) -> bool:
         assert item.sequence is not None
         if claim.position is None or item.sequence <= claim.position + 1:
             return True

@@ -9,25 +9,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from idempotent_worker.dedup.base import Claim, Completion
 from idempotent_worker.errors import Interrupted
 from idempotent_worker.processing.items import Item
-from idempotent_worker.processing.modes import duplicate_reason
-from idempotent_worker.processing.replies import Kept
-
-if TYPE_CHECKING:
-    from idempotent_worker.processing.handling import Handling
+from idempotent_worker.processing.modes.base import Host, duplicate_reason
+from idempotent_worker.replies import Kept
 
 
 class Shadow:
     uses_cache = True
 
-    def admit(self, handling: Handling, item: Item, claim: Claim, token: str) -> bool:
+    def admit(self, handling: Host, item: Item, claim: Claim, token: str) -> bool:
         return True
 
-    def duplicate(self, handling: Handling, item: Item, claim: Claim) -> None:
+    def duplicate(self, handling: Host, item: Item, claim: Claim) -> None:
         reason = duplicate_reason(item, claim)
         handling.metrics.duplicates_detected.labels(item.route.topic, reason).inc()
         self._run_unclaimed(handling, item)
@@ -36,7 +32,7 @@ class Shadow:
         return ""
 
     @staticmethod
-    def _run_unclaimed(handling: Handling, item: Item) -> None:
+    def _run_unclaimed(handling: Host, item: Item) -> None:
         """Run the handler without a claim (the id is completed: there is nothing to
         claim or complete); retried with backoff, then dead-lettered, like any message."""
         attempt = 1

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from idempotent_worker.dedup.base import Claim
 from idempotent_worker.processing.items import Item
-from idempotent_worker.processing.replies import Kept
-
-if TYPE_CHECKING:
-    from idempotent_worker.processing.handling import Handling
+from idempotent_worker.processing.modes.base import Host
+from idempotent_worker.replies import Kept
 
 
 class SkipDuplicates:
     uses_cache = True
 
-    def admit(self, handling: Handling, item: Item, claim: Claim, token: str) -> bool:
+    def admit(self, handling: Host, item: Item, claim: Claim, token: str) -> bool:
         return True
 
-    def duplicate(self, handling: Handling, item: Item, claim: Claim) -> None:
+    def duplicate(self, handling: Host, item: Item, claim: Claim) -> None:
         handling.skip(item, claim)
 
     def reply(self, outputs: Callable[[], Sequence[Kept]]) -> str:

@@ -1,5 +1,7 @@
-"""Outputs kept to be produced again, byte for byte: the reply a duplicate replays
-(``on_duplicate = "replay"``) and the outputs of a run the database inbox applied.
+"""A handler's outputs (``Output``, what ``ctx.emit`` collects) and outputs kept to be
+produced again, byte for byte (``Kept``): the reply a duplicate replays (``on_duplicate
+= "replay"``) and the outputs of a run the database inbox applied. A leaf: the
+processing and the inbox both build on it.
 
 An output that named no topic went to the route's default: the request's reply topic
 (``reply_to``) or its ``output_topic``. It is kept without a topic and without the
@@ -14,7 +16,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from idempotent_worker.processing.context import Output
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    topic: str
+    value: bytes | str | None
+    key: bytes | str | None
+    headers: list[tuple[str, bytes | str]]
+
 
 NOT_KEPT = "!"
 """Stored instead of a reply above ``dedup.max_stored_reply_bytes``."""
