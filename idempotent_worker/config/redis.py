@@ -13,7 +13,10 @@ from idempotent_worker.config.routes import CombinationError, Section
 
 class RedisSettings(Section):
     url: SecretStr
+    """``redis://``, ``rediss://`` (TLS) or ``unix://``; ``redis://user:password@host:6379/0``
+    for an ACL user."""
     socket_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    """A Redis call slower than this counts as a store failure."""
     tls_ca_file: str | None = None
     """CA bundle for rediss:// when the server's certificate is not signed by a system CA."""
     allow_eviction: bool = False
@@ -31,6 +34,7 @@ class RedisSettings(Section):
     sentinels: list[str] = Field(default_factory=list)
     """The Sentinels' addresses, ``host:port``."""
     sentinel_username: str | None = None
+    """The Sentinels' own user, when they require one."""
     sentinel_password: SecretStr | None = None
     """Credentials of the Sentinels themselves, when they require them."""
     sentinel_tls: bool = False

@@ -29,10 +29,17 @@ TopicName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
 
 class Route(Section):
     topic: TopicName
+    """The input topic."""
     handler: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """``package.module:function``, found from the working directory, ``paths`` and the
+    installed packages."""
     id: str = "header:message-id"
+    """Where the message id comes from: ``header:<name>``, ``key``, ``json:<dotted.path>``,
+    ``hash`` (of key and value) or ``coordinates`` (topic/partition/offset)."""
     output_topic: TopicName | None = None
+    """Where ``ctx.emit`` produces by default."""
     dlq_topic: TopicName | None = None
+    """The dead-letter topic; default: ``<topic>.dlq``."""
     max_in_flight: int = Field(default=1, ge=1, le=1024)
     """Messages of this route handled at once. Messages with the same Kafka key (or id)
     still run one after another, in order."""

@@ -64,7 +64,9 @@ _config_file: ContextVar[Path | None] = ContextVar("_config_file", default=None)
 
 class KafkaSettings(Section):
     bootstrap_servers: str = Field(min_length=1)
+    """The brokers, ``host:port,host:port``."""
     group_id: str = Field(min_length=1)
+    """The consumer group; the replicas share it."""
     client: dict[str, ClientValue] = Field(default_factory=dict)
     """Extra librdkafka options (security, tuning), applied to the consumer and the producer."""
     consumer: dict[str, ClientValue] = Field(default_factory=dict)
@@ -72,8 +74,11 @@ class KafkaSettings(Section):
     producer: dict[str, ClientValue] = Field(default_factory=dict)
     """Extra librdkafka options for the producer only (e.g. compression.type)."""
     poll_batch_size: int = Field(default=500, ge=1, le=100_000)
+    """Records per poll; their ids are claimed in one Redis round trip."""
     poll_timeout_seconds: float = Field(default=0.2, gt=0, le=10)
+    """How long a poll waits for records."""
     commit_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    """How often offsets are committed (also on revoke and at shutdown)."""
     max_payload_bytes: int = Field(default=900_000, ge=1)
     """Larger values are dead-lettered without their value (reason payload_too_large)."""
 
@@ -97,7 +102,11 @@ class DedupSettings(Section):
     key_prefix: str | None = Field(default=None, min_length=1)
     """Namespace of dedup keys; derived from the group id when unset."""
     ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+    """How long a completed id is remembered (at most a quarter longer: records expire
+    by windows)."""
     lease_seconds: float = Field(default=30.0, ge=1)
+    """How long a claim in progress lives if its worker dies; renewed every third of it
+    while the worker lives; at least 3 x ``redis.socket_timeout_seconds``."""
     complete_linger_ms: float = Field(default=5.0, ge=0, le=1000)
     """Handled messages are marked completed together, in one round trip, once the
     oldest has waited this long (and at the end of each poll batch). 0: each on its
@@ -125,7 +134,9 @@ class InboxSettings(Section):
     """The transactional inbox of database handlers (``ctx.inbox(conn)``)."""
 
     table: SqlName = "idempotent_worker_inbox"
+    """The inbox table of ``ctx.inbox(conn)`` handlers (a plain identifier, kept in its case)."""
     schema_: SqlName = Field(default="public", alias="schema")
+    """Its schema."""
     url: SecretStr | None = None
     """A PostgreSQL URL for the worker's own connection: it creates the table at
     start-up and deletes rows older than ``dedup.ttl_seconds``. Unset: the table is
@@ -138,6 +149,7 @@ class InboxSettings(Section):
     emits more fails permanently, its transaction rolled back, so nothing applied
     can lose its outputs."""
     cleanup_interval_seconds: float = Field(default=60.0, gt=0)
+    """How often one replica deletes expired inbox rows."""
     cleanup_batch_size: int = Field(default=1000, ge=1, le=100_000)
     """Rows deleted per statement (each its own short transaction)."""
 
@@ -154,22 +166,31 @@ class InboxSettings(Section):
 
 class RetrySettings(Section):
     max_attempts: int = Field(default=5, ge=1, le=1000)
+    """Runs of a message's handler, over every replica and restart, before it is
+    dead-lettered."""
     backoff_initial_seconds: float = Field(default=0.2, ge=0)
+    """The first wait between attempts, doubled at each one."""
     backoff_max_seconds: float = Field(default=10.0, ge=0)
+    """The longest wait between attempts."""
 
 
 class HttpSettings(Section):
     host: str = "127.0.0.1"
+    """Where ``/metrics``, ``/healthz`` and ``/readyz`` listen (``0.0.0.0`` in a container)."""
     port: int = Field(default=8080, ge=0, le=65535)
+    """Their port."""
 
 
 class LogSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """The lowest level logged."""
     format: Literal["json", "console"] = "json"
+    """``json`` lines, or ``console`` for people."""
 
 
 class ShutdownSettings(Section):
     grace_seconds: float = Field(default=30.0, gt=0)
+    """How long the message in hand may take to finish after SIGTERM."""
 
 
 class Settings(BaseSettings):
