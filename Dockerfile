@@ -27,7 +27,6 @@ COPY --from=build /opt/venv /opt/venv
 COPY config/worker.toml /etc/idempotent-worker/worker.toml
 WORKDIR /app
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONPATH=/app \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     WORKER_CONFIG=/etc/idempotent-worker/worker.toml \

@@ -100,7 +100,11 @@ def test_two_read_only_containers_handle_each_id_once_and_stop_on_sigterm(
     app = tmp_path / "app"
     app.mkdir(mode=0o755)
     app.chmod(0o755)
-    readable(app / "image_handlers.py", HANDLER)
+    # A package without an __init__.py, as the README's layout allows: /app is the
+    # working directory, which is on the import path.
+    (app / "handlers").mkdir(mode=0o755)
+    (app / "handlers").chmod(0o755)
+    readable(app / "handlers" / "image.py", HANDLER)
     config = readable(
         tmp_path / "worker.toml",
         f"""
@@ -112,7 +116,7 @@ url = "{redis_url}"
 
 [[routes]]
 topic = "{topic}"
-handler = "image_handlers:handle"
+handler = "handlers.image:handle"
 output_topic = "{output}"
 """,
     )
