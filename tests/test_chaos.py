@@ -224,7 +224,9 @@ def test_static_members_restart_without_a_rebalance(scenario):
     env_for = scenario.env_for
 
     def static_env(port):
-        consumer = {**FAST_CONSUMER, "session.timeout.ms": 10000, "group.instance.id": f"w-{port}"}
+        # A session long enough for a restart on a loaded machine (10 s was passed once
+        # under make test): a static member is only kept within it.
+        consumer = {**FAST_CONSUMER, "session.timeout.ms": 30000, "group.instance.id": f"w-{port}"}
         return {**env_for(port), "WORKER_KAFKA__CONSUMER": json.dumps(consumer)}
 
     scenario.env_for = static_env
