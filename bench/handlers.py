@@ -53,6 +53,12 @@ def noop(message: Message, ctx: Context) -> None:
     tally.record(message.id)
 
 
+def emits_one(message: Message, ctx: Context) -> None:
+    """The ordinary case: one output per message, to the route's output topic."""
+    tally.record(message.id)
+    ctx.emit(message.value)
+
+
 class Sequence:
     versions = 1
     """Events per entity in bench/sequence.py's histories."""

@@ -21,6 +21,7 @@ from idempotent_worker.errors import KafkaOperationError, PermanentFailure, Stor
 from idempotent_worker.kafka.outputs import Delivery
 from idempotent_worker.observe.metrics import Metrics
 from idempotent_worker.observe.server import Health
+from idempotent_worker.parts import Parts as WorkerParts
 from idempotent_worker.parts import SystemClock
 from idempotent_worker.processing.aio import EventLoopThread
 from idempotent_worker.processing.cache import CompletedIds
@@ -115,6 +116,17 @@ class FailingStore(MemoryDedupStore):
         return super().renew(ids, token, lease_seconds)
 
 
+class StoreClock(SystemClock):
+    """The system clock, but for ``monotonic``: the store's virtual time, so that the
+    lease keeper and the store see the same lease run out."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self._clock = clock
+
+    def monotonic(self) -> float:
+        return self._clock.now
+
+
 class Parts:
     def __init__(self, handler: str) -> None:
         SCRIPT.runs.clear()
@@ -132,7 +144,10 @@ class Parts:
             ], dedup={"lease_seconds": LEASE},
         )  # fmt: skip
         self.routes = resolve_routes(self.settings)
-        self.leases = LeaseKeeper(self.store, LEASE, metrics, health, log)
+        self.leases = LeaseKeeper(
+            self.store, LEASE, metrics, health, log,
+            parts=WorkerParts(clock=StoreClock(self.clock)),
+        )  # fmt: skip
         self.outputs = FakeOutputs(self.leases)
         guarded = GuardedStore(
             self.store, FakeConsumer(), metrics, health, log, lambda: self.stopping, LEASE,
@@ -160,6 +175,7 @@ class Parts:
 
     def handle(self, item: Item, token: str = "batch:1") -> None:
         [claim] = self.store.claim([item.key], token, LEASE)
+        self.leases.hold(token, [item.key])  # as the loop does with a batch's claims
         self.handling.handle(item, claim, token)
         self.handling.completions.flush()
 
@@ -200,6 +216,23 @@ def test_stopping_while_outputs_fail_leaves_the_message_unfinished_and_its_run_c
     assert SCRIPT.runs == ["a"] and not item.done
     inspection = parts.store.inspect("a")
     assert inspection.state is State.ABSENT and inspection.runs == 1
+
+
+def test_a_claim_held_with_most_of_its_lease_left_fences_its_outputs_without_a_write(
+    parts, monkeypatch
+):
+    """The fence is the lease keeper's knowledge when it is fresh: no renew (a write, an
+    fsync with appendfsync always) per emitting message."""
+    renewals = []
+    monkeypatch.setattr(
+        parts.store, "renew", lambda ids, token, lease: renewals.append(ids) or [True] * len(ids)
+    )
+    parts.handle(parts.item("a"))
+    assert parts.outputs.sent == [("out", b"out")] and renewals == []
+    # Past two thirds of the lease since the claim was confirmed, the fence asks the store.
+    SCRIPT.during.append(lambda message: setattr(parts.clock, "now", parts.clock.now + LEASE))
+    parts.handle(parts.item("b"))
+    assert renewals == [["b"]] and parts.store.state("b") is State.COMPLETED
 
 
 def test_an_expired_claim_nobody_took_is_taken_again_before_the_outputs(parts):
@@ -263,8 +296,9 @@ def test_stopping_during_a_failing_dead_letter_write_keeps_the_run_count(parts):
 
 
 def test_a_store_outage_at_shutdown_is_not_the_handlers_failure(parts):
-    def outage(message):
+    def outage(message):  # long enough that the fence must ask the store
         parts.store.failing.add("renew")
+        parts.clock.now += LEASE
         parts.stopping = True
 
     SCRIPT.during.append(outage)

@@ -396,9 +396,11 @@ class Handling:
         return token
 
     def _fence(self, item: Item, token: str) -> str:
-        """The token of a claim that holds the item's id now: ``token`` if its claim is
-        renewed, else a new one if nobody else took the id meanwhile."""
-        if self._store.renew([item.key], token)[0]:
+        """The token of a claim that holds the item's id now: ``token`` if the lease
+        keeper confirmed its claim lately enough that a third of the lease is left (no
+        other replica can take it before it expires: nothing to write), or if the store
+        renews it; else a new one if nobody else took the id meanwhile."""
+        if self._leases.fresh(token, item.key) or self._store.renew([item.key], token)[0]:
             return token
         self._leases.drop(token, [item.key])
         retaken = self._new_token()
