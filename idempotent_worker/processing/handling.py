@@ -5,7 +5,7 @@
       CLAIMED     -> run:
         begin       count the run when earlier runs began (and flush what is handled)
         too many    runs began and none finished: dead-letter (attempts_exhausted)
-        attempt     the handler, then its outputs (fenced by the claim) -> handled
+        attempt     the handler, then its outputs (fenced by the claim: delivery.py)
         lease lost  another replica took the id: nothing produced, nothing completed
         failure     retry after backoff (claim released, taken again), or dead-letter
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 from structlog.typing import FilteringBoundLogger
 
@@ -27,13 +27,12 @@ from idempotent_worker.deadletter.letter import DeadLetter
 from idempotent_worker.dedup.base import Claim, ClaimStatus, Completion
 from idempotent_worker.errors import (
     Interrupted,
-    KafkaOperationError,
     LeaseLost,
     PermanentFailure,
     RetryLater,
 )
 from idempotent_worker.inbox import AlreadyApplied, Inbox
-from idempotent_worker.kafka.outputs import DELIVERY_TIMEOUT, Outputs
+from idempotent_worker.kafka.outputs import Outputs
 from idempotent_worker.observe.metrics import Metrics
 from idempotent_worker.parts import Clock
 from idempotent_worker.processing.aio import EventLoopThread
@@ -41,13 +40,14 @@ from idempotent_worker.processing.cache import CompletedIds
 from idempotent_worker.processing.completions import Completions, Handled
 from idempotent_worker.processing.context import HandlerContext
 from idempotent_worker.processing.deadletters import DeadLetterWriter
+from idempotent_worker.processing.delivery import FencedDelivery, claim_item
 from idempotent_worker.processing.guard import GuardedStore
 from idempotent_worker.processing.items import Item
 from idempotent_worker.processing.leases import LeaseKeeper
 from idempotent_worker.processing.modes import mode_for
 from idempotent_worker.processing.modes.base import DedupMode, duplicate_reason
 from idempotent_worker.processing.outcomes import Outcomes, fields_of
-from idempotent_worker.replies import Output, resolve
+from idempotent_worker.replies import resolve
 
 CLAIM_WAIT_INTERVAL = 0.05
 
@@ -63,7 +63,7 @@ class Handling:
         modes: Mapping[str, DedupMode],
         store: GuardedStore,
         leases: LeaseKeeper,
-        outputs: Outputs,
+        delivery: FencedDelivery,
         completions: Completions,
         dead_letters: DeadLetterWriter,
         cache: CompletedIds,
@@ -79,7 +79,7 @@ class Handling:
         self.modes = modes
         self._store = store
         self._leases = leases
-        self._outputs = outputs
+        self.delivery = delivery
         self.completions = completions
         self.dead_letters = dead_letters
         self._cache = cache
@@ -109,11 +109,11 @@ class Handling:
     ) -> Claim | None:
         """Claim one message's id (or entity), waiting while another claim holds it (after
         calling ``before_wait``). None if stopping meanwhile."""
-        claim = self._claim(item, token)
+        claim = claim_item(self._store, item, token)
         if claim.status is ClaimStatus.BUSY:
             # Perhaps our own completion, not written yet: write it, then look again.
             self.completions.flush()
-            claim = self._claim(item, token)
+            claim = claim_item(self._store, item, token)
         if claim.status is ClaimStatus.BUSY:
             before_wait()
             self.metrics.claim_waits.labels(item.route.topic).inc()
@@ -124,15 +124,10 @@ class Handling:
             # Other lanes' handled messages are written while this one waits: their
             # claims may be what the other replica waits for.
             self.completions.flush_if_lingered()
-            claim = self._claim(item, token)
+            claim = claim_item(self._store, item, token)
         if claim.status is ClaimStatus.CLAIMED:
             self._leases.hold(token, [item.key])
         return claim
-
-    def _claim(self, item: Item, token: str) -> Claim:
-        if item.sequence is None:
-            return self._store.claim([item.key], token)[item.key]
-        return self._store.claim_positions([(item.key, item.sequence)], token)[item.key]
 
     # -- duplicates ----------------------------------------------------------------------
 
@@ -181,10 +176,7 @@ class Handling:
                 return
             if attempt:
                 self.completions.flush_if_lingered()  # may wait out a store outage
-            if not attempt or (
-                not self._leases.fresh(token, item.key)
-                and not self._store.renew([item.key], token)[0]
-            ):
+            if not attempt or not self.delivery.holds(item, token):
                 # The claim expired before the run (a long wait on Redis), or it was not
                 # renewed for most of a lease (an outage) and may have run out, the id
                 # taken by another replica. Claim it afresh (a duplicate by now, or a
@@ -328,7 +320,7 @@ class Handling:
             correlation = route.correlation(message.headers)
             outputs = resolve(ctx.applied.outputs, default, correlation)
         try:
-            token = self.produce(outputs, item, token)
+            token = self.delivery.produce(outputs, item, token, self.serve)
         except (LeaseLost, Interrupted) as exc:
             return exc
         return self._completion(item, ctx, token or "")
@@ -358,59 +350,6 @@ class Handling:
             item.key, token, applied.origin, applied.fingerprint, reply, item.sequence
         )
 
-    def produce(self, outputs: Sequence[Output], item: Item, token: str | None) -> str | None:
-        """Produce ``outputs`` and wait for the broker; with ``token``, only while a claim
-        of the item's id holds (a replica that lost it to another publishes nothing): the
-        token of that claim. A claim that expired with nobody taking the id over (a store
-        outage longer than the lease) is taken again under a new token.
-
-        A failed delivery is retried with backoff, the same outputs (their ``message-id``
-        headers are the same, so a copy of one delivered late is a duplicate downstream).
-        Raises LeaseLost, or Interrupted if the worker stops before they are confirmed."""
-        if not outputs:
-            return token
-        delay = self._settings.retry.backoff_initial_seconds
-        while True:
-            if token is not None:
-                token = self._fence(item, token)
-            try:
-                deliveries = [
-                    self._outputs.send(o.topic, o.value, key=o.key, headers=o.headers)
-                    for o in outputs
-                ]
-                self._outputs.confirm(deliveries, DELIVERY_TIMEOUT, self.serve)
-                break
-            except KafkaOperationError as exc:
-                self.metrics.delivery_failures.labels(item.route.topic).inc()
-                self.log.error(
-                    "outputs not delivered; delivering them again (the handler does not run again)",
-                    **fields_of(item),
-                    error=str(exc),
-                    code=exc.code,
-                )
-                if not self.sleep(delay):
-                    raise Interrupted(token) from exc
-                delay = min(max(delay * 2, 0.1), self._settings.retry.backoff_max_seconds)
-        for output in outputs:
-            self.metrics.outputs.labels(output.topic).inc()
-        return token
-
-    def _fence(self, item: Item, token: str) -> str:
-        """The token of a claim that holds the item's id now: ``token`` if the lease
-        keeper confirmed its claim lately enough that a third of the lease is left (no
-        other replica can take it before it expires: nothing to write), or if the store
-        renews it; else a new one if nobody else took the id meanwhile."""
-        if self._leases.fresh(token, item.key) or self._store.renew([item.key], token)[0]:
-            return token
-        self._leases.drop(token, [item.key])
-        retaken = self._new_token()
-        claim = self._claim(item, retaken)
-        if claim.status is not ClaimStatus.CLAIMED:
-            raise LeaseLost("another replica took the claim while the handler ran")
-        self._leases.hold(retaken, [item.key])
-        self.log.warning("the claim expired while the handler ran; taken again", **fields_of(item))
-        return retaken
-
 
 def assemble(
     settings: Settings,
@@ -439,7 +378,10 @@ def assemble(
         topic: mode_for(route, dedup.max_stored_reply_bytes) for topic, route in routes.items()
     }
     inbox = Inbox(settings.inbox, settings.kafka.group_id, log)
+    delivery = FencedDelivery(
+        outputs, store, leases, settings.retry, metrics, log, sleep, new_token
+    )
     return Handling(
-        settings, modes, store, leases, outputs, completions, dead_letters, cache, inbox,
+        settings, modes, store, leases, delivery, completions, dead_letters, cache, inbox,
         event_loop, metrics, outcomes, log, sleep, new_token,
     )  # fmt: skip

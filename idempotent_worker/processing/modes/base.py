@@ -14,9 +14,10 @@ from idempotent_worker.dedup.base import Claim, Completion
 from idempotent_worker.errors import Interrupted, LeaseLost
 from idempotent_worker.observe.metrics import Metrics
 from idempotent_worker.processing.deadletters import DeadLetterWriter
+from idempotent_worker.processing.delivery import FencedDelivery
 from idempotent_worker.processing.items import Item
 from idempotent_worker.processing.outcomes import Outcomes
-from idempotent_worker.replies import Kept, Output
+from idempotent_worker.replies import Kept
 
 
 class Host(Protocol):
@@ -27,6 +28,7 @@ class Host(Protocol):
     dead_letters: DeadLetterWriter
     log: FilteringBoundLogger
     sleep: Callable[[float], bool]
+    delivery: FencedDelivery
 
     def skip(self, item: Item, claim: Claim, reason: str | None = None) -> None: ...
 
@@ -40,7 +42,7 @@ class Host(Protocol):
         self, item: Item, attempt: int, token: str | None
     ) -> Completion | LeaseLost | Interrupted | Exception: ...
 
-    def produce(self, outputs: Sequence[Output], item: Item, token: str | None) -> str | None: ...
+    def serve(self) -> None: ...
 
 
 class DedupMode(Protocol):

@@ -1,0 +1,113 @@
+"""A handled message's outputs delivered, fenced by its claim: produced only while the
+claim of its id holds (a replica that lost it to another publishes nothing), and
+delivered again, the same outputs, until the broker takes them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from structlog.typing import FilteringBoundLogger
+
+from idempotent_worker.config.settings import RetrySettings
+from idempotent_worker.dedup.base import Claim, ClaimStatus
+from idempotent_worker.errors import Interrupted, KafkaOperationError, LeaseLost
+from idempotent_worker.kafka.outputs import DELIVERY_TIMEOUT, Outputs
+from idempotent_worker.observe.metrics import Metrics
+from idempotent_worker.processing.guard import GuardedStore
+from idempotent_worker.processing.items import Item
+from idempotent_worker.processing.leases import LeaseKeeper
+from idempotent_worker.processing.outcomes import fields_of
+from idempotent_worker.replies import Output
+
+
+def claim_item(store: GuardedStore, item: Item, token: str) -> Claim:
+    """Claim one message's id, or on a sequence route its entity at its sequence."""
+    if item.sequence is None:
+        return store.claim([item.key], token)[item.key]
+    return store.claim_positions([(item.key, item.sequence)], token)[item.key]
+
+
+class FencedDelivery:
+    def __init__(
+        self,
+        outputs: Outputs,
+        store: GuardedStore,
+        leases: LeaseKeeper,
+        retry: RetrySettings,
+        metrics: Metrics,
+        log: FilteringBoundLogger,
+        sleep: Callable[[float], bool],
+        new_token: Callable[[], str],
+    ) -> None:
+        self._outputs = outputs
+        self._store = store
+        self._leases = leases
+        self._retry = retry
+        self._metrics = metrics
+        self._log = log
+        self._sleep = sleep
+        self._new_token = new_token
+
+    def produce(
+        self,
+        outputs: Sequence[Output],
+        item: Item,
+        token: str | None,
+        serve: Callable[[], object] | None = None,
+    ) -> str | None:
+        """Produce ``outputs`` and wait for the broker; with ``token``, only while a claim
+        of the item's id holds (a replica that lost it to another publishes nothing): the
+        token of that claim. A claim that expired with nobody taking the id over (a store
+        outage longer than the lease) is taken again under a new token.
+
+        A failed delivery is retried with backoff, the same outputs (their ``message-id``
+        headers are the same, so a copy of one delivered late is a duplicate downstream).
+        A long wait for the broker calls ``serve`` now and then (see Outputs.confirm).
+        Raises LeaseLost, or Interrupted if the worker stops before they are confirmed."""
+        if not outputs:
+            return token
+        delay = self._retry.backoff_initial_seconds
+        while True:
+            if token is not None:
+                token = self._fence(item, token)
+            try:
+                deliveries = [
+                    self._outputs.send(o.topic, o.value, key=o.key, headers=o.headers)
+                    for o in outputs
+                ]
+                self._outputs.confirm(deliveries, DELIVERY_TIMEOUT, serve)
+                break
+            except KafkaOperationError as exc:
+                self._metrics.delivery_failures.labels(item.route.topic).inc()
+                self._log.error(
+                    "outputs not delivered; delivering them again (the handler does not run again)",
+                    **fields_of(item),
+                    error=str(exc),
+                    code=exc.code,
+                )
+                if not self._sleep(delay):
+                    raise Interrupted(token) from exc
+                delay = min(max(delay * 2, 0.1), self._retry.backoff_max_seconds)
+        for output in outputs:
+            self._metrics.outputs.labels(output.topic).inc()
+        return token
+
+    def holds(self, item: Item, token: str) -> bool:
+        """Whether ``token``'s claim of the item's id holds now: the lease keeper
+        confirmed it lately enough that a third of the lease is left (no other replica
+        can take it before it expires: nothing to write), or the store renews it."""
+        return self._leases.fresh(token, item.key) or self._store.renew([item.key], token)[0]
+
+    def _fence(self, item: Item, token: str) -> str:
+        """The token of a claim that holds the item's id now: ``token`` if its claim
+        holds, else a new one if nobody else took the id meanwhile."""
+        if self.holds(item, token):
+            return token
+        self._leases.drop(token, [item.key])
+        retaken = self._new_token()
+        claim = claim_item(self._store, item, retaken)
+        if claim.status is not ClaimStatus.CLAIMED:
+            raise LeaseLost("another replica took the claim while the handler ran")
+        self._leases.hold(retaken, [item.key])
+        self._log.warning("the claim expired while the handler ran; taken again", **fields_of(item))
+        return retaken
