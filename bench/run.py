@@ -80,7 +80,7 @@ from idempotent_worker.config.registry import resolve_routes  # noqa: E402
 from idempotent_worker.config.settings import Settings  # noqa: E402
 from idempotent_worker.dedup.base import FIRST_CLAIM, Completion  # noqa: E402
 from idempotent_worker.dedup.redis import RedisDedupStore  # noqa: E402
-from idempotent_worker.local import embedded  # noqa: E402
+from idempotent_worker.local import embedded, topologies  # noqa: E402
 from idempotent_worker.local import postgres as embedded_postgres  # noqa: E402
 from idempotent_worker.local.demo import FAST_CONSUMER, create_topics  # noqa: E402
 from idempotent_worker.ops.cli import run_worker  # noqa: E402
@@ -363,7 +363,7 @@ def store_scale(bootstrap: str, workdir: Path, count: int) -> None:
         embedded.redis(workdir, appendonly=True) as standalone,
         embedded.redis(workdir, appendonly=True) as primary,
         embedded.redis(workdir, appendonly=True, replica_of=primary.port),
-        embedded.RedisCluster(workdir / "cluster") as cluster,
+        topologies.RedisCluster(workdir / "cluster") as cluster,
     ):
         wait_for_replica(primary.port)
         one = f"redis://127.0.0.1:{standalone.port}/0"

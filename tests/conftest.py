@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from idempotent_worker.local import embedded
+from idempotent_worker.local import topologies
 from idempotent_worker.local.demo import create_topics
 from tests.support import chaos, figures, services
 
@@ -43,10 +43,10 @@ def redis_cluster_url(service_dir: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_sentinel(service_dir: Path) -> Iterator[embedded.RedisSentinel]:
+def redis_sentinel(service_dir: Path) -> Iterator[topologies.RedisSentinel]:
     """A primary, a replica and three Sentinels that require ``services.SENTINEL_PASSWORD``,
     shared by the session's tests (each uses its own key prefix)."""
-    with embedded.RedisSentinel(
+    with topologies.RedisSentinel(
         service_dir / "sentinel", sentinel_password=services.SENTINEL_PASSWORD
     ) as sentinel:
         yield sentinel

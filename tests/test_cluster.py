@@ -14,7 +14,7 @@ from redis.crc import key_slot
 from idempotent_worker.dedup.base import Completion
 from idempotent_worker.dedup.cluster import RedisClusterDedupStore, bucket_tags
 from idempotent_worker.errors import StoreUnavailable
-from idempotent_worker.local import embedded
+from idempotent_worker.local import topologies
 from idempotent_worker.local.demo import read_all
 from tests.support.chaos import PARTITIONS, Scenario, wait_until
 from tests.support.kafka import Record, produce
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.chaos]
 
 @pytest.fixture
 def cluster(tmp_path):
-    with embedded.RedisCluster(tmp_path / "cluster") as cluster:
+    with topologies.RedisCluster(tmp_path / "cluster") as cluster:
         yield cluster
 
 
@@ -145,7 +145,7 @@ def test_a_worker_started_while_the_cluster_is_down_holds_then_starts(
 ):
     """The cluster's layout is asked for at first use, so a worker started before the
     cluster answers holds (not ready) and starts by itself once it does."""
-    cluster = embedded.RedisCluster(tmp_path / "cluster")
+    cluster = topologies.RedisCluster(tmp_path / "cluster")
     scenario = Scenario(kafka_bootstrap, cluster.url, unique_name, make_topics, ledger, tmp_path)
     scenario.extra["WORKER_REDIS__CLUSTER"] = "true"
     with scenario.replicas(1) as replicas:

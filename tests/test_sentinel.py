@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from idempotent_worker.local import embedded
+from idempotent_worker.local import topologies
 from idempotent_worker.local.demo import read_all
 from tests.support.chaos import PARTITIONS, Scenario, during, wait_until
 from tests.support.kafka import Record, produce, with_id
@@ -39,7 +39,7 @@ def sentinel_scenario(sentinel, kafka_bootstrap, unique_name, make_topics, ledge
 
 @pytest.fixture
 def sentinel(tmp_path):
-    with embedded.RedisSentinel(tmp_path / "sentinel") as sentinel:
+    with topologies.RedisSentinel(tmp_path / "sentinel") as sentinel:
         yield sentinel
 
 
@@ -162,7 +162,7 @@ def test_a_forgetful_failover_reruns_ids_unless_replicas_acknowledged_them(
         workdir = tmp_path / f"min-replicas-{min_replicas}"
         workdir.mkdir()
         ledger.path.write_text("")
-        with embedded.RedisSentinel(workdir / "sentinel") as sentinel:
+        with topologies.RedisSentinel(workdir / "sentinel") as sentinel:
             scenario = sentinel_scenario(
                 sentinel, kafka_bootstrap, unique_name, make_topics, ledger, workdir
             )

@@ -21,7 +21,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from idempotent_worker.local import embedded
+from idempotent_worker.local import embedded, topologies
 from idempotent_worker.local import postgres as embedded_postgres
 
 SENTINEL_PASSWORD = "s3cret-sentinel"
@@ -77,7 +77,7 @@ def redis_cluster_url(workdir: Path) -> Iterator[str]:
     if url := os.environ.get("REDIS_CLUSTER_URL"):
         yield url
     else:
-        with embedded.RedisCluster(workdir) as cluster:
+        with topologies.RedisCluster(workdir) as cluster:
             yield cluster.url
 
 
