@@ -120,3 +120,25 @@ def test_a_message_read_before_its_partition_changed_hands_holds_nothing():
     consumer.consume()
     assert consumer.store_offsets([second, third], []) == 2
     assert consumer._consumer.stored == {("t", 0): 3}
+
+
+def test_an_interval_commit_refused_is_sent_again():
+    """Interval commits do not wait for their answer (a commit sent into a cut waited
+    for socket.timeout.ms, and the loop with it); one answered with an error is sent
+    again with the next, and no second one is sent while one is on its way."""
+    broker = Broker(Scheduler(random.Random(0)))
+    consumer = consumer_on(broker, 2)
+    consumer._commit_interval = 0
+    cut = True
+    broker.coordinator_fails = lambda member: cut
+    consumer.store_offsets(broker.topics["t"][0], [])
+    consumer.commit_if_due()
+    consumer.commit_if_due()  # the first is on its way: not sent again yet
+    assert len(consumer._consumer.answers) == 1
+    consumer._consumer._serve()  # a poll: the answer, the coordinator was not reached
+    cut = False
+    assert broker.committed == {}
+    consumer.commit_if_due()
+    consumer._consumer._serve()
+    assert broker.committed == {("t", 0): 2}
+    assert consumer._metrics.commits.labels("error")._value.get() == 1

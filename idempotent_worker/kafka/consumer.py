@@ -1,9 +1,12 @@
 """The Kafka side of the loop: group membership, owned partitions, offsets and commits.
 
 Offsets are stored one finished record at a time (``enable.auto.offset.store`` is
-off) and committed on an interval, on revoke and at close; auto commit is off.
-librdkafka runs the rebalance and statistics callbacks inside ``consume``/``poll``,
-so they never race the loop's own thread.
+off) and committed on an interval, on revoke and at close; auto commit is off. The
+interval's commits are asynchronous: a commit sent as the coordinator becomes
+unreachable would block a synchronous caller until ``socket.timeout.ms`` (60 s by
+default), and with it the polls that serve the group protocol and report the group's
+state to the probes. librdkafka runs the rebalance, commit and statistics callbacks
+inside ``consume``/``poll``, so they never race the loop's own thread.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class GroupConsumer:
                     "enable.auto.offset.store": False,
                     "error_cb": on_error,
                     "stats_cb": self._on_stats,
+                    "on_commit": self._on_commit,
                 },
                 CONSUMER_DEFAULTS,
             )
@@ -80,6 +84,9 @@ class GroupConsumer:
         self._fresh: set[tuple[str, int]] = set()
         """Assigned since the last consume: resumed before it, unless holding still."""
         self._dirty = False
+        """Offsets stored since the last commit was sent (or a commit failed)."""
+        self._committing = False
+        """An asynchronous commit is on its way: no second one is sent behind it."""
         self._last_commit = self._clock.monotonic()
         self.paused = False
 
@@ -149,23 +156,48 @@ class GroupConsumer:
         return stored
 
     def commit_if_due(self) -> None:
-        if self._dirty and self._clock.monotonic() - self._last_commit >= self._commit_interval:
-            self.commit()
+        """Send the stored offsets, without waiting for the answer (``_on_commit``),
+        once the interval has passed since the last commit was sent."""
+        now = self._clock.monotonic()
+        if not self._dirty or self._committing or now - self._last_commit < self._commit_interval:
+            return
+        self._dirty = False
+        self._last_commit = now
+        try:
+            self._consumer.commit(asynchronous=True)
+        except KafkaException as exc:  # refused before it was sent (not a member, ...)
+            self._commit_failed(exc.args[0])
+            return
+        self._committing = True
 
     def commit(self) -> None:
-        if not self._dirty:
+        """Commit the stored offsets and wait for the answer: before partitions are
+        given away and at close (also sending again what a commit on its way sends)."""
+        if not self._dirty and not self._committing:
             return
         try:
             self._consumer.commit(asynchronous=False)
         except KafkaException as exc:
-            error = exc.args[0]
-            if error.code() != KafkaError._NO_OFFSET:
-                self._metrics.commits.labels("error").inc()
-                self._log.warning("commit failed", code=error.name(), reason=error.str())
+            if exc.args[0].code() != KafkaError._NO_OFFSET:  # (nothing new to commit)
+                self._commit_failed(exc.args[0])
                 return
         self._dirty = False
         self._last_commit = self._clock.monotonic()
         self._metrics.commits.labels("ok").inc()
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """The answer to an asynchronous commit (librdkafka calls this for those only)."""
+        self._committing = False
+        error = error or next((p.error for p in partitions if p.error is not None), None)
+        if error is None or error.code() == KafkaError._NO_OFFSET:
+            self._metrics.commits.labels("ok").inc()
+        else:
+            self._commit_failed(error)
+
+    def _commit_failed(self, error: KafkaError) -> None:
+        self._dirty = True  # sent again with the next commit
+        self._metrics.commits.labels("error").inc()
+        self._log.warning("commit failed", code=error.name(), reason=error.str())
 
     def close(self) -> None:
         self.commit()

@@ -177,6 +177,8 @@ class SimConsumer:
         self.stored: dict[TP, int] = {}
         self.expelled: list[TP] | None = None
         self.closed = False
+        self.answers: list[KafkaError | None] = []
+        """Asynchronous commits' answers, for the next poll's ``on_commit`` calls."""
 
     def subscribe(self, topics: list[str], **callbacks: Callable[..., None]) -> None:
         self.callbacks = callbacks
@@ -184,8 +186,11 @@ class SimConsumer:
         self.broker.join(self, topics)
 
     def _serve(self) -> None:
-        """What librdkafka does inside a poll: heartbeats and rebalance callbacks."""
+        """What librdkafka does inside a poll: heartbeats, commits' answers and
+        rebalance callbacks."""
         broker = self.broker
+        while self.answers:
+            self.config["on_commit"](self.answers.pop(0), [])
         if broker.coordinator_fails(self):
             return
         member = broker.member(self)
@@ -271,6 +276,19 @@ class SimConsumer:
             self.stored[tp] = p.offset
 
     def commit(self, asynchronous: bool = True) -> None:
+        """Synchronous: done or raised at once. Asynchronous: done at once too, and its
+        answer (``on_commit``) delivered by the next poll, as librdkafka does."""
+        if not asynchronous:
+            self._commit()
+            return
+        try:
+            self._commit()
+        except KafkaException as exc:
+            self.answers.append(exc.args[0])
+        else:
+            self.answers.append(None)
+
+    def _commit(self) -> None:
         broker = self.broker
         member = broker.member(self)
         if broker.coordinator_fails(self):
