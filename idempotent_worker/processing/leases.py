@@ -162,7 +162,7 @@ class LeaseKeeper:
             if now >= next_renewal:
                 # The next round is due an interval after this one began (each call
                 # may wait out a socket timeout), or soon if a renewal failed: a claim
-                # must survive any outage shorter than the lease.
+                # must survive any outage shorter than two thirds of the lease, less a timeout.
                 renewed = self._renew()
                 self._check_epoch()
                 self.learn_forgets()

@@ -632,8 +632,10 @@ class World:
 
     def _excused(self, earlier: Run, later: Run) -> bool:
         """A second run is within the README's limits if the first run's replica died
-        before completing it, or the store was away from it (an outage, or that replica
-        cut from Redis) for longer than the lease."""
+        before completing it, or the store was away from it (outages, or that replica
+        cut from Redis) for long enough that its claim may have lapsed: two thirds of
+        the lease less a store timeout and the lease keeper's pause (docs/guarantees.md);
+        outages closer together than that are one to the keeper."""
         if self._died(earlier):
             return True
         outages = [(start, end) for start, end in self.config.outages]
@@ -642,9 +644,18 @@ class World:
             for name, kind, start, end in self.config.cuts
             if name == earlier.replica and kind in ("redis", "both")
         ]
+        slack = FaultyStore.TIMEOUT + 0.2
+        merged: list[list[float]] = []
+        for start, end in sorted(outages):
+            if merged and start - merged[-1][1] < slack:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
         return any(
-            end - start >= LEASE and start < later.started and end > earlier.started - LEASE
-            for start, end in outages
+            end - start >= LEASE * 2 / 3 - slack
+            and start < later.started
+            and end > earlier.started - LEASE
+            for start, end in merged
         )
 
     def report(self) -> str:
