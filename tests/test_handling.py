@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry
 from idempotent_worker.config.registry import resolve_routes
 from idempotent_worker.dedup import State
 from idempotent_worker.dedup.memory import MemoryDedupStore
-from idempotent_worker.errors import KafkaOperationError, PermanentFailure, StoreUnavailable
-from idempotent_worker.kafka.outputs import Delivery
+from idempotent_worker.errors import PermanentFailure, StoreUnavailable
+from idempotent_worker.kafka.outputs import Delivery, failure
 from idempotent_worker.observe.metrics import Metrics
 from idempotent_worker.observe.server import Health
 from idempotent_worker.parts import Parts as WorkerParts
@@ -77,14 +77,20 @@ class FakeOutputs:
         self.sent.append((topic, value))
         return Delivery()
 
-    def confirm(self, deliveries, timeout, serve=None):
+    def wait(self, deliveries, timeout, serve=None):
         if self.leases is not None:
             self.running_at_confirm.append(self.leases.running())
-        if self.failures:
+        error = None
+        if self.failures and deliveries:
             self.failures -= 1
-            raise KafkaOperationError("produce", "broker away", KafkaError._MSG_TIMED_OUT)
+            error = KafkaError(KafkaError._MSG_TIMED_OUT, "broker away")
         for delivery in deliveries:
-            delivery(None, None)
+            delivery(error, None)
+
+    def confirm(self, deliveries, timeout, serve=None):
+        self.wait(deliveries, timeout, serve)
+        if error := failure(deliveries):
+            raise error
 
     def poll(self):
         pass

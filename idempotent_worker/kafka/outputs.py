@@ -1,10 +1,12 @@
 """The worker's one idempotent producer, for handler outputs and dead letters.
 
-Produce calls are asynchronous: :meth:`Outputs.send` returns a :class:`Delivery`, and
-:meth:`Outputs.confirm` waits until the given deliveries are acknowledged by the
-broker and raises if any failed. The worker confirms a message's outputs before it
-completes the message's id or stores its offset. Handlers running concurrently share
-the producer; each confirms only its own deliveries.
+Produce calls are asynchronous: :meth:`Outputs.send` returns a :class:`Delivery`,
+:meth:`Outputs.wait` waits until the given deliveries are answered by the broker and
+:meth:`Outputs.confirm` also raises if any failed. The worker has a message's outputs
+acknowledged before it completes the message's id or stores its offset, but goes on to
+the next message meanwhile (processing/completions.py waits once per completion group).
+Handlers running concurrently share the producer; each waits only for its own
+deliveries.
 """
 
 from __future__ import annotations
@@ -94,6 +96,17 @@ class Outputs:
     ) -> None:
         """Wait for ``deliveries`` to be acknowledged; raise if any was not. A long wait
         calls ``serve`` now and then (see ``SERVE_AFTER``)."""
+        self.wait(deliveries, timeout, serve)
+        if error := failure(deliveries):
+            raise error
+
+    def wait(
+        self,
+        deliveries: Sequence[Delivery],
+        timeout: float,
+        serve: Callable[[], object] | None = None,
+    ) -> None:
+        """Wait until the broker answered each of ``deliveries``, or ``timeout`` passed."""
         waiting = [delivery for delivery in deliveries if not delivery.done]
         started = self._clock.monotonic()
         deadline = started + timeout
@@ -106,11 +119,6 @@ class Outputs:
             if serve is not None and waiting and self._clock.monotonic() >= served:
                 serve()
                 served = self._clock.monotonic() + SERVE_EVERY
-        if waiting:
-            raise KafkaOperationError("produce", f"{len(waiting)} deliveries not confirmed in time")
-        for delivery in deliveries:
-            if delivery.error is not None:
-                raise KafkaOperationError("produce", delivery.error.str(), delivery.error.code())
 
     def poll(self) -> None:
         """Serve delivery callbacks without waiting."""
@@ -119,6 +127,16 @@ class Outputs:
     def close(self, timeout: float) -> int:
         """Flush what is queued; the number of messages still undelivered."""
         return int(self._producer.flush(timeout))
+
+
+def failure(deliveries: Sequence[Delivery]) -> KafkaOperationError | None:
+    """Why ``deliveries`` are not all acknowledged (None if they are)."""
+    if waiting := sum(not delivery.done for delivery in deliveries):
+        return KafkaOperationError("produce", f"{waiting} deliveries not confirmed in time")
+    for delivery in deliveries:
+        if delivery.error is not None:
+            return KafkaOperationError("produce", delivery.error.str(), delivery.error.code())
+    return None
 
 
 def _wrap(operation: str, exc: Exception) -> KafkaOperationError:

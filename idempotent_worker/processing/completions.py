@@ -2,7 +2,9 @@
 
 A handled message waits at most ``dedup.complete_linger_ms`` for company; lanes running
 concurrently share one write every linger, and the loop writes what is left at the end
-of each batch.
+of each batch. A message's outputs are acknowledged before its completion is written:
+a group written on the linger takes the messages whose outputs were answered by then
+(the others wait for the next), the end of a batch waits for all of them at once.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from idempotent_worker.dedup.base import Claim, ClaimStatus, Completion
+from idempotent_worker.errors import Interrupted, LeaseLost
 from idempotent_worker.observe.metrics import Metrics
 from idempotent_worker.parts import Clock
 from idempotent_worker.processing.cache import CompletedIds
+from idempotent_worker.processing.delivery import FencedDelivery, Sent
 from idempotent_worker.processing.guard import GuardedStore
 from idempotent_worker.processing.items import Item
 from idempotent_worker.processing.leases import LeaseKeeper
@@ -30,6 +34,8 @@ class Handled:
     completion: Completion
     attempt: int
     seconds: float
+    sent: Sent | None = None
+    """Its outputs, on their way to the broker."""
 
 
 class Completions:
@@ -37,6 +43,7 @@ class Completions:
         self,
         store: GuardedStore,
         leases: LeaseKeeper,
+        delivery: FencedDelivery,
         cache: CompletedIds,
         metrics: Metrics,
         outcomes: Outcomes,
@@ -49,6 +56,7 @@ class Completions:
         self._clock = clock
         self._store = store
         self._leases = leases
+        self._delivery = delivery
         self._cache = cache
         self._metrics = metrics
         self._outcomes = outcomes
@@ -72,16 +80,24 @@ class Completions:
             self.flush()
 
     def flush_if_lingered(self) -> None:
+        """Write the completions of the messages whose outputs were answered, if the
+        oldest waited a linger."""
         if self._handled and self._clock.monotonic() - self._since >= self._linger:
-            self.flush()
+            self.flush(wait=False)
 
-    def flush(self) -> None:
-        """Write the completions of every message handled so far, in one round trip."""
+    def flush(self, wait: bool = True) -> None:
+        """Write the completions of every message handled so far, in one round trip,
+        once their outputs are acknowledged (``wait``), or of those whose outputs were
+        answered already, each id's in the order they were handled."""
         with self._flush_lock:
-            with self._handled_lock:
-                handled, self._handled = self._handled, []
+            handled = self._take() if wait else self._take_answered()
             if not handled:
                 return
+            if wait:
+                self._delivery.wait(
+                    [h.sent for h in handled if h.sent is not None], self._delivery.serve
+                )
+            handled = [h for h in handled if self._settled(h)]
             completions = [h.completion for h in handled]
             results = self._store.complete(completions, self._ttl, self._position_ttl)
             self._leases.drop_each((c.token, c.id) for c in completions)
@@ -110,3 +126,43 @@ class Completions:
             self._cache.put_each(remembered)
             for topic, count in succeeded.items():
                 self._metrics.topic(topic).succeeded.inc(count)
+
+    def _take(self) -> list[Handled]:
+        with self._handled_lock:
+            handled, self._handled = self._handled, []
+        return handled
+
+    def _take_answered(self) -> list[Handled]:
+        """The handled messages whose outputs were answered, none after an earlier
+        message of the same id (or entity) whose outputs were not."""
+        self._delivery.poll()
+        answered: list[Handled] = []
+        waiting: list[Handled] = []
+        blocked: set[str] = set()
+        with self._handled_lock:
+            for h in self._handled:
+                if h.item.key in blocked or (h.sent is not None and not h.sent.answered):
+                    waiting.append(h)
+                    blocked.add(h.item.key)
+                else:
+                    answered.append(h)
+            self._handled = waiting
+            if waiting:
+                self._since = self._clock.monotonic()  # looked at again after a linger
+        return answered
+
+    def _settled(self, h: Handled) -> bool:
+        """Whether ``h``'s outputs are out (delivered again if any failed): its
+        completion then holds the token they went out under."""
+        token = h.completion.token
+        try:
+            settled = self._delivery.settle(h.sent, h.item, token, self._delivery.serve)
+        except LeaseLost:
+            self._outcomes.lease_lost(h.item, h.attempt, h.seconds)
+            return False
+        except Interrupted as exc:
+            self._delivery.abandon(h.item, exc.token or token)
+            return False
+        if settled is not None and settled != token:
+            h.completion = replace(h.completion, token=settled)
+        return True

@@ -190,19 +190,15 @@ class Handling:
                 continue
             started = time.perf_counter()
             result = self.attempt(item, attempt, token)
-            elapsed = time.perf_counter() - started
-            if isinstance(result, Completion):
-                self.completions.add(Handled(item, result, attempt, elapsed))
+            if isinstance(result, Handled):
+                self.completions.add(result)
                 return
             if isinstance(result, LeaseLost):
-                self.outcomes.lease_lost(item, attempt, elapsed)
+                self.outcomes.lease_lost(item, attempt, time.perf_counter() - started)
                 return
             if isinstance(result, Interrupted):
-                # Its outputs may not be out: not finished. Another replica (or this
-                # one, restarted) runs it again; its run stays counted.
                 if result.token is not None:
-                    self._leases.drop(result.token, [item.key])
-                    self._store.release_if_reachable([item.key], result.token, "keep")
+                    self.delivery.abandon(item, result.token)
                 return
             letter = self.failed(item, attempt, result)
             if letter is not None:
@@ -273,11 +269,11 @@ class Handling:
 
     def attempt(
         self, item: Item, attempt: int, token: str | None
-    ) -> Completion | LeaseLost | Interrupted | Exception:
-        """Run the handler once and confirm its outputs (fenced by ``token``'s claim if
-        given): what to complete; the handler's exception if it failed; LeaseLost or
-        Interrupted if its outputs could not go out. If the inbox found an earlier run
-        applied, that run's kept outputs are produced instead.
+    ) -> Handled | LeaseLost | Interrupted | Exception:
+        """Run the handler once and send its outputs (fenced by ``token``'s claim if
+        given): what to complete once they are acknowledged; the handler's exception if
+        it failed; LeaseLost or Interrupted if its outputs could not go out. If the inbox
+        found an earlier run applied, that run's kept outputs are produced instead.
 
         The route's timeout is the handler's alone: delivering its outputs and checking
         the fence wait out a store or broker outage as the loop does, and a failure
@@ -320,16 +316,11 @@ class Handling:
             correlation = route.correlation(message.headers)
             outputs = resolve(ctx.applied.outputs, default, correlation)
         try:
-            token = self.delivery.produce(outputs, item, token, self.serve)
+            token, sent = self.delivery.send(outputs, item, token)
         except (LeaseLost, Interrupted) as exc:
             return exc
-        return self._completion(item, ctx, token or "")
-
-    def serve(self) -> None:
-        """While a long wait on the broker goes on: on the loop's thread the partitions are
-        held still and the group protocol served (lost partitions, the group's state),
-        as during any other wait of the loop's."""
-        self.sleep(0.01)
+        completion = self._completion(item, ctx, token or "")
+        return Handled(item, completion, attempt, time.perf_counter() - started, sent)
 
     def _completion(self, item: Item, ctx: HandlerContext, token: str) -> Completion:
         mode = self.modes[item.route.topic]
@@ -369,18 +360,18 @@ def assemble(
     """The state machine with its parts: completions, dead letters, each route's mode."""
     dedup = settings.dedup
     outcomes = Outcomes(metrics, log, settings.log.level == "DEBUG")
+    delivery = FencedDelivery(
+        outputs, store, leases, settings.retry, metrics, log, sleep, new_token
+    )
     completions = Completions(
-        store, leases, cache, metrics, outcomes, dedup.complete_linger_ms, dedup.ttl_seconds,
-        dedup.sequence_ttl_seconds, on_loop_thread, clock,
+        store, leases, delivery, cache, metrics, outcomes, dedup.complete_linger_ms,
+        dedup.ttl_seconds, dedup.sequence_ttl_seconds, on_loop_thread, clock,
     )  # fmt: skip
     dead_letters = DeadLetterWriter(outputs, metrics, outcomes, log, settings.retry, sleep)
     modes = {
         topic: mode_for(route, dedup.max_stored_reply_bytes) for topic, route in routes.items()
     }
     inbox = Inbox(settings.inbox, settings.kafka.group_id, log)
-    delivery = FencedDelivery(
-        outputs, store, leases, settings.retry, metrics, log, sleep, new_token
-    )
     return Handling(
         settings, modes, store, leases, delivery, completions, dead_letters, cache, inbox,
         event_loop, metrics, outcomes, log, sleep, new_token,

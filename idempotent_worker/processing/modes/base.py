@@ -10,9 +10,10 @@ from typing import Protocol
 from structlog.typing import FilteringBoundLogger
 
 from idempotent_worker.deadletter.letter import DeadLetter
-from idempotent_worker.dedup.base import Claim, Completion
+from idempotent_worker.dedup.base import Claim
 from idempotent_worker.errors import Interrupted, LeaseLost
 from idempotent_worker.observe.metrics import Metrics
+from idempotent_worker.processing.completions import Handled
 from idempotent_worker.processing.deadletters import DeadLetterWriter
 from idempotent_worker.processing.delivery import FencedDelivery
 from idempotent_worker.processing.items import Item
@@ -40,9 +41,7 @@ class Host(Protocol):
 
     def attempt(
         self, item: Item, attempt: int, token: str | None
-    ) -> Completion | LeaseLost | Interrupted | Exception: ...
-
-    def serve(self) -> None: ...
+    ) -> Handled | LeaseLost | Interrupted | Exception: ...
 
 
 class DedupMode(Protocol):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from idempotent_worker.dedup.base import Claim, Completion
+from idempotent_worker.dedup.base import Claim
 from idempotent_worker.errors import Interrupted
+from idempotent_worker.processing.completions import Handled
 from idempotent_worker.processing.items import Item
 from idempotent_worker.processing.modes.base import Host, duplicate_reason
 from idempotent_worker.replies import Kept
@@ -39,7 +40,14 @@ class Shadow:
         while True:
             started = time.perf_counter()
             result = handling.attempt(item, attempt, None)
-            if isinstance(result, Completion):
+            if isinstance(result, Handled):
+                try:
+                    handling.delivery.wait(
+                        [result.sent] if result.sent else [], handling.delivery.serve
+                    )
+                    handling.delivery.settle(result.sent, item, None, handling.delivery.serve)
+                except Interrupted:
+                    return
                 handling.metrics.topic(item.route.topic).succeeded.inc()
                 if handling.outcomes.debug:
                     seconds = round(time.perf_counter() - started, 6)
