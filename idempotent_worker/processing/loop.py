@@ -28,9 +28,9 @@ import os
 import socket
 import threading
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
 
 from confluent_kafka import KafkaError
 from confluent_kafka import Message as KafkaMessage
@@ -248,14 +248,20 @@ class Worker:
         # Lanes are built over the whole batch: routes share one id space, so an id read
         # from two topics is in one lane and runs once. A lane that touches a route with
         # max_in_flight 1 runs here, one message at a time, in batch order, with the rest
-        # of those routes' messages; the others run on the pool of their first route.
-        futures: list[Future[None]] = []
+        # of those routes' messages; the others run on the pool of their first route,
+        # whose max_in_flight threads take the lanes from one queue (a task per thread,
+        # not per lane: a lane is often a single message).
+        queues: dict[str, deque[list[Item]]] = {}
         pooled: set[int] = set()
         for lane in lanes(items):
-            pool = self._pool_for(lane)
-            if pool is not None:
-                futures.append(pool.submit(self._run_lane, lane, book))
+            if all(item.route.topic in self._pools for item in lane):
+                queues.setdefault(lane[0].route.topic, deque()).append(lane)
                 pooled.update(id(item) for item in lane)
+        futures: list[Future[None]] = [
+            self._pools[topic].submit(self._run_lanes, queue, book)
+            for topic, queue in queues.items()
+            for _ in range(min(len(queue), self._routes[topic].max_in_flight))
+        ]
         self._run_lane([i for i in items if id(i) not in pooled], book)
         self._wait_for(futures)
         self._store.resume_if_held()  # held still by a wait on the loop's thread
@@ -268,11 +274,14 @@ class Worker:
             self.finished += finished
             self._health.progressed()
 
-    def _pool_for(self, lane: Sequence[Item]) -> Executor | None:
-        """The pool ``lane`` runs on: its first route's, if every route it touches has one."""
-        if any(item.route.topic not in self._pools for item in lane):
-            return None
-        return self._pools[lane[0].route.topic]
+    def _run_lanes(self, queue: deque[list[Item]], book: ClaimBook) -> None:
+        """Run lanes from ``queue`` until it is empty (one of a pool's threads)."""
+        while True:
+            try:
+                lane = queue.popleft()
+            except IndexError:
+                return
+            self._run_lane(lane, book)
 
     def _prepare(self, record: KafkaMessage) -> Item | None:
         error = record.error()
