@@ -1,35 +1,53 @@
 """What a handler that emits one output costs, beside a no-op in the same run.
 
-    .venv/bin/python bench/emit.py [MESSAGES]     # default 5,000
+    .venv/bin/python bench/emit.py [MESSAGES]     # default 20,000
 
 On the local broker and a Redis with AOF (fsync always), for the no-op handler, then
 one output per message with ``max_in_flight`` 1 and 32: msg/s, the worker's CPU per
 message (this process's CPU time over the messages), Redis's CPU and commands per
-message, and each emitting variant's rate and Redis CPU as a ratio to the no-op's.
-Every id must be handled exactly once (exit 1 otherwise), as in bench/run.py.
+message, and each emitting variant's rate and Redis CPU as a ratio to the no-op's,
+with its target. Then a steady rate (``LATENCY_RATE`` msg/s for ``LATENCY_SECONDS``,
+emitting one output, ``max_in_flight`` 32): produce-to-output latency, from the moment
+an input is handed to its producer to the moment its output is read by a consumer
+(``fetch.wait.max.ms`` 10 on both consumers), p50 and p99. Every id must be handled
+exactly once (exit 1 otherwise), as in bench/run.py.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import redis
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import publish, store_cpu_seconds, the_worker
+from bench.run import PARTITIONS, publish, store_cpu_seconds, the_worker
 from idempotent_worker.local import embedded
-from idempotent_worker.local.demo import create_topics
+from idempotent_worker.local.demo import FAST_CONSUMER, create_topics
 
 VARIANTS = [("noop", 1), ("emits_one", 1), ("emits_one", 32)]
+RATE_TARGETS = {1: 0.5, 32: 0.8}
+"""The emitting variants' rate as a share of the no-op's, at least (issue #26)."""
+REDIS_TARGET = 1.5
+"""The dedup Redis's CPU per emitting message, as a multiple of the no-op's, at most."""
+LATENCY_RATE = 2000
+LATENCY_SECONDS = 5
+P99_TARGET_MS = 50
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
 
 
 def main() -> int:
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         with embedded.broker(workdir) as broker, embedded.redis(workdir, appendonly=True) as server:
@@ -59,12 +77,71 @@ def main() -> int:
                 if baseline is None:
                     baseline = (rate, redis_us)
                 else:
+                    share, redis_share = rate / baseline[0], redis_us / baseline[1]
+                    target = RATE_TARGETS[lanes]
                     line += (
-                        f"  rate x{rate / baseline[0]:.2f} of no-op, "
-                        f"redis x{redis_us / baseline[1]:.1f} of no-op"
+                        f"  rate x{share:.2f} of no-op (target x{target}: "
+                        f"{verdict(share >= target)}), redis x{redis_share:.1f} of no-op "
+                        f"(target at most x{REDIS_TARGET}: {verdict(redis_share <= REDIS_TARGET)})"
                     )
                 print(line, flush=True)
+            p50, p99 = latency(bootstrap, url)
+            print(
+                f"emits_one max_in_flight 32 at a steady {LATENCY_RATE:,} msg/s: produce to "
+                f"output p50 {p50:.1f} ms, p99 {p99:.1f} ms (target p99 under "
+                f"{P99_TARGET_MS} ms: {verdict(p99 < P99_TARGET_MS)})",
+                flush=True,
+            )
     return 0
+
+
+def latency(bootstrap: str, url: str) -> tuple[float, float]:
+    """Produce-to-output latency at a steady rate, in milliseconds: p50 and p99."""
+    topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
+    count = LATENCY_RATE * LATENCY_SECONDS
+    create_topics(bootstrap, {topic: PARTITIONS, f"{topic}.out": PARTITIONS})
+    sent: dict[str, float] = {}
+    seen: list[float] = []
+
+    def produce() -> None:
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+        started = time.monotonic()
+        for n in range(count):
+            time.sleep(max(0.0, started + n / LATENCY_RATE - time.monotonic()))
+            id = f"l-{n:09d}"
+            sent[id] = time.monotonic()
+            producer.produce(topic, value=id, key=id, headers=[("message-id", id)])
+            producer.poll(0)
+        producer.flush(30)
+
+    def read_outputs() -> None:
+        consumer = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex, **FAST_CONSUMER}
+        )
+        consumer.assign([TopicPartition(f"{topic}.out", p, 0) for p in range(PARTITIONS)])
+        deadline = time.monotonic() + LATENCY_SECONDS + 60
+        while len(seen) < count and time.monotonic() < deadline:
+            for record in consumer.consume(500, 0.1):
+                if record.error() is None:
+                    header = dict(record.headers() or [])["message-id"]
+                    assert isinstance(header, bytes)
+                    seen.append(time.monotonic() - sent[header.decode().rsplit(":", 1)[0]])
+        consumer.close()
+
+    reader = threading.Thread(target=read_outputs)
+    reader.start()
+    producer = threading.Thread(target=produce)
+    producer.start()
+    the_worker(
+        bootstrap, url, topic, count, "emits_one", max_in_flight=32,
+        route={"output_topic": f"{topic}.out"},
+    )  # fmt: skip
+    producer.join()
+    reader.join()
+    if len(seen) < count:
+        raise RuntimeError(f"{count - len(seen)} outputs not read")
+    cuts = statistics.quantiles(seen, n=100)
+    return cuts[49] * 1000, cuts[98] * 1000
 
 
 if __name__ == "__main__":

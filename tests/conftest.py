@@ -105,7 +105,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     worker (`make test` runs three): the process faults of test_chaos.py in one, the
     Redis topologies', the inbox's and the network partitions' in the other (about as
     long; one queue took longer than the whole suite should). Two scenarios at a time
-    on two cores is as much as their timing allows. The rest of the suite fills in."""
+    on two cores is as much as their timing allows. The image build and the package's
+    tests have a queue each. The rest of the suite fills in."""
     if not config.pluginmanager.hasplugin("xdist"):
         return
     for item in items:
@@ -114,6 +115,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group("faults" if process_faults else "faults-2"))
         elif item.get_closest_marker("image"):  # one image build, beside the fault scenarios
             item.add_marker(pytest.mark.xdist_group("image"))
+        elif item.get_closest_marker("package"):
+            # One build of the package: two at once in the checkout share setuptools'
+            # sdist tree there (one removed a file the other was copying).
+            item.add_marker(pytest.mark.xdist_group("package"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
