@@ -7,7 +7,9 @@ from confluent_kafka import Message as KafkaMessage
 
 def header_pairs(record: KafkaMessage) -> list[tuple[str, bytes]]:
     """The record's headers in order, values as bytes (a null value becomes ``b""``)."""
-    headers = record.headers() or []
+    headers = record.headers()
+    if not headers:
+        return []
     pairs = headers.items() if isinstance(headers, dict) else headers
     return [
         (name, value.encode() if isinstance(value, str) else value or b"") for name, value in pairs

@@ -253,7 +253,7 @@ class Worker:
         # not per lane: a lane is often a single message).
         queues: dict[str, deque[list[Item]]] = {}
         pooled: set[int] = set()
-        for lane in lanes(items):
+        for lane in lanes(items) if self._pools else ():  # (none: every lane runs here)
             if all(item.route.topic in self._pools for item in lane):
                 queues.setdefault(lane[0].route.topic, deque()).append(lane)
                 pooled.update(id(item) for item in lane)
