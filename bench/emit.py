@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/emit.py [MESSAGES]     # default 20,000
 
-On the local broker and a Redis with AOF (fsync always), for the no-op handler, then
+On the local broker and a Redis with AOF (fsync always), for a raw consume loop (the
+floor of any Python consumer: consume, commit per batch), the no-op handler, then
 one output per message with ``max_in_flight`` 1 and 32: msg/s, the worker's CPU per
 message (this process's CPU time over the messages), Redis's CPU and commands per
 message, and each emitting variant's rate and Redis CPU as a ratio to the no-op's,
@@ -29,7 +30,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import PARTITIONS, publish, store_cpu_seconds, the_worker
+from bench.run import PARTITIONS, hand_written, publish, store_cpu_seconds, the_worker
 from idempotent_worker.local import embedded
 from idempotent_worker.local.demo import FAST_CONSUMER, create_topics
 
@@ -37,6 +38,9 @@ VARIANTS = [("noop", 1), ("emits_one", 1), ("emits_one", 32)]
 RATE_TARGETS = {1: 0.5, 32: 0.8}
 """The emitting variants' rate as a share of the no-op's, at least (issue #26)."""
 REDIS_TARGET = 1.5
+"""The dedup Redis's CPU per emitting message, as a multiple of the no-op's, at most."""
+RAW_TARGET = 6
+"""The no-op worker's CPU per message, as a multiple of the raw consume loop's, at most."""
 """The dedup Redis's CPU per emitting message, as a multiple of the no-op's, at most."""
 LATENCY_RATE = 2000
 LATENCY_SECONDS = 5
@@ -55,6 +59,12 @@ def main() -> int:
             bootstrap = f"127.0.0.1:{broker.port}"
             url = f"redis://127.0.0.1:{server.port}/0"
             client = redis.Redis(port=server.port)
+            topic = f"bench-raw-{uuid.uuid4().hex[:8]}"
+            publish(bootstrap, topic, count)
+            cpu = time.process_time()
+            rate = hand_written(bootstrap, topic, count, lambda ids: None)
+            raw_us = (time.process_time() - cpu) * 1e6 / count
+            print(f"raw consume + commit per batch {rate:8,.0f} msg/s  {raw_us:5.1f} us/msg")
             baseline: tuple[float, float] | None = None
             for handler, lanes in VARIANTS:
                 topic = f"bench-emit-{uuid.uuid4().hex[:8]}"
@@ -77,6 +87,11 @@ def main() -> int:
                 )
                 if baseline is None:
                     baseline = (rate, redis_us)
+                    share = worker_us / raw_us
+                    line += (
+                        f"  worker CPU x{share:.1f} of the raw loop's (target at most "
+                        f"x{RAW_TARGET}: {verdict(share <= RAW_TARGET)})"
+                    )
                 else:
                     share, redis_share = rate / baseline[0], redis_us / baseline[1]
                     target = RATE_TARGETS[lanes]
