@@ -52,7 +52,7 @@ from idempotent_worker.processing.claimbook import ClaimBook
 from idempotent_worker.processing.guard import GuardedStore
 from idempotent_worker.processing.handling import assemble
 from idempotent_worker.processing.items import Item, prepare
-from idempotent_worker.processing.lanes import lanes
+from idempotent_worker.processing.lanes import LaneRunner, lanes
 from idempotent_worker.processing.leases import EXIT_HANDLER_TIMEOUT, LeaseKeeper
 from idempotent_worker.processing.startup import check_eviction_policy, warn_missing_topics
 
@@ -141,6 +141,10 @@ class Worker:
         modes = self._handling.modes
         self._uncached = {topic for topic, mode in modes.items() if not mode.uses_cache}
         """Routes whose duplicates the local cache may not answer (see worker/modes)."""
+        self._lanes = LaneRunner(
+            self._handling, self._completed, self._uncached, self._consumer.owns,
+            lambda: self._stopping, self._new_token,
+        )  # fmt: skip
         self._cleanup = (
             InboxCleanup(settings, metrics, self._log) if settings.inbox.url is not None else None
         )
@@ -258,11 +262,11 @@ class Worker:
                 queues.setdefault(lane[0].route.topic, deque()).append(lane)
                 pooled.update(id(item) for item in lane)
         futures: list[Future[None]] = [
-            self._pools[topic].submit(self._run_lanes, queue, book)
+            self._pools[topic].submit(self._lanes.run_all, queue, book)
             for topic, queue in queues.items()
             for _ in range(min(len(queue), self._routes[topic].max_in_flight))
         ]
-        self._run_lane([i for i in items if id(i) not in pooled], book)
+        self._lanes.run([i for i in items if id(i) not in pooled], book)
         self._wait_for(futures)
         self._store.resume_if_held()  # held still by a wait on the loop's thread
         self._completions.flush()
@@ -273,15 +277,6 @@ class Worker:
         if finished:
             self.finished += finished
             self._health.progressed()
-
-    def _run_lanes(self, queue: deque[list[Item]], book: ClaimBook) -> None:
-        """Run lanes from ``queue`` until it is empty (one of a pool's threads)."""
-        while True:
-            try:
-                lane = queue.popleft()
-            except IndexError:
-                return
-            self._run_lane(lane, book)
 
     def _prepare(self, record: KafkaMessage) -> Item | None:
         error = record.error()
@@ -311,45 +306,6 @@ class Worker:
             ):
                 self._store.hold_still(0.05)
         self._store.resume_if_held()
-
-    def _run_lane(self, lane: Sequence[Item], book: ClaimBook) -> None:
-        """Handle ``lane``'s messages in order, with the batch's claims from ``book``."""
-        seen: set[str] = set()
-        claim: Claim | None
-        for index, item in enumerate(lane):
-            if self._stopping:
-                book.give_up(lane[index:])
-                return
-            if not self._consumer.owns(item.record):
-                # Revoked while the batch was in hand: the new owner reads it again.
-                book.give_up([item])
-                continue
-            if item.message is None:
-                assert item.rejection is not None
-                self._handling.dead_letters.write(item, item.rejection)
-                continue
-            key = item.key
-            if key in seen:
-                # An earlier record of this lane carried the same id (or entity) and is
-                # finished by now: look up how it ended (locally if it completed), its
-                # completion written first (its claim may have expired meanwhile, and
-                # this copy would take the id over and refuse that completion).
-                token = self._new_token()
-                cache = item.route.topic not in self._uncached
-                claim = self._completed.get(key) if cache else None
-                if claim is None:
-                    self._completions.flush()
-                    claim = self._handling.acquire(item, token, before_wait=book.let_go)
-            else:
-                seen.add(key)
-                token, claim = book.token, book.start(key)
-                if claim.status is ClaimStatus.BUSY:
-                    # Held elsewhere, or let go by this batch: claimed under a token of its
-                    # own, which the batch's release (maybe still under way, on another
-                    # lane) cannot take from it.
-                    token = self._new_token()
-                    claim = self._handling.acquire(item, token, before_wait=book.let_go)
-            self._handling.handle(item, claim, token, book.let_go)
 
     def _claim(self, items: Sequence[Item], token: str) -> dict[str, Claim]:
         """Claim the ids (or entities) of ``items``, each with its own; the lease keeper
