@@ -94,9 +94,7 @@ class Completions:
             if not handled:
                 return
             if wait:
-                self._delivery.wait(
-                    [h.sent for h in handled if h.sent is not None], self._delivery.serve
-                )
+                self._delivery.wait([h.sent for h in handled if h.sent is not None])
             handled = [h for h in handled if self._settled(h)]
             completions = [h.completion for h in handled]
             results = self._store.complete(completions, self._ttl, self._position_ttl)
@@ -156,7 +154,7 @@ class Completions:
         completion then holds the token they went out under."""
         token = h.completion.token
         try:
-            settled = self._delivery.settle(h.sent, h.item, token, self._delivery.serve)
+            settled = self._delivery.settle(h.sent, h.item, token)
         except LeaseLost:
             self._outcomes.lease_lost(h.item, h.attempt, h.seconds)
             return False

@@ -72,13 +72,7 @@ class FencedDelivery:
         self._sleep = sleep
         self._new_token = new_token
 
-    def produce(
-        self,
-        outputs: Sequence[Output],
-        item: Item,
-        token: str | None,
-        serve: Callable[[], object] | None = None,
-    ) -> str | None:
+    def produce(self, outputs: Sequence[Output], item: Item, token: str | None) -> str | None:
         """Produce ``outputs`` and wait for the broker; with ``token``, only while a claim
         of the item's id holds (a replica that lost it to another publishes nothing): the
         token of that claim. A claim that expired with nobody taking the id over (a store
@@ -86,7 +80,7 @@ class FencedDelivery:
 
         A failed delivery is retried with backoff, the same outputs (their ``message-id``
         headers are the same, so a copy of one delivered late is a duplicate downstream).
-        A long wait for the broker calls ``serve`` now and then (see Outputs.confirm).
+        A long wait for the broker serves the group now and then (``serve``).
         Raises LeaseLost, or Interrupted if the worker stops before they are confirmed."""
         if not outputs:
             return token
@@ -95,7 +89,7 @@ class FencedDelivery:
             if token is not None:
                 token = self._fence(item, token)
             try:
-                self._outputs.confirm(self._send(outputs), DELIVERY_TIMEOUT, serve)
+                self._outputs.confirm(self._send(outputs), DELIVERY_TIMEOUT, self.serve)
                 break
             except KafkaOperationError as exc:
                 self._not_delivered(item, exc)
@@ -120,14 +114,12 @@ class FencedDelivery:
         except KafkaOperationError as exc:
             return token, Sent(outputs, [], exc)
 
-    def wait(self, sent: Sequence[Sent], serve: Callable[[], object] | None) -> None:
+    def wait(self, sent: Sequence[Sent]) -> None:
         """Wait until the broker answered every delivery of ``sent`` (or timed out)."""
         deliveries = [delivery for one in sent for delivery in one.deliveries]
-        self._outputs.wait(deliveries, DELIVERY_TIMEOUT, serve)
+        self._outputs.wait(deliveries, DELIVERY_TIMEOUT, self.serve)
 
-    def settle(
-        self, sent: Sent | None, item: Item, token: str | None, serve: Callable[[], object]
-    ) -> str | None:
+    def settle(self, sent: Sent | None, item: Item, token: str | None) -> str | None:
         """Once ``sent`` was answered: the token of the claim its outputs went out under;
         if any was refused or not answered, all are delivered again (``produce``:
         fenced, with backoff, raising LeaseLost or Interrupted)."""
@@ -140,7 +132,12 @@ class FencedDelivery:
         self._not_delivered(item, error)
         if not self._sleep(self._retry.backoff_initial_seconds):
             raise Interrupted(token) from error
-        return self.produce(sent.outputs, item, token, serve)
+        return self.produce(sent.outputs, item, token)
+
+    def confirm(self, sent: Sent | None, item: Item, token: str | None) -> str | None:
+        """``wait`` for one message's outputs, then ``settle`` them."""
+        self.wait([sent] if sent is not None else [])
+        return self.settle(sent, item, token)
 
     def poll(self) -> None:
         """Serve the producer's delivery answers without waiting."""

@@ -48,9 +48,7 @@ class ReplayReplies:
         headers, route = item.message.headers, item.route
         outputs = resolve(decode(reply), route.default_topic(headers), route.correlation(headers))
         try:
-            handling.delivery.produce(
-                outputs, item, None, handling.delivery.serve
-            )  # until delivered
+            handling.delivery.produce(outputs, item, None)  # until delivered
         except Interrupted:
             return
         handling.metrics.replies_replayed.labels(route.topic).inc()

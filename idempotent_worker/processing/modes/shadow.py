@@ -42,10 +42,7 @@ class Shadow:
             result = handling.attempt(item, attempt, None)
             if isinstance(result, Handled):
                 try:
-                    handling.delivery.wait(
-                        [result.sent] if result.sent else [], handling.delivery.serve
-                    )
-                    handling.delivery.settle(result.sent, item, None, handling.delivery.serve)
+                    handling.delivery.confirm(result.sent, item, None)
                 except Interrupted:
                     return
                 handling.metrics.topic(item.route.topic).succeeded.inc()
