@@ -122,6 +122,22 @@ def test_a_message_read_before_its_partition_changed_hands_holds_nothing():
     assert consumer._consumer.stored == {("t", 0): 3}
 
 
+def test_a_record_read_before_its_partition_changed_hands_is_not_owned():
+    """Revoked and given back while its batch was in hand, the partition is read again
+    from its commit: the old batch's records of it are not this replica's to run any
+    more. A lane that let one go (revoked) must not run the next one after the
+    partition came back (simulator seed 26: a sequence's later message ran first and
+    the earlier one was skipped as stale)."""
+    broker = Broker(Scheduler(random.Random(0)))
+    consumer = consumer_on(broker, 2)
+    first, _ = broker.topics["t"][0]
+    assert consumer.owns(first)
+    given_back(consumer)
+    assert not consumer.owns(first)
+    consumer.consume()
+    assert consumer.owns(first)
+
+
 def test_an_interval_commit_refused_is_sent_again():
     """Interval commits do not wait for their answer (a commit sent into a cut waited
     for socket.timeout.ms, and the loop with it); one answered with an error is sent

@@ -109,7 +109,10 @@ class GroupConsumer:
         return records
 
     def owns(self, record: KafkaMessage) -> bool:
-        return (record.topic(), record.partition()) in self._owned
+        """Whether ``record``, of the last batch read, is still this replica's: its
+        partition assigned, and not taken away (and given back) since the batch was read."""
+        tp = (record.topic(), record.partition())
+        return tp in self._owned and self._epochs.get(tp) == self._read_epochs.get(tp)
 
     def missing_topics(self, topics: set[str]) -> set[str]:
         return topics - set(self._consumer.list_topics(timeout=10).topics)
