@@ -1,6 +1,14 @@
 """idempotent-worker: a Kafka consumer that runs each message id's handler at most once."""
 
 from idempotent_worker.errors import PermanentFailure, RetryLater, WorkerError
-from idempotent_worker.types import Context, Handler, Message
+from idempotent_worker.types import BatchHandler, Context, Handler, Message
 
-__all__ = ["Context", "Handler", "Message", "PermanentFailure", "RetryLater", "WorkerError"]
+__all__ = [
+    "BatchHandler",
+    "Context",
+    "Handler",
+    "Message",
+    "PermanentFailure",
+    "RetryLater",
+    "WorkerError",
+]

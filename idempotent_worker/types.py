@@ -7,7 +7,7 @@ configuration by its import path, e.g. ``"idempotent_worker.examples.orders:hand
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
@@ -100,3 +100,10 @@ class Context(Protocol):
 
 Handler = Callable[[Message, Context], Awaitable[None] | None]
 """The type of a handler function: a plain function, or an ``async def`` one."""
+
+BatchResults = Sequence[Exception | None] | None
+"""What a batch handler returns: None if every message succeeded, else one entry per
+message, in order: None (it succeeded) or the exception it failed with."""
+
+BatchHandler = Callable[[list[tuple[Message, Context]]], Awaitable[BatchResults] | BatchResults]
+"""A route with ``batch = true``: one call per partition of a poll batch."""

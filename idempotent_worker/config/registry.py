@@ -18,14 +18,14 @@ from idempotent_worker.config.ids import (
 from idempotent_worker.config.routes import Route
 from idempotent_worker.config.settings import Settings
 from idempotent_worker.errors import ConfigError
-from idempotent_worker.types import Handler
+from idempotent_worker.types import BatchHandler, Handler
 
 
 @dataclass(frozen=True, slots=True)
 class ResolvedRoute:
     topic: str
     handler_path: str
-    handler: Handler
+    handler: Handler | BatchHandler
     extract_id: IdExtractor
     output_topic: str | None
     dlq_topic: str
@@ -40,6 +40,8 @@ class ResolvedRoute:
     extract_position: PositionExtractor | None = None
     """``dedup = "sequence"``: the message's entity and sequence."""
     on_gap: str = "process"
+    batch: bool = False
+    """The handler takes a partition's messages of a poll batch in one call."""
 
     def default_topic(self, headers: Mapping[str, bytes]) -> str | None:
         """Where a message's outputs that name no topic go: its reply header's topic,
@@ -75,8 +77,9 @@ _searched: list[str] = []
 """The folders ``search_path`` put first, for the import errors' message."""
 
 
-def import_handler(path: str, key: str) -> Handler:
-    """Import ``package.module:function``; raise ConfigError naming ``key`` if that fails."""
+def import_handler(path: str, key: str, batch: bool = False) -> Handler | BatchHandler:
+    """Import ``package.module:function``; raise ConfigError naming ``key`` if that fails
+    (or if it cannot take ``(message, ctx)``, or ``(batch)`` with ``batch``)."""
     module_name, _, attribute = path.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -95,10 +98,11 @@ def import_handler(path: str, key: str) -> Handler:
         signature = inspect.signature(handler)
     except ValueError:  # a builtin without an introspectable signature: trust it
         return handler  # type: ignore[no-any-return]
+    arguments, shape = ((None,), "(batch)") if batch else ((None, None), "(message, ctx)")
     try:
-        signature.bind(None, None)
+        signature.bind(*arguments)
     except TypeError:
-        raise ConfigError(key, f"'{path}' must accept (message, ctx)") from None
+        raise ConfigError(key, f"'{path}' must accept {shape}") from None
     return handler  # type: ignore[no-any-return]
 
 
@@ -111,7 +115,7 @@ def resolve_routes(settings: Settings) -> dict[str, ResolvedRoute]:
 
 
 def _resolve(index: int, route: Route, timeout_seconds: float) -> ResolvedRoute:
-    handler = import_handler(route.handler, f"routes[{index}].handler")
+    handler = import_handler(route.handler, f"routes[{index}].handler", route.batch)
     return ResolvedRoute(
         topic=route.topic,
         handler_path=route.handler,
@@ -131,4 +135,5 @@ def _resolve(index: int, route: Route, timeout_seconds: float) -> ResolvedRoute:
             else None
         ),
         on_gap=route.on_gap,
+        batch=route.batch,
     )

@@ -64,6 +64,9 @@ class Route(Section):
     the message (then to ``output_topic`` if it has none)."""
     correlation_header: str | None = Field(default=None, min_length=1)
     """A header of the message copied onto each output that names no topic."""
+    batch: bool = False
+    """The handler takes a list of ``(message, ctx)``: a poll batch's claimed messages of
+    one partition, in order, in one call (see processing/handling.py)."""
 
     @model_validator(mode="after")
     def _check_modes(self) -> Route:

@@ -20,13 +20,14 @@ class EventLoopThread:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def run(self, awaitable: Awaitable[Any]) -> None:
-        """Run ``awaitable`` on the loop and wait for it; its exception is raised here."""
+    def run(self, awaitable: Awaitable[Any]) -> Any:
+        """Run ``awaitable`` on the loop and wait for it: its result, or its exception
+        raised here."""
 
-        async def wrapped() -> None:
-            await awaitable
+        async def wrapped() -> Any:
+            return await awaitable
 
-        asyncio.run_coroutine_threadsafe(wrapped(), self._started()).result()
+        return asyncio.run_coroutine_threadsafe(wrapped(), self._started()).result()
 
     def _started(self) -> asyncio.AbstractEventLoop:
         with self._lock:

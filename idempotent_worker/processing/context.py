@@ -33,7 +33,7 @@ class HandlerContext(Context):
         origin: str,
         correlation: tuple[str, bytes] | None = None,
     ) -> None:
-        self._message = message
+        self.message = message
         self._attempt = attempt
         self._make_logger = make_logger
         self._logger: FilteringBoundLogger | None = None
@@ -52,7 +52,7 @@ class HandlerContext(Context):
 
     @property
     def message_id(self) -> str:
-        return self._message.id
+        return self.message.id
 
     @property
     def attempt(self) -> int:
@@ -78,7 +78,7 @@ class HandlerContext(Context):
             raise PermanentFailure("ctx.emit() without topic= on a route that has no output_topic")
         # The n-th output of an input gets the same id on every run, so a re-run after a
         # crash re-emits ids that a downstream idempotent consumer skips.
-        output_id = f"{self._message.id}:{len(self.outputs)}"
+        output_id = f"{self.message.id}:{len(self.outputs)}"
         extra = [(name, value) for name, value in (headers or {}).items()]
         if topic is None and self._correlation is not None:
             extra.append(self._correlation)  # a reply carries the request's correlation id

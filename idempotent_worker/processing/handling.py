@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 from structlog.typing import FilteringBoundLogger
 
@@ -48,6 +49,7 @@ from idempotent_worker.processing.modes import mode_for
 from idempotent_worker.processing.modes.base import DedupMode, duplicate_reason
 from idempotent_worker.processing.outcomes import Outcomes, fields_of
 from idempotent_worker.replies import resolve
+from idempotent_worker.types import BatchHandler, Handler
 
 CLAIM_WAIT_INTERVAL = 0.05
 
@@ -190,24 +192,84 @@ class Handling:
                 continue
             started = time.perf_counter()
             result = self.attempt(item, attempt, token)
-            if isinstance(result, Handled):
-                self.completions.add(result)
-                return
-            if isinstance(result, LeaseLost):
-                self.outcomes.lease_lost(item, attempt, time.perf_counter() - started)
-                return
-            if isinstance(result, Interrupted):
-                if result.token is not None:
-                    self.delivery.abandon(item, result.token)
-                return
-            letter = self.failed(item, attempt, result)
-            if letter is not None:
-                self.give_up(item, token, letter)
-                return
-            retried = self._retry(item, token, self.backoff(attempt, result), before_wait)
+            seconds = time.perf_counter() - started
+            retried = self._settle(item, token, attempt, result, seconds, before_wait)
             if retried is None:
                 return
             token, attempt = retried
+
+    def joins_call(self, item: Item, claim: Claim, token: str) -> bool:
+        """Whether a batch route's message goes into one call with the messages gathered
+        before it: claimed for a run that may start now (earlier runs finished, the
+        fence fresh), or a duplicate whose mode needs nothing of them."""
+        if claim.status is ClaimStatus.COMPLETED:
+            return self.modes[item.route.topic].quiet
+        return (
+            claim.status is ClaimStatus.CLAIMED
+            and 0 < claim.attempt <= self._settings.retry.max_attempts
+            and self.delivery.holds(item, token)
+        )
+
+    def run_together(
+        self, claims: Sequence[tuple[Item, Claim]], token: str, before_wait: Callable[[], None]
+    ) -> None:
+        """Take to their end a batch route's messages of one partition that ``joins_call``
+        let in, claimed under ``token``: the duplicates by their mode, the others in one
+        call of the handler; what fails is retried, or given up, one message at a time,
+        as ``run`` does."""
+        runs: list[tuple[Item, int]] = []
+        for item, claim in claims:
+            mode = self.modes[item.route.topic]
+            if claim.status is ClaimStatus.COMPLETED:
+                mode.duplicate(self, item, claim)
+            elif mode.admit(self, item, claim, token):
+                runs.append((item, claim.attempt))
+        if runs:
+            self.completions.flush_if_lingered()  # may wait out a store outage
+        # The fence once more, right before the call: a wait since (an outage, a dead
+        # letter's write) may have outlived the claims. From the first that may have
+        # lapsed, the messages run one at a time (and claim afresh), in order.
+        held = next(
+            (n for n, (item, _) in enumerate(runs) if not self.delivery.holds(item, token)),
+            len(runs),
+        )
+        if held:
+            started = time.perf_counter()
+            results = self.attempt_all(runs[:held], token)
+            seconds = time.perf_counter() - started
+            for (item, attempt), result in zip(runs[:held], results, strict=True):
+                retried = self._settle(item, token, attempt, result, seconds, before_wait)
+                if retried is not None:
+                    self.run(item, *retried, before_wait)
+        for item, attempt in runs[held:]:
+            self.run(item, token, attempt, before_wait)
+
+    def _settle(
+        self,
+        item: Item,
+        token: str,
+        attempt: int,
+        result: Handled | LeaseLost | Interrupted | Exception,
+        seconds: float,
+        before_wait: Callable[[], None],
+    ) -> tuple[str, int] | None:
+        """What one attempt's result leads to: None once the message has ended (or the
+        worker is stopping); after a failure to retry, the token and attempt to run with."""
+        if isinstance(result, Handled):
+            self.completions.add(result)
+            return None
+        if isinstance(result, LeaseLost):
+            self.outcomes.lease_lost(item, attempt, seconds)
+            return None
+        if isinstance(result, Interrupted):
+            if result.token is not None:
+                self.delivery.abandon(item, result.token)
+            return None
+        letter = self.failed(item, attempt, result)
+        if letter is not None:
+            self.give_up(item, token, letter)
+            return None
+        return self._retry(item, token, self.backoff(attempt, result), before_wait)
 
     def failed(self, item: Item, attempt: int, failure: Exception) -> DeadLetter | None:
         """Count and log a failed attempt; the dead letter if the message is given up."""
@@ -278,10 +340,56 @@ class Handling:
         The route's timeout is the handler's alone: delivering its outputs and checking
         the fence wait out a store or broker outage as the loop does, and a failure
         there is the worker's, never the handler's (it does not run the handler again)."""
+        return self.attempt_all([(item, attempt)], token)[0]
+
+    def attempt_all(
+        self, runs: Sequence[tuple[Item, int]], token: str | None
+    ) -> list[Handled | LeaseLost | Interrupted | Exception]:
+        """``attempt`` for each of ``runs`` (a message and its attempt), in one call of
+        the handler: a batch route's handler gets them all (its route's timeout is the
+        call's), any other route's exactly one."""
+        route = runs[0][0].route
+        contexts = [self._context(item, attempt) for item, attempt in runs]
+        first = runs[0][0]
+        running = self._leases.handler_started(route.timeout_seconds, first.origin, first.id)
+        started = time.perf_counter()
+        failures: Sequence[Exception | None] = [None] * len(runs)
+        try:
+            if route.batch:
+                handle_all = cast(BatchHandler, route.handler)
+                result = handle_all([(ctx.message, ctx) for ctx in contexts])
+            else:
+                handle = cast(Handler, route.handler)
+                result = handle(contexts[0].message, contexts[0])
+            if inspect.isawaitable(result):  # decided per call: see processing/aio.py
+                result = self._event_loop.run(result)
+            if route.batch:
+                failures = per_message(result, len(runs))
+        except (Exception, AlreadyApplied) as exc:
+            # A handler may raise anything: that is its way to fail (for every message of
+            # its call). But a message the inbox found applied is done, whatever the
+            # handler made of that, once the first run's outputs are out.
+            if not isinstance(exc, Exception):
+                if all(ctx.applied is None for ctx in contexts):
+                    raise
+                # The inbox stopped the batch's call at a message applied before: the
+                # messages it did not reach are run again.
+                exc = RetryLater("the call ended at a message the inbox found applied", delay=0)
+            failures = [exc] * len(runs)
+        finally:
+            self._leases.handler_finished(running)
+            self.metrics.topic(route.topic).handler_duration.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        return [
+            self._deliver(item, attempt, ctx, failure, token, seconds)
+            for (item, attempt), ctx, failure in zip(runs, contexts, failures, strict=True)
+        ]
+
+    def _context(self, item: Item, attempt: int) -> HandlerContext:
         message = item.message
         assert message is not None
         route = item.route
-        ctx = HandlerContext(
+        return HandlerContext(
             message,
             attempt,
             lambda: self.log.bind(**fields_of(item), attempt=attempt),
@@ -291,36 +399,32 @@ class Handling:
             item.origin,
             route.correlation(message.headers),
         )
-        running = self._leases.handler_started(route.timeout_seconds, item.origin, message.id)
-        started = time.perf_counter()
-        try:
-            result = route.handler(message, ctx)
-            if inspect.isawaitable(
-                result
-            ):  # decided per call: see idempotent_worker/processing/aio.py
-                self._event_loop.run(result)
-        except (Exception, AlreadyApplied) as exc:
-            # A handler may raise anything: that is its way to fail. But if the inbox
-            # found the effects applied, whatever the handler made of that, the message
-            # is done once the first run's outputs are out.
-            if ctx.applied is None:
-                if not isinstance(exc, Exception):
-                    raise
-                return exc
-        finally:
-            self._leases.handler_finished(running)
-            self.metrics.topic(route.topic).handler_duration.observe(time.perf_counter() - started)
+
+    def _deliver(
+        self,
+        item: Item,
+        attempt: int,
+        ctx: HandlerContext,
+        failure: Exception | None,
+        token: str | None,
+        seconds: float,
+    ) -> Handled | LeaseLost | Interrupted | Exception:
+        """Send one message's outputs once its handler returned: see ``attempt``."""
         outputs = ctx.outputs
         if ctx.applied is not None:
-            default = route.default_topic(message.headers)
-            correlation = route.correlation(message.headers)
-            outputs = resolve(ctx.applied.outputs, default, correlation)
+            assert item.message is not None
+            headers, route = item.message.headers, item.route
+            outputs = resolve(
+                ctx.applied.outputs, route.default_topic(headers), route.correlation(headers)
+            )
+        elif failure is not None:
+            return failure
         try:
             token, sent = self.delivery.send(outputs, item, token)
         except (LeaseLost, Interrupted) as exc:
             return exc
         completion = self._completion(item, ctx, token or "")
-        return Handled(item, completion, attempt, time.perf_counter() - started, sent)
+        return Handled(item, completion, attempt, seconds, sent)
 
     def _completion(self, item: Item, ctx: HandlerContext, token: str) -> Completion:
         mode = self.modes[item.route.topic]
@@ -340,6 +444,24 @@ class Handling:
         return Completion(
             item.key, token, applied.origin, applied.fingerprint, reply, item.sequence
         )
+
+
+def per_message(result: object, count: int) -> Sequence[Exception | None]:
+    """A batch handler's result, one entry per message: None for all succeeded, or its
+    own list; anything else fails the whole call (with the reason)."""
+    if result is None:
+        return [None] * count
+    got = f"a {type(result).__name__}"
+    if isinstance(result, Sequence) and not isinstance(result, str | bytes):
+        entries = list(result)
+        if len(entries) == count and all(e is None or isinstance(e, Exception) for e in entries):
+            return entries
+        got += f" of {len(entries)}"
+    problem = TypeError(
+        f"a batch handler returns None, or one entry per message ({count}): None or an "
+        f"exception; it returned {got}"
+    )
+    return [problem] * count
 
 
 def assemble(

@@ -52,6 +52,23 @@ def _with_options(options: str, message: Any, ctx: Any) -> None:
 
 partial = functools.partial(_with_options, "blocking")
 
+
+def batch(messages: list[tuple[Any, Any]]) -> Any:
+    return world.current().run_batch(messages, blocking=True)
+
+
+async def batch_coroutine(messages: list[tuple[Any, Any]]) -> Any:
+    await asyncio.sleep(0)
+    return world.current().run_batch(messages, blocking=False)
+
+
+@_timed
+async def batch_decorated(messages: list[tuple[Any, Any]]) -> Any:
+    await asyncio.sleep(0)
+    return world.current().run_batch(messages, blocking=False)
+
+
+BATCH_SHAPES = ["batch", "batch_coroutine", "batch_decorated"]
 SHAPES = ["plain", "coroutine", "decorated", "callable_object", "partial"]
 BLOCKING = {"plain", "partial"}
 """Shapes that run on a lane's thread, where the simulated clock can pass (a slow

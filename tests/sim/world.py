@@ -4,7 +4,8 @@ in-memory parts, faults, and the checks of the product's promises afterwards.
     world = World(seed); world.run(); world.violations  # [] when every promise held
 
 What a seed draws: 1 to 4 routes (each a topic with 1 to 4 partitions, a dedup mode,
-``on_duplicate``, ``max_in_flight`` 1 to 16, a handler shape), ids shared across
+``on_duplicate``, ``max_in_flight`` 1 to 16, a handler shape, a batch handler or not),
+ids shared across
 routes, partitions and copies; on ``sequence`` routes, entities whose numbered
 messages come in order on their partition, with copies and gaps; 1 to 3 replicas;
 handlers that fail, fail for good, take long, or kill their replica; replicas killed
@@ -44,7 +45,7 @@ from idempotent_worker.observe.server import Health
 from idempotent_worker.parts import Parts
 from idempotent_worker.processing.loop import Worker
 from tests.sim.broker import TP, Broker, SimConsumer, SimProducer
-from tests.sim.handlers import SHAPES
+from tests.sim.handlers import BATCH_SHAPES, SHAPES
 from tests.sim.sched import Scheduler, SimClock, SimPool
 from tests.support.harness import make_settings
 
@@ -165,6 +166,7 @@ def _summary(config: Config) -> str:
             f"{r['topic']}[{partitions[r['topic']]}] {r['dedup']}/"
             f"{r.get('on_gap', r['on_duplicate'])} "
             f"x{r['max_in_flight']} {r['handler'].rsplit(':', 1)[1]}"
+            + (" batch" if r.get("batch") else "")
             for r in routes
         )
         + f"; {config.replicas} replica(s), {config.ids} ids x{config.copies}, "
@@ -173,6 +175,13 @@ def _summary(config: Config) -> str:
         f"delivery failures {config.delivery_failures}, lost {config.lost_deliveries}, "
         f"rebalances {config.rebalances}, linger {config.linger_ms} ms, cuts {config.cuts}"
     )
+
+
+def _draw_batches(rng: random.Random, config: Config) -> None:
+    """Make some routes batch routes (from an rng of their own, as sequences)."""
+    for route in config.routes:
+        if rng.random() < 0.3:
+            route.update(batch=True, handler=f"tests.sim.handlers:{rng.choice(BATCH_SHAPES)}")
 
 
 def _draw_sequences(rng: random.Random, config: Config) -> None:
@@ -249,6 +258,7 @@ class World:
         self.config = draw(self.rng)
         if sequences:
             _draw_sequences(random.Random(f"sequences-{seed}"), self.config)
+            _draw_batches(random.Random(f"batches-{seed}"), self.config)
         self.config.summary = _summary(self.config)
         self.scheduler = Scheduler(random.Random(seed * 7919 + 1))
         self.clock = SimClock(self.scheduler)
@@ -465,6 +475,24 @@ class World:
             ctx.emit(f"{message.id}:{index}".encode(), key=message.id.encode())
         run.ended = self.scheduler.now
         run.ok = True
+
+    def run_batch(self, batch: list[tuple[Any, Any]], *, blocking: bool) -> list[Any] | None:
+        """A batch handler's call: each message as ``run_handler`` decides, its failure in
+        the result; now and then the whole call fails before any runs."""
+        if self.rng.random() < self.config.failures / 3:
+            name = self.scheduler.current().group if blocking else self._async_replica()
+            now = self.scheduler.now
+            for message, _ in batch:
+                self.runs[message.id].append(Run(message.id, name, now, now))
+            raise RetryLater("simulated failure of a whole call", delay=0.05)
+        failures: list[Exception | None] = []
+        for message, ctx in batch:
+            try:
+                self.run_handler(message, ctx, blocking=blocking)
+                failures.append(None)
+            except (RetryLater, PermanentFailure) as exc:
+                failures.append(exc)
+        return failures if any(failures) else None
 
     def _async_replica(self) -> str:
         # An async handler runs on the event loop's thread while its lane waits: the

@@ -168,3 +168,45 @@ async def _with_suffix(suffix: str, message: Message, ctx: Context) -> None:
 
 
 async_partial = functools.partial(_with_suffix, "")
+
+
+def _record_call(batch: list[tuple[Message, Context]]) -> None:
+    """Batch routes: one line per call, ``<partition>:<offset>`` of each message."""
+    line = " ".join(f"{m.partition}:{m.offset}" for m, _ in batch) + "\n"
+    fd = os.open(os.environ["LEDGER_PATH"] + ".calls", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def batch_ledger_and_emit(batch: list[tuple[Message, Context]]) -> None:
+    _record_call(batch)
+    for message, ctx in batch:
+        _record(message)
+        ctx.emit(message.value, key=message.key)
+
+
+async def batch_ledger_and_emit_async(batch: list[tuple[Message, Context]]) -> None:
+    await asyncio.sleep(0)
+    batch_ledger_and_emit(batch)
+
+
+def batch_mixed(batch: list[tuple[Message, Context]]) -> list[Exception | None] | None:
+    """Per message, by its headers: ``fail-times`` (fails its first attempts), ``reject``
+    (fails for good); the whole call raises while a message with ``fail-call`` is on its
+    first attempt. Records and emits the others."""
+    _record_call(batch)
+    if any("fail-call" in m.headers and ctx.attempt == 1 for m, ctx in batch):
+        raise RuntimeError("the whole call failed")
+    results: list[Exception | None] = []
+    for message, ctx in batch:
+        if "reject" in message.headers:
+            results.append(PermanentFailure(f"{message.id} rejected"))
+        elif ctx.attempt <= int(message.headers.get("fail-times", b"0")):
+            results.append(RuntimeError(f"{message.id} failed on attempt {ctx.attempt}"))
+        else:
+            _record(message)
+            ctx.emit(message.value, key=message.key)
+            results.append(None)
+    return results

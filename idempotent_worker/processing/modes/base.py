@@ -47,6 +47,9 @@ class Host(Protocol):
 class DedupMode(Protocol):
     uses_cache: bool
     """Whether the replica's local cache of completed ids may answer for this route."""
+    quiet: bool
+    """Whether finishing a duplicate produces nothing and runs nothing, so it need not
+    wait for the messages before it (a batch route's call goes on around it)."""
 
     def duplicate(self, handling: Host, item: Item, claim: Claim) -> None:
         """Finish ``item``, whose id ``claim`` found completed."""

@@ -21,6 +21,7 @@ from idempotent_worker.replies import NOT_KEPT, Kept, decode, encode, resolve, s
 
 class ReplayReplies:
     uses_cache = False  # the local cache does not hold replies
+    quiet = False
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes

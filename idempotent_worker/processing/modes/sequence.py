@@ -24,6 +24,7 @@ from idempotent_worker.replies import Kept
 
 class Positions:
     uses_cache = False
+    quiet = True
 
     def __init__(self, on_gap: str) -> None:
         self._dead_letter_gaps = on_gap == "dead_letter"

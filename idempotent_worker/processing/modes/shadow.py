@@ -20,6 +20,7 @@ from idempotent_worker.replies import Kept
 
 class Shadow:
     uses_cache = True
+    quiet = False
 
     def admit(self, handling: Host, item: Item, claim: Claim, token: str) -> bool:
         return True

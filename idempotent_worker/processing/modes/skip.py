@@ -12,6 +12,7 @@ from idempotent_worker.replies import Kept
 
 class SkipDuplicates:
     uses_cache = True
+    quiet = True
 
     def admit(self, handling: Host, item: Item, claim: Claim, token: str) -> bool:
         return True
