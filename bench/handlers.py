@@ -59,6 +59,13 @@ def emits_one(message: Message, ctx: Context) -> None:
     ctx.emit(message.value)
 
 
+def emits_one_batch(batch: list[tuple[Message, Context]]) -> None:
+    """The same on a batch route: a partition's messages in one call, one output each."""
+    tally.record(*(message.id for message, _ in batch))
+    for message, ctx in batch:
+        ctx.emit(message.value)
+
+
 class Sequence:
     versions = 1
     """Events per entity in bench/sequence.py's histories."""
