@@ -11,7 +11,7 @@ import time
 import pytest
 from redis.crc import key_slot
 
-from idempotent_worker.dedup.base import Completion
+from idempotent_worker.dedup.base import ClaimStatus, Completion
 from idempotent_worker.dedup.cluster import RedisClusterDedupStore, bucket_tags
 from idempotent_worker.errors import StoreUnavailable
 from idempotent_worker.local import topologies
@@ -169,12 +169,52 @@ def test_a_worker_started_while_the_cluster_is_down_holds_then_starts(
             cluster.stop()
 
 
+def script_calls(cluster, node):
+    """EVALSHA calls ``node`` ran, and those that failed or were refused."""
+    stats = cluster.command(node, "INFO", "commandstats")
+    line = next((ln for ln in stats.splitlines() if ln.startswith("cmdstat_evalsha:")), None)
+    if line is None:
+        return 0, 0
+    fields = dict(pair.split("=") for pair in line.strip().partition(":")[2].split(","))
+    return int(fields.get("calls", 0)), int(fields.get("failed_calls", 0)) + int(
+        fields.get("rejected_calls", 0)
+    )
+
+
+def test_a_batch_costs_one_script_call_per_primary(cluster):
+    """A batch's ids are spread over 16 buckets, five or six per primary: their claims
+    (and then their completions) are one grouped script call per primary, not one per
+    bucket."""
+    store = RedisClusterDedupStore.from_url(cluster.url, "grouped")
+    warm = [f"warm-{n}" for n in range(300)]  # the scripts loaded on every primary
+    store.claim(warm, "t", 30)
+    store.complete([Completion(id, "t", "t/0/0") for id in warm], 600)
+    ids = [f"id-{n}" for n in range(300)]
+    assert {c.status for c in store.claim(ids[:1], "t0", 30)} == {ClaimStatus.CLAIMED}
+    primaries = cluster.primaries()
+    before = [script_calls(cluster, node) for node in primaries]
+    try:
+        claims = store.claim(ids, "t1", 30)
+        done = store.complete([Completion(id, "t1", f"t/0/{n}") for n, id in enumerate(ids)], 600)
+    finally:
+        store.close()
+    assert [c.status for c in claims] == [ClaimStatus.BUSY] + [ClaimStatus.CLAIMED] * 299
+    assert done == [False] + [True] * 299  # the first is t0's
+    after = [script_calls(cluster, node) for node in primaries]
+    assert [(a[0] - b[0], a[1] - b[1]) for a, b in zip(after, before, strict=True)] == [
+        (2, 0)
+    ] * len(primaries)
+
+
 @pytest.mark.parametrize("moved", ["window", "index"])
-def test_a_bucket_half_moved_fails_the_call_instead_of_misreading(cluster, moved):
+@pytest.mark.parametrize("others", [0, 40])
+def test_a_bucket_half_moved_fails_the_call_instead_of_misreading(cluster, moved, others):
     """Mid-reshard, a bucket's window can sit on one node and its index (the key the
     scripts declare) on the other, either way round: the call is refused (TRYAGAIN, or
     Redis's "non local key") rather than take the window's ids for absent ones, and the
-    worker holds as for any store failure until the whole slot has moved."""
+    worker holds as for any store failure until the whole slot has moved. With ``others``
+    ids of other buckets, the primary's buckets go in one grouped call, refused as a
+    whole and sent again bucket by bucket."""
     store = RedisClusterDedupStore.from_url(cluster.url, f"moving-{moved}", timeout=0.5)
     store.claim(["x"], "t1", 30)
     assert store.complete([Completion("x", "t1", "t/0/1")], 600) == [True]
@@ -192,6 +232,6 @@ def test_a_bucket_half_moved_fails_the_call_instead_of_misreading(cluster, moved
     cluster.command(owner, "MIGRATE", "127.0.0.1", str(other.port), key, "0", "5000")
     try:
         with pytest.raises(StoreUnavailable, match=r"non local key|TRYAGAIN|TryAgain|Ask"):
-            store.claim(["x"], "t2", 30)
+            store.claim(["x", *(f"other-{n}" for n in range(others))], "t2", 30)
     finally:
         store.close()

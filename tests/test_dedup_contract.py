@@ -12,7 +12,9 @@ from idempotent_worker.dedup import ClaimStatus, State, lua
 from idempotent_worker.dedup.base import FIRST_CLAIM, Completion
 from idempotent_worker.dedup.cluster import BUCKETS, RedisClusterDedupStore, bucket_tags
 from idempotent_worker.dedup.memory import MemoryDedupStore
+from idempotent_worker.dedup.lua import grouped, pack
 from idempotent_worker.dedup.redis import Durability, RedisDedupStore
+from idempotent_worker.dedup.scripts import CLAIM
 from idempotent_worker.errors import StoreUnavailable
 from idempotent_worker.local import embedded
 from tests.support import stores
@@ -439,6 +441,27 @@ def test_cluster_reloads_scripts_a_node_forgot(cluster_store):
     assert statuses(store.claim(["a", "b", "c", "d"], "t2", 30)) == [ClaimStatus.BUSY] * 3 + [
         ClaimStatus.CLAIMED
     ]
+
+
+def test_a_grouped_call_reads_every_bucket_before_it_writes_any(redis_store):
+    """The grouped form of a script (one call for several buckets of a primary) refuses
+    with TRYAGAIN, having written nothing, when a later bucket lists a window that is
+    not there (on its way to another node mid-reshard): an earlier bucket's claims are
+    not left behind by a call that fails."""
+    _, client, prefix = redis_store
+    first, second = f"{prefix}:{{a}}", f"{prefix}:{{b}}"
+    far = int(time.time() * 1000) + 600_000
+    client.zadd(f"{second}#windows", {f"{second}/{far}": far})  # listed, not there
+    call = client.register_script(grouped(CLAIM))
+    buckets = [(first, pack(["x", "y"])), (second, pack(["z"]))]
+    args: list = [len(buckets)]
+    for base, ids in buckets:
+        args += [1, 5, f"{base}#windows", base, "t1", 30_000, 600, ids]
+    with pytest.raises(redis.exceptions.TryAgainError, match="windows of this slot are moving"):
+        call(keys=[f"{first}#windows"], args=args)
+    assert client.keys(f"{first}*") == []
+    client.delete(f"{second}#windows")
+    assert call(keys=[f"{first}#windows"], args=args) == [[b"+1", b"+1"], [b"+1"]]
 
 
 def test_cluster_epoch_changes_when_one_primary_loses_its_records(cluster_store):

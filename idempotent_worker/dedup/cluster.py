@@ -6,8 +6,8 @@ buckets, each a hash tag: a bucket's windows are ``<prefix>:{<tag>}/<expiry>``, 
 in ``<prefix>:{<tag>}#windows``, an id's bucket chosen by a CRC-32 of the id. The tags
 are picked so that the buckets' slots are evenly spaced over the 16384 slots, and so
 over the primaries however the slots are split. A batch costs one script call per
-bucket it touches, sent in one pipeline per primary: one round trip per primary, not
-per id.
+primary (its buckets' calls grouped: dedup/cluster_calls.py), one round trip per
+primary, not per id.
 
 The scripts declare the bucket's index (and a sequence route's position keys); the
 windows they read share its slot. While a slot migrates, the index and the windows can
@@ -113,7 +113,11 @@ class RedisClusterDedupStore:
         # The writes the worker relies on, and the epoch check that tells /readyz whether
         # the store can take them, wait for redis.min_replicas replicas.
         durable = [CLAIM, COMPLETE, EPOCH, SEQUENCE_CLAIM, SEQUENCE_COMPLETE]
-        self._calls_to = ClusterCalls(connect, scripts, durable, timeout, durability)
+        # The scripts on a bucket's index go grouped by primary (see cluster_calls.py).
+        groupable = [
+            CLAIM, COMPLETE, RELEASE, RENEW, FORGET, SEQUENCE_CLAIM, SEQUENCE_COMPLETE
+        ]  # fmt: skip
+        self._calls_to = ClusterCalls(connect, scripts, durable, timeout, durability, groupable)
 
     @classmethod
     def from_url(

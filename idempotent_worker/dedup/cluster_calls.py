@@ -1,6 +1,13 @@
 """The Redis Cluster store's calls: each a script on the keys of one slot, sent in one
 pipeline per primary, and retried while the cluster redirects or fails over (see
-idempotent_worker/dedup/cluster.py)."""
+idempotent_worker/dedup/cluster.py).
+
+A primary's calls of one script on several buckets go as one call of the script's
+grouped form (dedup/lua.py: one script run per primary, not per bucket, which is most
+of what a bucket costs the cluster). A grouped call refused for any reason (a slot
+moving or moved, a window on its way, a script cache emptied by a failover) is sent
+again as its buckets' own calls at once, whose redirects are followed one by one as
+before; a cluster that cannot run it at all (before Redis 7) gets those from then on."""
 
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from idempotent_worker.dedup.lua import grouped
 from idempotent_worker.dedup.redis import Durability, redis_call
 from idempotent_worker.errors import StoreUnavailable
 
@@ -44,6 +52,10 @@ _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, SlotNotCoveredError)
 _TOPOLOGY_CHANGED = (*_UNREACHABLE, ClusterDownError)
 
 
+def sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
 class ClusterCalls:
     def __init__(
         self,
@@ -52,15 +64,22 @@ class ClusterCalls:
         durable: Iterable[str],
         timeout: float,
         durability: Durability,
+        groupable: Iterable[str] = (),
     ) -> None:
         """``connect`` builds the client, which asks a node for the cluster's layout: it
         is called at first use (and again after a failure), so that a worker started
         while the cluster is down holds and retries like any store outage. Calls of the
-        ``durable`` scripts wait for ``redis.min_replicas`` replicas."""
+        ``durable`` scripts wait for ``redis.min_replicas`` replicas; those of the
+        ``groupable`` ones (scripts on a bucket's index) go grouped by primary."""
         self._connect = connect
         self._connected: RedisCluster | None = None
         self._connecting = threading.Lock()
-        self._scripts = {text: hashlib.sha1(text.encode()).hexdigest() for text in scripts}
+        self._scripts = {text: sha1(text) for text in scripts}
+        self._grouped = {text: grouped(text) for text in groupable}
+        """Each groupable script's grouped form (one call for several buckets)."""
+        self._scripts.update((text, sha1(text)) for text in self._grouped.values())
+        self._grouped_shas = {self._scripts[text] for text in self._grouped.values()}
+        self._grouping = bool(self._grouped)
         self._durable = frozenset(durable)
         self._timeout = timeout
         self._durability = durability
@@ -150,14 +169,70 @@ class ClusterCalls:
 
     def _send(self, node: ClusterNode, calls: list[tuple[Call, bool]]) -> list[Any]:
         """The calls' replies from ``node``; a call marked True follows an ASK redirect,
-        so it goes after an ASKING (whose reply is dropped)."""
+        so it goes after an ASKING (whose reply is dropped). A script's calls on several
+        buckets go as one grouped call; if that is refused, as their own calls."""
+        durable = bool(self._durability.min_replicas) and any(
+            call.script in self._durable for call, _ in calls
+        )
+        commands = self._commands(calls)
+        results = self._pipeline(node, [(args, ask) for args, ask, _ in commands], durable)
+        replies: list[Any] = [None] * len(calls)
+        refused: list[int] = []
+        for (args, _, indexes), result in zip(commands, results, strict=True):
+            if args[1] not in self._grouped_shas:
+                replies[indexes[0]] = result
+            elif not isinstance(result, Exception):
+                for index, reply in zip(indexes, result, strict=True):
+                    replies[index] = reply
+            else:
+                refused += indexes
+                if isinstance(result, NoScriptError):
+                    self._load(node, self._grouped[calls[indexes[0]][0].script])
+                elif "compiling script" in str(result):  # before Redis 7: no script flags
+                    self._grouping = False
+        if refused:
+            alone = [(self._command(calls[index][0]), False) for index in refused]
+            for index, reply in zip(refused, self._pipeline(node, alone, durable), strict=True):
+                replies[index] = reply
+        return replies
+
+    def _commands(self, calls: list[tuple[Call, bool]]) -> list[tuple[list[Any], bool, list[int]]]:
+        """The commands that carry ``calls``: each with whether it follows an ASK, and
+        the indexes of its calls. A groupable script's calls not following an ASK go in
+        one grouped command (if more than one)."""
+        commands: list[tuple[list[Any], bool, list[int]]] = []
+        groups: dict[str, list[int]] = defaultdict(list)
+        for index, (call, after_ask) in enumerate(calls):
+            if self._grouping and call.script in self._grouped and not after_ask:
+                groups[call.script].append(index)
+            else:
+                commands.append((self._command(call), after_ask, [index]))
+        for script, indexes in groups.items():
+            if len(indexes) == 1:
+                commands.append((self._command(calls[indexes[0]][0]), False, indexes))
+                continue
+            args: list[Any] = [len(indexes)]
+            for index in indexes:
+                call = calls[index][0]
+                args += [len(call.keys), len(call.args), *call.keys, *call.args]
+            sha = self._scripts[self._grouped[script]]
+            first_index = calls[indexes[0]][0].keys[0]  # routes the call
+            commands.append((["EVALSHA", sha, 1, first_index, *args], False, indexes))
+        return commands
+
+    def _command(self, call: Call) -> list[Any]:
+        return ["EVALSHA", self._scripts[call.script], len(call.keys), *call.keys, *call.args]
+
+    def _pipeline(
+        self, node: ClusterNode, commands: list[tuple[list[Any], bool]], durable: bool
+    ) -> list[Any]:
+        """Each command's reply from ``node`` (an ASKING first for those marked True);
+        with ``durable``, then WAIT for ``redis.min_replicas`` replicas."""
         pipe: Any = self.client.get_redis_connection(node).pipeline(transaction=False)
-        for call, after_ask in calls:
+        for args, after_ask in commands:
             if after_ask:
                 pipe.execute_command("ASKING")
-            sha = self._scripts[call.script]
-            pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
-        durable = self._durability.min_replicas and any(c.script in self._durable for c, _ in calls)
+            pipe.execute_command(*args)
         if durable:  # on this connection: WAIT covers the writes made through it
             pipe.execute_command("WAIT", self._durability.min_replicas, self._durability.timeout_ms)
         results = list(pipe.execute(raise_on_error=False))
@@ -170,7 +245,7 @@ class ClusterCalls:
                     raise StoreUnavailable(f"redis cluster: WAIT: {acknowledged}") from acknowledged
                 self._durability.check(int(acknowledged))
         replies = []
-        for _, after_ask in calls:
+        for _, after_ask in commands:
             if after_ask:
                 results.pop(0)  # ASKING's OK
             replies.append(results.pop(0))

@@ -287,3 +287,58 @@ def pack(fields: Sequence[str]) -> bytes:
     if packed.count(FIELD_END) != len(fields):
         raise ValueError("a dedup store field contains U+001F")
     return packed.encode()
+
+
+def grouped(script: str) -> str:
+    """``script`` (one of the scripts on a bucket's index, ``KEYS[1]``) run for several
+    buckets of one Redis Cluster primary in one call (dedup/cluster_calls.py). ARGV:
+    the number of buckets, then per bucket its key count, its argument count, its keys
+    and its arguments; the reply is the list of their replies. The call declares only
+    the first bucket's index, by which the cluster routes it; the flag lets it reach
+    the others' slots on the same node.
+
+    Every bucket's index, its listed windows and its other keys are read before any
+    bucket's script runs: a slot that left the node fails the call there ("non local
+    key"), and a window on its way answers TRYAGAIN, with nothing written."""
+    return (
+        "#!lua flags=allow-cross-slot-keys\n"
+        + "local function bucket(KEYS, ARGV)\n"
+        + script
+        + """
+end
+
+local buckets, at = {}, 2
+for b = 1, tonumber(ARGV[1]) do
+  local key_count, arg_count = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+  local keys, args = {}, {}
+  for i = 1, key_count do
+    keys[i] = ARGV[at + 1 + i]
+  end
+  for i = 1, arg_count do
+    args[i] = ARGV[at + 1 + key_count + i]
+  end
+  buckets[b] = {keys, args}
+  at = at + 2 + key_count + arg_count
+end
+
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+for _, b in ipairs(buckets) do
+  local keys = b[1]
+  for _, window in ipairs(redis.call('ZRANGEBYSCORE', keys[1], '(' .. now, '+inf')) do
+    if not string.find(window, '^layout:') and redis.call('EXISTS', window) == 0 then
+      error({err = 'TRYAGAIN the windows of this slot are moving'})
+    end
+  end
+  for i = 2, #keys do
+    redis.call('EXISTS', keys[i])
+  end
+end
+
+local replies = {}
+for i, b in ipairs(buckets) do
+  replies[i] = bucket(b[1], b[2])
+end
+return replies
+"""
+    )
