@@ -1,6 +1,6 @@
 """Whether throughput holds over a long run, as the dedup store fills.
 
-    .venv/bin/python bench/soak.py [MESSAGES]     # default 2,000,000; about 2 minutes
+    .venv/bin/python bench/soak.py [MESSAGES [TTL]]   # default 2,000,000; about 2 minutes
 
 On the local broker and a Redis with AOF (fsync always): one replica, the no-op
 handler, ``MESSAGES`` unique ids. Every second a sampler notes how many ids ran, this
@@ -8,6 +8,10 @@ process's CPU time and Redis's; the script prints msg/s and the worker's and Red
 CPU per message for each eighth of the run, and the last eighth's rate as a share of
 the first's (the issue's target: at least 0.9). Every id must be handled exactly once
 (exit 1 otherwise), as in bench/run.py.
+
+``TTL`` sets ``dedup.ttl_seconds`` (default the worker's, 7 days): a short one (60) makes
+the store open a window every quarter of it and drop the oldest, so that a run of a few
+minutes works against a full set of windows, as a store does in its second week.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ Sample = tuple[float, int, float, float]
 
 def main() -> int:
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 2_000_000
+    dedup = {"ttl_seconds": int(sys.argv[2])} if len(sys.argv) > 2 else None
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         with embedded.broker(workdir) as broker, embedded.redis(workdir, appendonly=True) as server:
@@ -52,7 +57,8 @@ def main() -> int:
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
-            the_worker(bootstrap, f"redis://127.0.0.1:{server.port}/0", topic, count, "noop")
+            url = f"redis://127.0.0.1:{server.port}/0"
+            the_worker(bootstrap, url, topic, count, "noop", dedup=dedup)
             done.set()
             sampler.join()
     rates = []
