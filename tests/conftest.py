@@ -90,7 +90,7 @@ class Ledger:
         path.touch()
 
     def runs(self) -> Counter[str]:
-        return Counter(self.path.read_text().split())
+        return Counter(self.path.read_text().splitlines())  # (an id may hold a space)
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from redis.crc import key_slot
 from idempotent_worker.dedup import ClaimStatus, State, lua
 from idempotent_worker.dedup.base import FIRST_CLAIM, Completion
 from idempotent_worker.dedup.cluster import BUCKETS, RedisClusterDedupStore, bucket_tags
-from idempotent_worker.dedup.memory import MemoryDedupStore
 from idempotent_worker.dedup.lua import grouped, pack
+from idempotent_worker.dedup.memory import MemoryDedupStore
 from idempotent_worker.dedup.redis import Durability, RedisDedupStore
 from idempotent_worker.dedup.scripts import CLAIM
 from idempotent_worker.errors import StoreUnavailable

@@ -128,3 +128,42 @@ def test_an_id_may_not_hold_the_separator_of_entity_claims():
     with pytest.raises(MessageIdError) as caught:
         extract("key", key=b"orders\x1f42")
     assert caught.value.reason == "id_invalid"
+
+
+CE = {"ce_specversion": b"1.0", "ce_type": b"order.placed"}
+STRUCTURED = {"content-type": b"application/cloudevents+json; charset=UTF-8"}
+
+
+def test_a_cloudevent_is_named_by_its_source_and_id_in_either_mode():
+    binary = extract("cloudevents", headers={**CE, "ce_source": b"/shop", "ce_id": b"A-1"})
+    value = b'{"specversion": "1.0", "source": "/shop", "id": "A-1", "data": {}}'
+    structured = extract("cloudevents", value=value, headers=STRUCTURED)
+    assert binary == structured == "/shop A-1"
+    # The same id from another source is another event.
+    assert extract("cloudevents", headers={"ce_source": b"/stock", "ce_id": b"A-1"}) != binary
+
+
+@pytest.mark.parametrize(
+    ("headers", "value", "reason"),
+    [
+        ({}, b'{"source": "/shop", "id": "A-1"}', "id_missing"),  # neither mode
+        ({"ce_id": b"A-1"}, None, "id_missing"),
+        ({"ce_source": b"/shop"}, None, "id_missing"),
+        ({"ce_source": b"/my shop", "ce_id": b"A-1"}, None, "id_invalid"),
+        ({"ce_source": b"/shop", "ce_id": b"\xff"}, None, "id_not_utf8"),
+        (STRUCTURED, b'{"id": "A-1"}', "id_missing"),
+        (STRUCTURED, b'{"source": "/shop", "id": 7}', "id_invalid"),
+        (STRUCTURED, b"[1]", "id_invalid"),
+        (STRUCTURED, b"not json", "value_not_json"),
+        (STRUCTURED, None, "id_missing"),
+    ],
+)
+def test_what_is_not_a_cloudevent_is_refused_with_its_reason(headers, value, reason):
+    with pytest.raises(MessageIdError) as caught:
+        extract("cloudevents", value=value, headers=headers)
+    assert caught.value.reason == reason
+
+
+def test_a_cloudevent_id_is_not_an_entity():
+    with pytest.raises(ValueError, match="not an entity spec"):
+        parse_position_specs("cloudevents", "header:seq")

@@ -187,6 +187,16 @@ def test_config_path_from_environment(config, monkeypatch):
             "routes[0].on_duplicate",
             "nothing to replay",
         ),
+        (
+            MINIMAL + '[routes.emit_cloudevents]\nsource = "/my shop"\ntype = "t"\n',
+            "routes[0].emit_cloudevents.source",
+            "pattern",
+        ),
+        (
+            MINIMAL + '[routes.emit_cloudevents]\nsource = "/s"\n',
+            "routes[0].emit_cloudevents.type",
+            "required",
+        ),
         (MINIMAL + "[[[", "config", "not valid TOML"),
     ],
 )

@@ -73,6 +73,42 @@ def test_each_id_handled_once_duplicates_skipped_offsets_committed(env):
     assert sorted(outputs) == sorted(f"{id}:0" for id in runs)
 
 
+def test_cloudevents_are_deduplicated_by_source_and_id_and_outputs_are_cloudevents(env):
+    """A copy of an event is a duplicate; the same event in structured mode has the
+    same id (its value differs, so it is a payload conflict: dead-lettered by default);
+    the same id from another source is another event; a record that is no CloudEvent is
+    dead-lettered. The outputs are CloudEvents themselves, named by their message ids."""
+    binary = Record(
+        value=b'{"amount": 5}',
+        headers={"ce_specversion": "1.0", "ce_type": "t", "ce_source": "/shop", "ce_id": "A-1"},
+    )
+    structured = Record(
+        value=b'{"specversion": "1.0", "type": "t", "source": "/shop", "id": "A-1"}',
+        headers={"content-type": "application/cloudevents+json"},
+    )
+    elsewhere = Record(value=b"{}", headers={"ce_source": "/stock", "ce_id": "A-1"})
+    plain = with_id("not-an-event")
+    total = env.produce([binary, binary, structured, elsewhere, plain])
+    events = {"source": "/payments", "type": "payment.charged"}
+    settings = env.settings(
+        "ledger_and_emit", route={"id": "cloudevents", "emit_cloudevents": events}
+    )
+
+    run = run_worker(settings, max_messages=total)
+
+    assert env.runs() == {"/shop A-1": 1, "/stock A-1": 1}
+    assert run.value("duplicates_skipped_total", topic=env.input, reason="duplicate") == 1
+    letters = [headers_of(letter)["dlq-reason"] for letter in read_all(env.bootstrap, env.dlq)]
+    assert sorted(letters) == ["id_conflict", "id_missing"]
+    outputs = sorted(headers_of(r)["ce_id"] for r in read_all(env.bootstrap, env.output))
+    assert outputs == ["/shop A-1:0", "/stock A-1:0"]
+    output = headers_of(read_all(env.bootstrap, env.output)[0])
+    assert output["ce_id"] == output["message-id"]
+    assert (output["ce_specversion"], output["ce_source"], output["ce_type"]) == (
+        "1.0", "/payments", "payment.charged",
+    )  # fmt: skip
+
+
 def test_message_without_id_is_dead_lettered_with_reason(env):
     env.produce([Record(value=b"no id here", key=b"k"), with_id("fine")])
 

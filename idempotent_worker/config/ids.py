@@ -35,9 +35,11 @@ def parse_id_spec(spec: str) -> IdExtractor:
         return _from_hash
     if spec == "coordinates":
         return _from_coordinates
+    if spec == "cloudevents":
+        return _from_cloudevents
     raise ValueError(
-        f"'{spec}' is not an id spec: use header:<name>, key, json:<dotted.path>, hash "
-        "or coordinates"
+        f"'{spec}' is not an id spec: use header:<name>, key, json:<dotted.path>, hash, "
+        "coordinates or cloudevents"
     )
 
 
@@ -69,7 +71,7 @@ def parse_position_specs(entity_spec: str, sequence_spec: str) -> PositionExtrac
 
 
 def parse_entity_spec(spec: str) -> IdExtractor:
-    if spec in ("hash", "coordinates"):
+    if spec in ("hash", "coordinates", "cloudevents"):
         raise ValueError(f"'{spec}' is not an entity spec: use key, header:<name> or json:<path>")
     return parse_id_spec(spec)
 
@@ -150,10 +152,7 @@ def _from_header(name: str) -> IdExtractor:
         value: bytes | None,
         headers: Mapping[str, bytes | None],
     ) -> str:
-        raw = headers.get(name)
-        if raw is None:
-            raise MessageIdError("id_missing", f"header '{name}' is absent")
-        return _text(raw, f"header '{name}'")
+        return _text(_header(headers, name), f"header '{name}'")
 
     return extract
 
@@ -213,6 +212,73 @@ def _from_hash(
     for part in (key, value):
         digest.update(b"-" if part is None else len(part).to_bytes(8, "big") + part)
     return digest.hexdigest()
+
+
+CLOUDEVENTS_CONTENT_TYPE = "application/cloudevents"
+"""A structured-mode CloudEvent's ``content-type`` starts with this (``+json``, a
+charset, ...)."""
+
+
+def _from_cloudevents(
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Mapping[str, bytes | None],
+) -> str:
+    """A CloudEvent's ``source`` and ``id``, which together identify it (the
+    specification's uniqueness), as ``<source> <id>``: from the ``ce_source`` and
+    ``ce_id`` headers (binary mode), or from the JSON value's ``source`` and ``id``
+    when ``content-type`` is ``application/cloudevents+json`` (structured mode). A source
+    is a URI-reference, which holds no whitespace: one that does is refused, so that the
+    joined id names one event."""
+    content_type = (headers.get("content-type") or b"").decode("latin-1").strip().lower()
+    if content_type.startswith(CLOUDEVENTS_CONTENT_TYPE):
+        source, id = _structured_event(value)
+    elif headers.get("ce_id") is not None or headers.get("ce_source") is not None:
+        source, id = (
+            _text(_header(headers, name), f"header '{name}'") for name in ("ce_source", "ce_id")
+        )
+    else:
+        raise MessageIdError(
+            "id_missing",
+            "not a CloudEvent: no ce_id/ce_source headers, and content-type is not "
+            f"{CLOUDEVENTS_CONTENT_TYPE}+json",
+        )
+    if any(character.isspace() for character in source):
+        raise MessageIdError(
+            "id_invalid", "the CloudEvent's source holds whitespace: not a URI-reference"
+        )
+    return _checked(f"{source} {id}", "the CloudEvent's source and id")
+
+
+def _header(headers: Mapping[str, bytes | None], name: str) -> bytes:
+    raw = headers.get(name)
+    if raw is None:
+        raise MessageIdError("id_missing", f"header '{name}' is absent")
+    return raw
+
+
+def _structured_event(value: bytes | None) -> tuple[str, str]:
+    """A structured-mode CloudEvent's source and id."""
+    if value is None:
+        raise MessageIdError("id_missing", "a structured CloudEvent without a value")
+    try:
+        event = json.loads(value)
+    except ValueError:
+        raise MessageIdError("value_not_json", "value is not valid UTF-8 JSON") from None
+    if not isinstance(event, dict):
+        raise MessageIdError("id_invalid", "a structured CloudEvent's value is not a JSON object")
+    fields = []
+    for name in ("source", "id"):
+        field = event.get(name)
+        if field is None:
+            raise MessageIdError("id_missing", f"the CloudEvent has no '{name}'")
+        if not isinstance(field, str):
+            raise MessageIdError("id_invalid", f"the CloudEvent's '{name}' is not a string")
+        fields.append(_checked(field, f"the CloudEvent's '{name}'"))
+    return fields[0], fields[1]
 
 
 def _from_coordinates(

@@ -42,6 +42,8 @@ class ResolvedRoute:
     on_gap: str = "process"
     batch: bool = False
     """The handler takes a partition's messages of a poll batch in one call."""
+    cloudevent: tuple[str, str] | None = None
+    """The ``ce_source`` and ``ce_type`` of the outputs (``emit_cloudevents``)."""
 
     def default_topic(self, headers: Mapping[str, bytes]) -> str | None:
         """Where a message's outputs that name no topic go: its reply header's topic,
@@ -136,4 +138,9 @@ def _resolve(index: int, route: Route, timeout_seconds: float) -> ResolvedRoute:
         ),
         on_gap=route.on_gap,
         batch=route.batch,
+        cloudevent=(
+            (route.emit_cloudevents.source, route.emit_cloudevents.type)
+            if route.emit_cloudevents is not None
+            else None
+        ),
     )

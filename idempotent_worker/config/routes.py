@@ -27,6 +27,13 @@ TopicName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
 """What Kafka accepts as a topic name."""
 
 
+class CloudEventsOutputs(Section):
+    source: str = Field(pattern=r"^\S+$")
+    """The outputs' ``ce_source``: a URI-reference naming this producer (no whitespace)."""
+    type: str = Field(min_length=1)
+    """The outputs' ``ce_type`` (an output may set its own in its headers)."""
+
+
 class Route(Section):
     topic: TopicName
     """The input topic."""
@@ -35,7 +42,8 @@ class Route(Section):
     installed packages."""
     id: str = "header:message-id"
     """Where the message id comes from: ``header:<name>``, ``key``, ``json:<dotted.path>``,
-    ``hash`` (of key and value) or ``coordinates`` (topic/partition/offset)."""
+    ``hash`` (of key and value), ``coordinates`` (topic/partition/offset) or
+    ``cloudevents`` (a CloudEvent's source and id, binary or structured mode)."""
     output_topic: TopicName | None = None
     """Where ``ctx.emit`` produces by default."""
     dlq_topic: TopicName | None = None
@@ -67,6 +75,10 @@ class Route(Section):
     batch: bool = False
     """The handler takes a list of ``(message, ctx)``: a poll batch's claimed messages of
     one partition, in order, in one call (see processing/handling.py)."""
+    emit_cloudevents: CloudEventsOutputs | None = None
+    """Outputs are CloudEvents in binary mode: ``ce_specversion`` 1.0, ``ce_id`` (the
+    output's message id), ``ce_source`` and ``ce_type`` headers, so that a consumer with
+    ``id = "cloudevents"`` dedups them."""
 
     @model_validator(mode="after")
     def _check_modes(self) -> Route:

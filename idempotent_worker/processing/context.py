@@ -32,6 +32,7 @@ class HandlerContext(Context):
         fingerprint: str,
         origin: str,
         correlation: tuple[str, bytes] | None = None,
+        cloudevent: tuple[str, str] | None = None,
     ) -> None:
         self.message = message
         self._attempt = attempt
@@ -43,6 +44,8 @@ class HandlerContext(Context):
         self.fingerprint = fingerprint
         self.origin = origin
         self._correlation = correlation
+        self._cloudevent = cloudevent
+        """Outputs' ``ce_source`` and ``ce_type``, if the route emits CloudEvents."""
         self.outputs: list[Output] = []
         """What the handler emitted, in order."""
         self._named: list[bool] = []
@@ -82,6 +85,12 @@ class HandlerContext(Context):
         extra = [(name, value) for name, value in (headers or {}).items()]
         if topic is None and self._correlation is not None:
             extra.append(self._correlation)  # a reply carries the request's correlation id
+        if self._cloudevent is not None:
+            source, kind = self._cloudevent
+            given = {name for name, _ in extra}
+            event = [("ce_specversion", "1.0"), ("ce_id", output_id), ("ce_source", source)]
+            event.append(("ce_type", kind))
+            extra += [(name, value) for name, value in event if name not in given]
         self.outputs.append(Output(target, value, key, [(OUTPUT_ID_HEADER, output_id), *extra]))
         self._named.append(topic is not None)
         return output_id

@@ -398,6 +398,7 @@ class Handling:
             item.fingerprint,
             item.origin,
             route.correlation(message.headers),
+            route.cloudevent,
         )
 
     def _deliver(
