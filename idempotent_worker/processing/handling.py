@@ -9,6 +9,10 @@
         lease lost  another replica took the id: nothing produced, nothing completed
         failure     retry after backoff (claim released, taken again), or dead-letter
 
+A batch route (``batch = true``) takes the claimed messages of a partition that may run
+at once through one ``attempt`` (``run_together``: one call of its handler), then each
+one's result through the same steps; the others go through ``handle`` one by one.
+
 Completions are written in groups by idempotent_worker/processing/completions.py; dead letters by
 deadletter/letter.py; what a route does with duplicates is its mode (processing/modes/).
 """
