@@ -197,6 +197,16 @@ def test_config_path_from_environment(config, monkeypatch):
             "routes[0].emit_cloudevents.type",
             "required",
         ),
+        (
+            MINIMAL.replace("[[routes]]", "[tracing]\nsampler_ratio = 2\n\n[[routes]]"),
+            "tracing.sampler_ratio",
+            "less than or equal",
+        ),
+        (
+            MINIMAL.replace("[[routes]]", '[tracing]\nendpoint = "localhost:4318"\n\n[[routes]]'),
+            "tracing.endpoint",
+            "pattern",
+        ),
         (MINIMAL + "[[[", "config", "not valid TOML"),
     ],
 )
@@ -246,3 +256,15 @@ def test_sentinel_settings_and_their_secret(config):
     assert settings.redis.sentinel_addresses() == [("10.0.0.1", 26379), ("sentinel-2", 26380)]
     assert {"s3cret-sentinel", "s3cret-redis"} <= set(settings.secret_values())
     assert "s3cret-sentinel" not in repr(settings)
+
+
+def test_tracing_without_the_otel_extra_stops_start_up_naming_the_key(monkeypatch):
+    from idempotent_worker.config.settings import TracingSettings
+    from idempotent_worker.observe.tracing import start_tracing
+
+    assert start_tracing(TracingSettings(), "g") is None  # off: nothing imported
+    monkeypatch.setitem(__import__("sys").modules, "opentelemetry", None)  # not installed
+    with pytest.raises(ConfigError) as caught:
+        start_tracing(TracingSettings(enabled=True), "g")
+    assert caught.value.key == "tracing.enabled"
+    assert "idempotent-worker[otel]" in caught.value.problem

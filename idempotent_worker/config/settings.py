@@ -188,6 +188,24 @@ class LogSettings(Section):
     """``json`` lines, or ``console`` for people."""
 
 
+class TracingSettings(Section):
+    enabled: bool = False
+    """Export OpenTelemetry traces of every message (needs the ``[otel]`` extra)."""
+    endpoint: str = Field(default="http://localhost:4318/v1/traces", pattern=r"^https?://\S+$")
+    """The OTLP/HTTP traces endpoint."""
+    protocol: Literal["http/protobuf"] = "http/protobuf"
+    """The OTLP protocol."""
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    """Headers sent with every export (an API key): never logged."""
+    sampler_ratio: float = Field(default=1.0, ge=0, le=1)
+    """The share of traces started here that are sampled; a message whose producer's
+    trace is sampled (or not) follows that decision."""
+    service_name: str = Field(default="idempotent-worker", min_length=1)
+    """The ``service.name`` resource attribute."""
+    resource_attributes: dict[str, str] = Field(default_factory=dict)
+    """More resource attributes (``deployment.environment``, ...)."""
+
+
 class ShutdownSettings(Section):
     grace_seconds: float = Field(default=30.0, gt=0)
     """How long the message in hand may take to finish after SIGTERM."""
@@ -211,6 +229,7 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     inbox: InboxSettings = InboxSettings()
+    tracing: TracingSettings = TracingSettings()
     paths: list[str] = []
     """Folders searched for handler modules, after the working directory and before the
     installed packages (as ``--path``); relative ones are relative to the working
@@ -310,6 +329,7 @@ class Settings(BaseSettings):
             secrets.append(self.redis.sentinel_password.get_secret_value())
         if self.inbox.url is not None:
             secrets.append(urlsplit(self.inbox.url.get_secret_value()).password or "")
+        secrets += [value.get_secret_value() for value in self.tracing.headers.values()]
         return [secret for secret in secrets if secret]
 
 

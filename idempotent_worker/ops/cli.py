@@ -137,6 +137,10 @@ def prepare(
         from idempotent_worker.inbox.cleanup import import_psycopg
 
         import_psycopg()
+    if settings.tracing.enabled:
+        from idempotent_worker.observe.tracing import require_otel
+
+        require_otel()
     return settings, routes
 
 

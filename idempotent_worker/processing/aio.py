@@ -9,8 +9,10 @@ returns (a plain decorator around an ``async def`` looks synchronous).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import Awaitable
+from concurrent.futures import Future
 from typing import Any
 
 
@@ -22,12 +24,28 @@ class EventLoopThread:
 
     def run(self, awaitable: Awaitable[Any]) -> Any:
         """Run ``awaitable`` on the loop and wait for it: its result, or its exception
-        raised here."""
+        raised here. It runs in a copy of this thread's context (contextvars: the
+        current trace span, so that what the handler traces nests under it)."""
+        context = contextvars.copy_context()
+        done: Future[Any] = Future()
 
         async def wrapped() -> Any:
             return await awaitable
 
-        return asyncio.run_coroutine_threadsafe(wrapped(), self._started()).result()
+        def finished(task: asyncio.Task[Any]) -> None:
+            if task.cancelled():
+                done.set_exception(asyncio.CancelledError())
+            elif (error := task.exception()) is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(task.result())
+
+        def start() -> None:
+            loop.create_task(wrapped(), context=context).add_done_callback(finished)
+
+        loop = self._started()
+        loop.call_soon_threadsafe(start)
+        return done.result()
 
     def _started(self) -> asyncio.AbstractEventLoop:
         with self._lock:

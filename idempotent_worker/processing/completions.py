@@ -113,14 +113,15 @@ class Completions:
                 if h.item.applied:
                     self._metrics.duplicates.labels(h.item.route.topic, "inbox").inc()
                     self._outcomes.log(h.item, "duplicate", reason="inbox", attempt=h.attempt)
-                else:
-                    succeeded[h.item.route.topic] += 1
-                    if self._outcomes.debug:
-                        seconds = round(h.seconds, 6)
-                        self._outcomes.log(
-                            h.item, "success", attempt=h.attempt, duration_seconds=seconds
-                        )
-                h.item.done = True
+                    h.item.finish("duplicate", reason="inbox", attempt=h.attempt)
+                    continue
+                succeeded[h.item.route.topic] += 1
+                if self._outcomes.debug:
+                    seconds = round(h.seconds, 6)
+                    self._outcomes.log(
+                        h.item, "success", attempt=h.attempt, duration_seconds=seconds
+                    )
+                h.item.finish("processed", attempt=h.attempt)
             self._cache.put_each(remembered)
             for topic, count in succeeded.items():
                 self._metrics.topic(topic).succeeded.inc(count)

@@ -15,6 +15,7 @@ from structlog.typing import FilteringBoundLogger
 
 from idempotent_worker.errors import PermanentFailure
 from idempotent_worker.inbox import Applied, Inbox, InboxBlock
+from idempotent_worker.observe.tracing import MessageSpan
 from idempotent_worker.replies import Kept, Output, keep
 from idempotent_worker.types import Context, Message
 
@@ -33,6 +34,7 @@ class HandlerContext(Context):
         origin: str,
         correlation: tuple[str, bytes] | None = None,
         cloudevent: tuple[str, str] | None = None,
+        span: MessageSpan | None = None,
     ) -> None:
         self.message = message
         self._attempt = attempt
@@ -45,6 +47,8 @@ class HandlerContext(Context):
         self.origin = origin
         self._correlation = correlation
         self._cloudevent = cloudevent
+        self._span = span
+        """The message's trace span: each output carries its context."""
         """Outputs' ``ce_source`` and ``ce_type``, if the route emits CloudEvents."""
         self.outputs: list[Output] = []
         """What the handler emitted, in order."""
@@ -91,6 +95,8 @@ class HandlerContext(Context):
             event = [("ce_specversion", "1.0"), ("ce_id", output_id), ("ce_source", source)]
             event.append(("ce_type", kind))
             extra += [(name, value) for name, value in event if name not in given]
+        if self._span is not None:
+            extra += self._span.headers()
         self.outputs.append(Output(target, value, key, [(OUTPUT_ID_HEADER, output_id), *extra]))
         self._named.append(topic is not None)
         return output_id

@@ -74,5 +74,5 @@ class DeadLetterWriter:
             error=letter.error_message,
             attempts=letter.attempts,
         )
-        item.done = True
+        item.finish("dead_lettered", reason=letter.reason, error=letter.error_message)
         return True

@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import cast
 
 from structlog.typing import FilteringBoundLogger
@@ -120,6 +121,7 @@ class Handling:
             # Perhaps our own completion, not written yet: write it, then look again.
             self.completions.flush()
             claim = claim_item(self._store, item, token)
+        waited = time.perf_counter()
         if claim.status is ClaimStatus.BUSY:
             before_wait()
             self.metrics.claim_waits.labels(item.route.topic).inc()
@@ -131,6 +133,8 @@ class Handling:
             # claims may be what the other replica waits for.
             self.completions.flush_if_lingered()
             claim = claim_item(self._store, item, token)
+            if claim.status is not ClaimStatus.BUSY and item.span is not None:
+                item.span.set(claim_wait_seconds=round(time.perf_counter() - waited, 6))
         if claim.status is ClaimStatus.CLAIMED:
             self._leases.hold(token, [item.key])
         return claim
@@ -154,7 +158,8 @@ class Handling:
         self.metrics.duplicates.labels(item.route.topic, reason).inc()
         if self.outcomes.debug:
             self.outcomes.log(item, "duplicate", reason=reason, first_seen=claim.origin)
-        item.done = True
+        outcome = reason if reason in ("redelivery", "conflict") else "duplicate"
+        item.finish(outcome, reason=reason, first_origin=claim.origin)
 
     # -- a claimed message ---------------------------------------------------------------
 
@@ -357,16 +362,20 @@ class Handling:
         first = runs[0][0]
         running = self._leases.handler_started(route.timeout_seconds, first.origin, first.id)
         started = time.perf_counter()
+        started_ns = time.time_ns()
         failures: Sequence[Exception | None] = [None] * len(runs)
         try:
-            if route.batch:
-                handle_all = cast(BatchHandler, route.handler)
-                result = handle_all([(ctx.message, ctx) for ctx in contexts])
-            else:
-                handle = cast(Handler, route.handler)
-                result = handle(contexts[0].message, contexts[0])
-            if inspect.isawaitable(result):  # decided per call: see processing/aio.py
-                result = self._event_loop.run(result)
+            # The first message's handler span is current while the handler runs: its
+            # own instrumentation nests under it.
+            with first.span.child("handler") if first.span is not None else nullcontext():
+                if route.batch:
+                    handle_all = cast(BatchHandler, route.handler)
+                    result = handle_all([(ctx.message, ctx) for ctx in contexts])
+                else:
+                    handle = cast(Handler, route.handler)
+                    result = handle(contexts[0].message, contexts[0])
+                if inspect.isawaitable(result):  # decided per call: see processing/aio.py
+                    result = self._event_loop.run(result)
             if route.batch:
                 failures = per_message(result, len(runs))
         except (Exception, AlreadyApplied) as exc:
@@ -383,6 +392,11 @@ class Handling:
         finally:
             self._leases.handler_finished(running)
             self.metrics.topic(route.topic).handler_duration.observe(time.perf_counter() - started)
+            for item, attempt in runs:
+                if item.span is not None:
+                    item.span.set(attempt=attempt)
+                    if item is not first:  # the batch's call, under each message's span
+                        item.span.timed("handler", started_ns, time.time_ns())
         seconds = time.perf_counter() - started
         return [
             self._deliver(item, attempt, ctx, failure, token, seconds)
@@ -403,6 +417,7 @@ class Handling:
             item.origin,
             route.correlation(message.headers),
             route.cloudevent,
+            item.span,
         )
 
     def _deliver(
@@ -428,6 +443,8 @@ class Handling:
             token, sent = self.delivery.send(outputs, item, token)
         except (LeaseLost, Interrupted) as exc:
             return exc
+        if outputs and item.span is not None:
+            item.span.outputs_sent()
         completion = self._completion(item, ctx, token or "")
         return Handled(item, completion, attempt, seconds, sent)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import Message as KafkaMessage
 
@@ -13,6 +14,7 @@ from idempotent_worker.config.registry import ResolvedRoute
 from idempotent_worker.deadletter.letter import DeadLetter
 from idempotent_worker.errors import MessageIdError
 from idempotent_worker.kafka.records import coordinates, header_pairs
+from idempotent_worker.observe.tracing import MessageSpan
 from idempotent_worker.types import Message
 
 
@@ -36,6 +38,14 @@ class Item:
     entity (``<topic>\\x1f<entity>``, one claim and one position per entity)."""
     sequence: int | None = None
     """On a sequence route, the message's position in its entity's history."""
+    span: MessageSpan | None = None
+    """Its trace span, when tracing is on."""
+
+    def finish(self, outcome: str, **attributes: Any) -> None:
+        """Finished (its offset may be committed) with ``outcome``, which its span says."""
+        self.done = True
+        if self.span is not None:
+            self.span.end(outcome, **attributes)
 
     @property
     def id(self) -> str:

@@ -27,6 +27,7 @@ import itertools
 import os
 import socket
 import threading
+import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,7 @@ from idempotent_worker.kafka.outputs import DELIVERY_TIMEOUT, SERVE_AFTER, Outpu
 from idempotent_worker.observe.logs import get_logger
 from idempotent_worker.observe.metrics import Metrics
 from idempotent_worker.observe.server import Health
+from idempotent_worker.observe.tracing import start_tracing
 from idempotent_worker.parts import SYSTEM, Parts
 from idempotent_worker.processing.aio import EventLoopThread
 from idempotent_worker.processing.cache import CompletedIds
@@ -89,6 +91,7 @@ class Worker:
             client_config(settings, {**settings.kafka.producer, "error_cb": self._on_kafka_error}),
             parts,
         )
+        self._tracing = start_tracing(settings.tracing, settings.kafka.group_id)
         self._stopping = False
         self._loop_thread: int | None = None
         dedup = settings.dedup
@@ -224,6 +227,8 @@ class Worker:
         if undelivered:
             self._log.error("outputs not delivered at shutdown", count=undelivered)
         self._consumer.close()
+        if self._tracing is not None:
+            self._tracing.close()
         self._log.info("consumer closed", finished=self.finished)
 
     # -- one batch -------------------------------------------------------------------
@@ -232,6 +237,15 @@ class Worker:
         items = [item for record in records if (item := self._prepare(record)) is not None]
         for topic, count in Counter(item.route.topic for item in items).items():
             self._metrics.topic(topic).consumed.inc(count)
+        receive = None
+        if self._tracing is not None:
+            receive = self._tracing.receive(len(records))
+            for item in items:
+                if (message := item.message) is not None:
+                    item.span = self._tracing.message(
+                        receive, message.topic, message.partition, message.offset, item.id,
+                        message.headers,
+                    )  # fmt: skip
         token = self._new_token()
         firsts: dict[str, Item] = {}  # the first message with each id (or entity)
         for item in items:
@@ -247,7 +261,15 @@ class Worker:
             # Ids forgotten since the cache learned them must not be skipped: read the
             # forget counter first (which drops the cache if it moved), then look again.
             claims = self._completed.get_each(claims) if self._leases.learn_forgets() else {}
-        claims.update(self._claim([i for k, i in firsts.items() if k not in claims], token))
+        claiming = [i for k, i in firsts.items() if k not in claims]
+        started = time.time_ns()
+        claims.update(self._claim(claiming, token))
+        if receive is not None:
+            ended = time.time_ns()
+            for item in claiming:
+                if item.span is not None:
+                    status = claims[item.key].status.value
+                    item.span.timed("claim", started, ended, claim=status)
         book = ClaimBook(claims, token, self._give_back)
         # Lanes are built over the whole batch: routes share one id space, so an id read
         # from two topics is in one lane and runs once. A lane that touches a route with
@@ -274,6 +296,11 @@ class Worker:
             (item.record for item in items if item.done),
             (item.record for item in items if not item.done),
         )
+        if receive is not None:
+            for item in items:
+                if item.span is not None and not item.done:
+                    item.span.end("released")  # not finished here: read again later
+            receive.end()
         if finished:
             self.finished += finished
             self._health.progressed()

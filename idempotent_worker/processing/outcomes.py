@@ -20,7 +20,7 @@ class Outcomes:
     def lease_lost(self, item: Item, attempt: int, seconds: float) -> None:
         self._metrics.lease_lost.labels(item.route.topic).inc()
         self.log(item, "lease_lost", attempt=attempt, duration_seconds=round(seconds, 6))
-        item.done = True
+        item.finish("lease_lost", attempt=attempt)
 
     def log(self, item: Item, outcome: str, **fields: Any) -> None:
         self._log.info("message", **fields_of(item), outcome=outcome, **fields)

@@ -210,3 +210,15 @@ def batch_mixed(batch: list[tuple[Message, Context]]) -> list[Exception | None] 
             ctx.emit(message.value, key=message.key)
             results.append(None)
     return results
+
+
+async def traced_async(message: Message, ctx: Context) -> None:
+    """Traces its own work through the OpenTelemetry API, as instrumented libraries do,
+    then records the run and emits the value."""
+    from opentelemetry import trace
+
+    await asyncio.sleep(0)
+    with trace.get_tracer("tests").start_as_current_span("user-work"):
+        await asyncio.sleep(0)
+    _record(message)
+    ctx.emit(message.value, key=message.key)

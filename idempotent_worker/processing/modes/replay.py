@@ -36,13 +36,13 @@ class ReplayReplies:
         elif claim.reply == NOT_KEPT:
             handling.skip(item, claim, reason="reply_not_kept")
         else:
-            self._replay(handling, item, claim.reply)
+            self._replay(handling, item, claim.reply, claim.origin)
 
     def reply(self, outputs: Callable[[], Sequence[Kept]]) -> str:
         kept = outputs()
         return encode(kept) if size(kept) <= self._max_bytes else NOT_KEPT
 
-    def _replay(self, handling: Host, item: Item, reply: str) -> None:
+    def _replay(self, handling: Host, item: Item, reply: str, origin: str | None) -> None:
         """Produce the kept outputs; a failed produce is retried with backoff, the offset
         held until it succeeds (or the worker stops)."""
         assert item.message is not None
@@ -56,4 +56,4 @@ class ReplayReplies:
         handling.metrics.duplicates.labels(route.topic, "replayed").inc()
         if handling.outcomes.debug:
             handling.outcomes.log(item, "duplicate", reason="replayed", outputs=len(outputs))
-        item.done = True
+        item.finish("replayed", first_origin=origin)

@@ -34,7 +34,7 @@ class Positions:
         handling.metrics.duplicates.labels(item.route.topic, "stale").inc()
         if handling.outcomes.debug:
             handling.outcomes.log(item, "duplicate", reason="stale", position=claim.position)
-        item.done = True
+        item.finish("stale", position=claim.position)
 
     def admit(self, handling: Host, item: Item, claim: Claim, token: str) -> bool:
         assert item.sequence is not None

@@ -28,6 +28,8 @@ class Shadow:
     def duplicate(self, handling: Host, item: Item, claim: Claim) -> None:
         reason = duplicate_reason(item, claim)
         handling.metrics.duplicates_detected.labels(item.route.topic, reason).inc()
+        if item.span is not None:
+            item.span.set(reason=reason, first_origin=claim.origin)
         self._run_unclaimed(handling, item)
 
     def reply(self, outputs: Callable[[], Sequence[Kept]]) -> str:
@@ -52,7 +54,7 @@ class Shadow:
                     handling.outcomes.log(
                         item, "success", attempt=attempt, duration_seconds=seconds
                     )
-                item.done = True
+                item.finish("shadow", attempt=attempt)
                 return
             if isinstance(result, Interrupted):
                 return
