@@ -233,6 +233,7 @@ def worker_settings(
     redis_options: dict[str, Any] | None = None,
     route: dict[str, Any] | None = None,
     dedup: dict[str, Any] | None = None,
+    tracing: dict[str, Any] | None = None,
 ) -> Settings:
     return Settings(
         kafka={
@@ -250,6 +251,7 @@ def worker_settings(
             }
         ],
         dedup=dedup or {},
+        tracing=tracing or {},
         http={"port": 0},
         log={"level": "WARNING"},  # what would be logged at INFO is not per message anyway
     )
@@ -265,9 +267,10 @@ def the_worker(
     redis_options: dict[str, Any] | None = None,
     route: dict[str, Any] | None = None,
     dedup: dict[str, Any] | None = None,
+    tracing: dict[str, Any] | None = None,
 ) -> float:
     settings = worker_settings(
-        bootstrap, url, topic, handler, max_in_flight, redis_options, route, dedup
+        bootstrap, url, topic, handler, max_in_flight, redis_options, route, dedup, tracing
     )
     handlers.reset(count)
     code = run_worker(settings, resolve_routes(settings), max_messages=count)

@@ -79,16 +79,19 @@ def test_a_message_and_its_duplicate_in_one_trace_with_what_dedup_decided(env, r
     assert second.attributes["idempotent_worker.first_origin"] == f"{env.input}/0/0"
     assert first.status != ERROR and second.status != ERROR
     assert first.resource["service.name"] == "idempotent-worker"
-    # Its children: the claim, the handler (under which the handler's own span nests,
-    # across the await), the outputs' delivery.
+    # Its children: the handler (under which the handler's own span nests, across the
+    # await) and the outputs' delivery.
     children = {s.name: s for s in spans.values() if s.parent_id == first.span_id}
-    assert {"claim", "handler", "deliver"} <= children.keys()
-    assert children["claim"].attributes["idempotent_worker.claim"] == "claimed"
+    assert children.keys() == {"handler", "deliver"}
     [user] = [s for s in spans.values() if s.name == "user-work"]
     assert user.parent_id == children["handler"].span_id
-    # Each message links to its poll batch's receive span.
+    assert first.attributes["idempotent_worker.claim"] == "claimed"
+    # Each message links to its poll batch's receive span, whose child is the claim.
     [link] = first.links
-    assert any((s.trace_id, s.span_id) == link and s.name == "receive" for s in receiver.spans)
+    [receive] = [s for s in receiver.spans if (s.trace_id, s.span_id) == link]
+    assert receive.name == "receive"
+    claims = [s for s in receiver.spans if s.name == "claim" and s.parent_id == receive.span_id]
+    assert [c.attributes["idempotent_worker.ids"] for c in claims] == [1]
     # The output carries the message span's context: the next consumer continues it.
     [(headers, _)] = read_all(env.bootstrap, env.output)
     assert headers["traceparent"].decode() == f"00-{TRACE}-{first.span_id}-01"

@@ -1,10 +1,10 @@
 """OpenTelemetry traces of the messages (``[tracing]``; the ``[otel]`` extra, imported
 only when tracing is enabled).
 
-A poll batch is a ``receive`` span; each message a ``process <topic>`` span (kind
-consumer) that continues the trace of the W3C ``traceparent``/``tracestate`` headers it
-carries and links to its batch's ``receive``. Its children: ``claim`` (the batch's claim
-round trip), ``handler`` (current while the handler runs, so that its own
+A poll batch is a ``receive`` span, with a ``claim`` child (the batch's claim round
+trip); each message a ``process <topic>`` span (kind consumer) that continues the trace
+of the W3C ``traceparent``/``tracestate`` headers it carries and links to its batch's
+``receive``. Its children: ``handler`` (current while the handler runs, so that its own
 instrumentation nests under it, async handlers included), ``inbox`` (a ``ctx.inbox()``
 block) and ``deliver`` (from handing the outputs to the producer to their
 acknowledgement). Every output carries the message span's context in its headers. The
@@ -120,6 +120,16 @@ class Tracing:
         )
         return MessageSpan(self, span)
 
+    def timed(self, parent: Any, name: str, start_ns: int, end_ns: int, **attributes: Any) -> None:
+        """A child of ``parent`` for what happened between ``start_ns`` and ``end_ns``."""
+        child = self.tracer.start_span(
+            name,
+            context=self._trace.set_span_in_context(parent),
+            start_time=start_ns,
+            attributes={NAMESPACE + key: value for key, value in attributes.items()},
+        )
+        child.end(end_time=end_ns)
+
     def close(self) -> None:
         """Export what is left (at most a few seconds)."""
         self._provider.shutdown()
@@ -128,31 +138,34 @@ class Tracing:
 class MessageSpan:
     """One message's span, from its reading to its end (``end``)."""
 
-    __slots__ = ("_sent", "_tracing", "span")
+    __slots__ = ("_sent", "_tracing", "recording", "span")
 
     def __init__(self, tracing: Tracing, span: Any) -> None:
         self._tracing = tracing
         self.span = span
+        self.recording: bool = span.is_recording()
+        """Sampled. An unsampled message's span makes no children and keeps nothing (its
+        context still goes on with the outputs, so that downstream follows the decision)."""
         self._sent = 0
         """When its outputs went to the producer (ns), 0 before."""
 
     def set(self, **attributes: Any) -> None:
-        self.span.set_attributes({NAMESPACE + key: value for key, value in attributes.items()})
+        if self.recording:
+            attributes = {NAMESPACE + key: value for key, value in attributes.items()}
+            self.span.set_attributes(attributes)
 
     def timed(self, name: str, start_ns: int, end_ns: int, **attributes: Any) -> None:
         """A child span of what happened between ``start_ns`` and ``end_ns``."""
-        child = self._tracing.tracer.start_span(
-            name,
-            context=self._tracing._trace.set_span_in_context(self.span),
-            start_time=start_ns,
-            attributes={NAMESPACE + key: value for key, value in attributes.items()},
-        )
-        child.end(end_time=end_ns)
+        if self.recording:
+            self._tracing.timed(self.span, name, start_ns, end_ns, **attributes)
 
     @contextmanager
     def child(self, name: str) -> Iterator[None]:
         """A child span, current in this thread (and the tasks started from it) while
         the block runs."""
+        if not self.recording:
+            yield
+            return
         context = self._tracing._trace.set_span_in_context(self.span)
         with self._tracing.tracer.start_as_current_span(name, context=context):
             yield
@@ -165,11 +178,12 @@ class MessageSpan:
         return list(carrier.items())
 
     def outputs_sent(self) -> None:
-        self._sent = time.time_ns()
+        if self.recording:
+            self._sent = time.time_ns()
 
     def end(self, outcome: str, **attributes: Any) -> None:
         """End the span with the message's outcome (once: later calls do nothing)."""
-        if not self.span.is_recording():
+        if not self.recording or not self.span.is_recording():
             return
         if self._sent:
             self.timed("deliver", self._sent, time.time_ns())

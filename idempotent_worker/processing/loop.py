@@ -264,12 +264,11 @@ class Worker:
         claiming = [i for k, i in firsts.items() if k not in claims]
         started = time.time_ns()
         claims.update(self._claim(claiming, token))
-        if receive is not None:
-            ended = time.time_ns()
+        if self._tracing is not None and claiming:
+            self._tracing.timed(receive, "claim", started, time.time_ns(), ids=len(claiming))
             for item in claiming:
                 if item.span is not None:
-                    status = claims[item.key].status.value
-                    item.span.timed("claim", started, ended, claim=status)
+                    item.span.set(claim=claims[item.key].status.value)
         book = ClaimBook(claims, token, self._give_back)
         # Lanes are built over the whole batch: routes share one id space, so an id read
         # from two topics is in one lane and runs once. A lane that touches a route with
