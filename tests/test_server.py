@@ -29,6 +29,27 @@ def get(server, path):
         return error.code, error.read().decode()
 
 
+def test_openmetrics_with_exemplars_when_the_scraper_asks(served):
+    """The handler-duration histogram's exemplars (a sampled message's trace id) are
+    in the OpenMetrics exposition, which a scraper asks for (Prometheus with exemplar
+    storage); the classic text format is served otherwise."""
+    server, _, metrics = served
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    metrics.handler_duration.labels("orders").observe(0.003, {"trace_id": trace_id})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}/metrics",
+        headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        body = response.read().decode()
+    [bucket] = [line for line in body.splitlines() if f'trace_id="{trace_id}"' in line]
+    assert bucket.startswith("idempotent_worker_handler_duration_seconds_bucket{")
+    assert body.rstrip().endswith("# EOF")
+    status, classic = get(server, "/metrics")
+    assert status == 200 and trace_id not in classic
+
+
 def test_probes_follow_the_loop(served):
     server, health, _ = served
     assert get(server, "/healthz")[0] == 200

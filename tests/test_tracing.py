@@ -2,6 +2,7 @@
 endpoint that decodes them (tests/support/otlp.py)."""
 
 import pytest
+from prometheus_client.openmetrics.exposition import generate_latest
 
 from idempotent_worker.local.demo import read_all
 from tests.support.harness import make_settings, run_worker
@@ -58,7 +59,7 @@ def test_a_message_and_its_duplicate_in_one_trace_with_what_dedup_decided(env, r
     total = env.produce([traced("pay-1"), traced("pay-1", parent="00f067aa0ba902b8")])
     tracing = {"enabled": True, "endpoint": receiver.url, "headers": {"api-key": "s3cret"}}
 
-    run_worker(env.settings("traced_async", tracing), max_messages=total)
+    run = run_worker(env.settings("traced_async", tracing), max_messages=total)
 
     spans = {s.span_id: s for s in receiver.in_trace(TRACE)}
     first, second = sorted(
@@ -96,6 +97,9 @@ def test_a_message_and_its_duplicate_in_one_trace_with_what_dedup_decided(env, r
     [(headers, _)] = read_all(env.bootstrap, env.output)
     assert headers["traceparent"].decode() == f"00-{TRACE}-{first.span_id}-01"
     assert env.runs() == {"pay-1": 1}
+    # The handler-duration histogram's sample carries the trace id (an exemplar).
+    exposition = generate_latest(run.registry).decode()
+    assert f'trace_id="{TRACE}"' in exposition
 
 
 def test_a_dead_lettered_message_is_an_error_and_a_malformed_one_has_no_span(env, receiver):

@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 STUCK_SECONDS = 30.0
 """Records waiting on owned partitions and no message finished, no handler running, for
@@ -108,7 +109,10 @@ def _handler_class(registry: CollectorRegistry, health: Health) -> type[BaseHTTP
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                # OpenMetrics when the scraper asks for it: the handler-duration
+                # histogram's exemplars (trace ids) exist only there.
+                encode, content_type = choose_encoder(self.headers.get("Accept", ""))
+                self._send(200, encode(registry), content_type)
             elif path == "/healthz":
                 self._probe(health.alive)
             elif path == "/readyz":

@@ -177,6 +177,12 @@ class MessageSpan:
         self._tracing._propagator.inject(carrier, context=context)
         return list(carrier.items())
 
+    def exemplar(self) -> dict[str, str] | None:
+        """The trace id to attach to a metric sample of this message (sampled only)."""
+        if not self.recording:
+            return None
+        return {"trace_id": format(self.span.get_span_context().trace_id, "032x")}
+
     def outputs_sent(self) -> None:
         if self.recording:
             self._sent = time.time_ns()

@@ -391,7 +391,9 @@ class Handling:
             failures = [exc] * len(runs)
         finally:
             self._leases.handler_finished(running)
-            self.metrics.topic(route.topic).handler_duration.observe(time.perf_counter() - started)
+            exemplar = first.span.exemplar() if first.span is not None else None
+            duration = self.metrics.topic(route.topic).handler_duration
+            duration.observe(time.perf_counter() - started, exemplar)
             for item, attempt in runs:
                 if item.span is not None:
                     item.span.set(attempt=attempt)
