@@ -1,16 +1,28 @@
 """OpenTelemetry traces, exported by a worker on the real broker and Redis to an OTLP/HTTP
 endpoint that decodes them (tests/support/otlp.py)."""
 
+import contextlib
+import time
+import uuid
+
 import pytest
+import structlog
 from prometheus_client.openmetrics.exposition import generate_latest
 
+from idempotent_worker.config.settings import InboxSettings, TracingSettings
+from idempotent_worker.dedup.redis import RedisDedupStore
+from idempotent_worker.inbox import AlreadyApplied, Inbox
 from idempotent_worker.local.demo import read_all
+from idempotent_worker.observe.tracing import Tracing
+from idempotent_worker.processing.context import HandlerContext
+from idempotent_worker.types import Message
 from tests.support.harness import make_settings, run_worker
 from tests.support.kafka import Record, group_lag, produce, with_id
 from tests.support.otlp import Receiver
 
 pytestmark = pytest.mark.integration
 
+LOG = structlog.get_logger()
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
 CONSUMER = 5  # SpanKind.CONSUMER in OTLP's numbering (SPAN_KIND_CONSUMER)
@@ -19,10 +31,20 @@ ERROR = 2  # STATUS_CODE_ERROR
 
 @pytest.fixture(scope="session")
 def receiver():
-    """One endpoint per test process: handlers trace through the process's global
-    provider, which the first tracing worker of the process sets."""
+    """One endpoint per test process. Handlers trace through the process's global
+    provider: set here first, exporting to the endpoint, so that it outlives the
+    workers (each shuts its own provider down when it closes)."""
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
     receiver = Receiver()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.url)))
+    trace.set_tracer_provider(provider)
     yield receiver
+    provider.shutdown()
     receiver.close()
 
 
@@ -37,13 +59,17 @@ def env(kafka_bootstrap, redis_url, unique_name, make_topics, ledger):
         group = unique_name("group")
         runs = ledger.runs
 
-        def settings(self, handler, tracing):
+        def settings(self, handler, tracing, **route):
             route = {
                 "topic": topic,
                 "handler": f"tests.support.handlers:{handler}",
                 "output_topic": self.output,
+                **route,
             }
             return make_settings(kafka_bootstrap, redis_url, self.group, [route], tracing=tracing)
+
+        def store(self):
+            return RedisDedupStore.from_url(redis_url, f"test:{self.group}")
 
         def produce(self, records):
             return produce(kafka_bootstrap, topic, records)
@@ -139,3 +165,60 @@ def test_a_sampler_ratio_of_zero_starts_no_trace_and_follows_a_sampled_producer(
     assert env.runs() == {"unsampled": 1, "sampled": 1}
     ids = {s.attributes.get("messaging.message.id") for s in receiver.spans[before:]}
     assert "sampled" in ids and "unsampled" not in ids
+
+
+def test_a_replayed_reply_and_a_run_taken_over_say_so(env, receiver):
+    trace = "8bf92f3577b34da6a3ce929d0e0e4736"
+    store = env.store()
+    [claim] = store.claim(["late"], "a-replica-that-died", 1.0)  # its run 1 began
+    assert claim.attempt == 1
+    store.close()
+    time.sleep(1.2)  # its lease runs out
+    total = env.produce(
+        [traced("ask", trace=trace), traced("ask", trace=trace), traced("late", trace=trace)]
+    )
+    tracing = {"enabled": True, "endpoint": receiver.url}
+
+    run_worker(env.settings("reply_once", tracing, on_duplicate="replay"), max_messages=total)
+
+    spans = sorted(
+        (s for s in receiver.in_trace(trace) if s.name.startswith("process")),
+        key=lambda s: s.attributes["messaging.kafka.offset"],
+    )
+    outcomes = [s.attributes["idempotent_worker.outcome"] for s in spans]
+    assert outcomes == ["processed", "replayed", "processed"]
+    assert spans[1].attributes["idempotent_worker.first_origin"] == f"{env.input}/0/0"
+    assert spans[2].attributes["idempotent_worker.taken_over"] is True
+    assert spans[2].attributes["idempotent_worker.attempt"] == 2
+    assert "idempotent_worker.taken_over" not in spans[0].attributes
+
+
+def test_an_inbox_block_is_a_child_span_saying_whether_it_found_the_id_applied(
+    receiver, postgres_url
+):
+    import psycopg
+
+    tracing = Tracing(TracingSettings(enabled=True, endpoint=receiver.url), "g")
+    inbox = Inbox(InboxSettings(table=f"inbox_{uuid.uuid4().hex[:12]}"), "g", LOG)
+    id = f"inbox-{uuid.uuid4().hex}"
+    message = Message(id, "orders", 0, 7, b"k", b"v")
+    spans = []
+    with psycopg.connect(postgres_url) as conn:
+        for _ in range(2):  # the first run commits, the second finds it applied
+            receive = tracing.receive(1)
+            span = tracing.message(receive, "orders", 0, 7, id, {})
+            ctx = HandlerContext(
+                message, 1, lambda: LOG, "out", inbox, "fp", "orders/0/7", span=span
+            )
+            with contextlib.suppress(AlreadyApplied), ctx.inbox(conn):
+                ctx.emit(b"done")
+            span.end("processed")
+            receive.end()
+            spans.append(format(span.span.get_span_context().span_id, "016x"))
+    tracing.close()
+
+    found = {s.parent_id: s for s in receiver.spans if s.name == "inbox"}
+    assert [found[parent].attributes["idempotent_worker.applied"] for parent in spans] == [
+        False,
+        True,
+    ]

@@ -51,6 +51,8 @@ class Run(Protocol):
 
     def enter_inbox(self) -> None: ...
 
+    def leave_inbox(self) -> None: ...
+
     def kept(self) -> list[Kept]: ...
 
 
@@ -117,6 +119,13 @@ class InboxBlock:
 
     def __enter__(self) -> None:
         self._ctx.enter_inbox()
+        try:
+            self._begin()
+        except BaseException:  # AlreadyApplied included: the block ends here
+            self._ctx.leave_inbox()
+            raise
+
+    def _begin(self) -> None:
         self._inbox.first_use()
         deadline = time.monotonic() + self._inbox.lock_timeout
         created = False
@@ -145,6 +154,12 @@ class InboxBlock:
         error: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        try:
+            self._end(kind)
+        finally:
+            self._ctx.leave_inbox()
+
+    def _end(self, kind: type[BaseException] | None) -> None:
         transaction = self._transaction
         assert transaction is not None
         if kind is not None:
@@ -173,6 +188,13 @@ class InboxBlock:
 
     async def __aenter__(self) -> None:
         self._ctx.enter_inbox()
+        try:
+            await self._begin_async()
+        except BaseException:
+            self._ctx.leave_inbox()
+            raise
+
+    async def _begin_async(self) -> None:
         self._inbox.first_use()
         deadline = time.monotonic() + self._inbox.lock_timeout
         created = False
@@ -206,6 +228,12 @@ class InboxBlock:
         error: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        try:
+            await self._end_async(kind)
+        finally:
+            self._ctx.leave_inbox()
+
+    async def _end_async(self, kind: type[BaseException] | None) -> None:
         transaction = self._async_transaction
         assert transaction is not None
         if kind is not None:

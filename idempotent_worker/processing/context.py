@@ -9,6 +9,7 @@ lost its claim while it ran (a zombie, paused past its lease) publishes nothing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 
 from structlog.typing import FilteringBoundLogger
@@ -49,6 +50,7 @@ class HandlerContext(Context):
         self._cloudevent = cloudevent
         self._span = span
         """The message's trace span: each output carries its context."""
+        self._inbox_started = 0
         """Outputs' ``ce_source`` and ``ce_type``, if the route emits CloudEvents."""
         self.outputs: list[Output] = []
         """What the handler emitted, in order."""
@@ -116,3 +118,10 @@ class HandlerContext(Context):
         if self._inbox_entered:
             raise PermanentFailure("ctx.inbox() can be entered once per run of a handler")
         self._inbox_entered = True
+        self._inbox_started = time.time_ns()
+
+    def leave_inbox(self) -> None:
+        """The inbox block ended (committed, rolled back, or found the id applied)."""
+        if self._span is not None:
+            applied = self.applied is not None
+            self._span.timed("inbox", self._inbox_started, time.time_ns(), applied=applied)

@@ -171,6 +171,10 @@ class Handling:
         ``attempt`` is the run number the claim already counted (a fresh claim counts
         run 1), or 0 when the run must be counted first: earlier runs began and did
         not finish (a crash, a timeout) or failed."""
+        if attempt == 0 and item.span is not None:
+            # Runs of its id began elsewhere (or before a restart) and did not finish: a
+            # replica that died or lost its lease.
+            item.span.set(taken_over=True)
         while True:
             if attempt == 0:
                 # Runs of this id began before and did not finish: it may be the message
