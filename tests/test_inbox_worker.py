@@ -5,6 +5,7 @@ committed, die in a SIGKILL storm, or freeze mid-transaction past their lease.""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import time
@@ -203,13 +204,21 @@ def test_a_crash_right_after_the_commit_replays_the_stored_outputs(scenario, dat
 
 def storm(scenario: Scenario, database: Database, name: str, until_doubled: bool) -> Row:
     """Three replicas, one SIGKILLed every 1.5-2.5 s while orders with 30% duplicate ids
-    flow, at least 6 times; with ``until_doubled``, also until a business row is doubled
+    flow, at least 6 times (and one killing itself after the commit of each of the
+    scenario's ``CRASH_IDS``); with ``until_doubled``, also until a business row is doubled
     (at most 40 kills: most kills land in a rebalance or a restart, not in the window),
     with more orders published meanwhile (a kill of an idle replica doubles nothing:
     under `make test`'s load, 40 kills once came after the orders were all handled)."""
     rng = random.Random(7)
     kills = 0
     with scenario.replicas(3) as replicas:
+
+        def revive() -> None:
+            """Start again a replica that killed itself (``CRASH_IDS``)."""
+            for slot in range(3):
+                if replicas.poll(slot) is not None:
+                    replicas.start(slot)
+
         replicas.start_all(PARTITIONS)
         traffic = [scenario.traffic(batch=100, rounds=20, interval=0.25)]
         while kills < 6 or traffic[-1].flowing() or (until_doubled and not database.doubled()):
@@ -218,13 +227,16 @@ def storm(scenario: Scenario, database: Database, name: str, until_doubled: bool
             if not traffic[-1].flowing() and until_doubled:
                 traffic.append(scenario.traffic(batch=100, rounds=20, interval=0.25))
             time.sleep(rng.uniform(1.5, 2.5))
+            revive()
             slot = rng.randrange(3)
             assert replicas.end(slot, signal.SIGKILL) == -signal.SIGKILL
             replicas.start(slot)
             kills += 1
         for flow in traffic:
             flow.join()
-        wait_until(applied_everything(scenario, database), 240, "every id to be applied")
+        applied = applied_everything(scenario, database)
+        wait_until(lambda: revive() or applied(), 240, "every id to be applied")
+        revive()
         assert replicas.end_all() == [0, 0, 0]
     rows = database.rows()
     published = scenario.published()
@@ -256,6 +268,12 @@ def test_a_sigkill_storm_doubles_business_rows_without_the_inbox_and_none_with_i
         # land between a commit and its completion, the window the inbox closes.
         scenario.extra["WORKER_DEDUP__COMPLETE_LINGER_MS"] = "0"
         scenario.extra["AFTER_COMMIT_SECONDS"] = "0.01"
+        # And three orders (the first of rounds 2-4) kill their replica right after
+        # their commit, so that the window is met whatever the random kills hit: under
+        # `make test`'s load 40 random kills once doubled nothing, landing in rebalances.
+        crash = [f"order-{os.getpid()}-{round}-0000000" for round in (2, 3, 4)]
+        scenario.extra["CRASH_IDS"] = ",".join(crash)
+        scenario.extra["CRASH_MARKERS"] = str(logs)
         scenario.extra["WORKER_INBOX__URL"] = postgres_url
         with_inbox = "with" if handler == "inbox_row" else "without"
         name = f"SIGKILL storm, rows {with_inbox} the inbox"
