@@ -7,7 +7,7 @@ import pytest
 from idempotent_worker.config.registry import import_handler
 from idempotent_worker.errors import ConfigError
 from idempotent_worker.local.demo import read_all
-from idempotent_worker.processing.handling import per_message
+from idempotent_worker.processing.attempts import per_message
 from tests.support.harness import make_settings, run_worker
 from tests.support.kafka import group_lag, produce, with_id
 

@@ -5,12 +5,12 @@
       CLAIMED     -> run:
         begin       count the run when earlier runs began (and flush what is handled)
         too many    runs began and none finished: dead-letter (attempts_exhausted)
-        attempt     the handler, then its outputs (fenced by the claim: delivery.py)
+        attempt     the handler, then its outputs (attempts.py; fenced: delivery.py)
         lease lost  another replica took the id: nothing produced, nothing completed
         failure     retry after backoff (claim released, taken again), or dead-letter
 
 A batch route (``batch = true``) takes the claimed messages of a partition that may run
-at once through one ``attempt`` (``run_together``: one call of its handler), then each
+at once through one attempt (``run_together``: one call of its handler), then each
 one's result through the same steps; the others go through ``handle`` one by one.
 
 Completions are written in groups by idempotent_worker/processing/completions.py; dead letters by
@@ -19,32 +19,29 @@ deadletter/letter.py; what a route does with duplicates is its mode (processing/
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
-from typing import cast
 
 from structlog.typing import FilteringBoundLogger
 
 from idempotent_worker.config.registry import ResolvedRoute
 from idempotent_worker.config.settings import Settings
 from idempotent_worker.deadletter.letter import DeadLetter
-from idempotent_worker.dedup.base import Claim, ClaimStatus, Completion
+from idempotent_worker.dedup.base import Claim, ClaimStatus
 from idempotent_worker.errors import (
     Interrupted,
     LeaseLost,
     PermanentFailure,
     RetryLater,
 )
-from idempotent_worker.inbox import AlreadyApplied, Inbox
+from idempotent_worker.inbox import Inbox
 from idempotent_worker.kafka.outputs import Outputs
 from idempotent_worker.observe.metrics import Metrics
 from idempotent_worker.parts import Clock
 from idempotent_worker.processing.aio import EventLoopThread
+from idempotent_worker.processing.attempts import Attempts
 from idempotent_worker.processing.cache import CompletedIds
 from idempotent_worker.processing.completions import Completions, Handled
-from idempotent_worker.processing.context import HandlerContext
 from idempotent_worker.processing.deadletters import DeadLetterWriter
 from idempotent_worker.processing.delivery import FencedDelivery, claim_item
 from idempotent_worker.processing.guard import GuardedStore
@@ -53,8 +50,6 @@ from idempotent_worker.processing.leases import LeaseKeeper
 from idempotent_worker.processing.modes import mode_for
 from idempotent_worker.processing.modes.base import DedupMode, duplicate_reason
 from idempotent_worker.processing.outcomes import Outcomes, fields_of
-from idempotent_worker.replies import resolve
-from idempotent_worker.types import BatchHandler, Handler
 
 CLAIM_WAIT_INTERVAL = 0.05
 
@@ -74,8 +69,7 @@ class Handling:
         completions: Completions,
         dead_letters: DeadLetterWriter,
         cache: CompletedIds,
-        inbox: Inbox,
-        event_loop: EventLoopThread,
+        attempts: Attempts,
         metrics: Metrics,
         outcomes: Outcomes,
         log: FilteringBoundLogger,
@@ -90,8 +84,7 @@ class Handling:
         self.completions = completions
         self.dead_letters = dead_letters
         self._cache = cache
-        self._inbox = inbox
-        self._event_loop = event_loop
+        self._attempts = attempts
         self.metrics = metrics
         self.outcomes = outcomes
         self.log = log
@@ -248,7 +241,7 @@ class Handling:
         )
         if held:
             started = time.perf_counter()
-            results = self.attempt_all(runs[:held], token)
+            results = self._attempts.together(runs[:held], token)
             seconds = time.perf_counter() - started
             for (item, attempt), result in zip(runs[:held], results, strict=True):
                 retried = self._settle(item, token, attempt, result, seconds, before_wait)
@@ -345,151 +338,8 @@ class Handling:
     def attempt(
         self, item: Item, attempt: int, token: str | None
     ) -> Handled | LeaseLost | Interrupted | Exception:
-        """Run the handler once and send its outputs (fenced by ``token``'s claim if
-        given): what to complete once they are acknowledged; the handler's exception if
-        it failed; LeaseLost or Interrupted if its outputs could not go out. If the inbox
-        found an earlier run applied, that run's kept outputs are produced instead.
-
-        The route's timeout is the handler's alone: delivering its outputs and checking
-        the fence wait out a store or broker outage as the loop does, and a failure
-        there is the worker's, never the handler's (it does not run the handler again)."""
-        return self.attempt_all([(item, attempt)], token)[0]
-
-    def attempt_all(
-        self, runs: Sequence[tuple[Item, int]], token: str | None
-    ) -> list[Handled | LeaseLost | Interrupted | Exception]:
-        """``attempt`` for each of ``runs`` (a message and its attempt), in one call of
-        the handler: a batch route's handler gets them all (its route's timeout is the
-        call's), any other route's exactly one."""
-        route = runs[0][0].route
-        contexts = [self._context(item, attempt) for item, attempt in runs]
-        first = runs[0][0]
-        running = self._leases.handler_started(route.timeout_seconds, first.origin, first.id)
-        started = time.perf_counter()
-        started_ns = time.time_ns()
-        failures: Sequence[Exception | None] = [None] * len(runs)
-        try:
-            # The first message's handler span is current while the handler runs: its
-            # own instrumentation nests under it.
-            with first.span.child("handler") if first.span is not None else nullcontext():
-                if route.batch:
-                    handle_all = cast(BatchHandler, route.handler)
-                    result = handle_all([(ctx.message, ctx) for ctx in contexts])
-                else:
-                    handle = cast(Handler, route.handler)
-                    result = handle(contexts[0].message, contexts[0])
-                if inspect.isawaitable(result):  # decided per call: see processing/aio.py
-                    result = self._event_loop.run(result)
-            if route.batch:
-                failures = per_message(result, len(runs))
-        except (Exception, AlreadyApplied) as exc:
-            # A handler may raise anything: that is its way to fail (for every message of
-            # its call). But a message the inbox found applied is done, whatever the
-            # handler made of that, once the first run's outputs are out.
-            if not isinstance(exc, Exception):
-                if all(ctx.applied is None for ctx in contexts):
-                    raise
-                # The inbox stopped the batch's call at a message applied before: the
-                # messages it did not reach are run again.
-                exc = RetryLater("the call ended at a message the inbox found applied", delay=0)
-            failures = [exc] * len(runs)
-        finally:
-            self._leases.handler_finished(running)
-            exemplar = first.span.exemplar() if first.span is not None else None
-            duration = self.metrics.topic(route.topic).handler_duration
-            duration.observe(time.perf_counter() - started, exemplar)
-            for item, attempt in runs:
-                if item.span is not None:
-                    item.span.set(attempt=attempt)
-                    if item is not first:  # the batch's call, under each message's span
-                        item.span.timed("handler", started_ns, time.time_ns())
-        seconds = time.perf_counter() - started
-        return [
-            self._deliver(item, attempt, ctx, failure, token, seconds)
-            for (item, attempt), ctx, failure in zip(runs, contexts, failures, strict=True)
-        ]
-
-    def _context(self, item: Item, attempt: int) -> HandlerContext:
-        message = item.message
-        assert message is not None
-        route = item.route
-        return HandlerContext(
-            message,
-            attempt,
-            lambda: self.log.bind(**fields_of(item), attempt=attempt),
-            route.default_topic(message.headers),
-            self._inbox,
-            item.fingerprint,
-            item.origin,
-            route.correlation(message.headers),
-            route.cloudevent,
-            item.span,
-        )
-
-    def _deliver(
-        self,
-        item: Item,
-        attempt: int,
-        ctx: HandlerContext,
-        failure: Exception | None,
-        token: str | None,
-        seconds: float,
-    ) -> Handled | LeaseLost | Interrupted | Exception:
-        """Send one message's outputs once its handler returned: see ``attempt``."""
-        outputs = ctx.outputs
-        if ctx.applied is not None:
-            assert item.message is not None
-            headers, route = item.message.headers, item.route
-            outputs = resolve(
-                ctx.applied.outputs, route.default_topic(headers), route.correlation(headers)
-            )
-        elif failure is not None:
-            return failure
-        try:
-            token, sent = self.delivery.send(outputs, item, token)
-        except (LeaseLost, Interrupted) as exc:
-            return exc
-        if outputs and item.span is not None:
-            item.span.outputs_sent()
-        completion = self._completion(item, ctx, token or "")
-        return Handled(item, completion, attempt, seconds, sent)
-
-    def _completion(self, item: Item, ctx: HandlerContext, token: str) -> Completion:
-        mode = self.modes[item.route.topic]
-        applied = ctx.applied
-        if applied is None:
-            reply = mode.reply(ctx.kept)
-            return Completion(item.key, token, item.origin, item.fingerprint, reply, item.sequence)
-        item.applied = True
-        if applied.fingerprint != item.fingerprint:
-            self.log.warning(
-                "the inbox holds this id applied from a different payload",
-                **fields_of(item),
-                applied_from=applied.origin,
-            )
-        # The inbox's row is the first run's: remember its payload, origin and outputs.
-        reply = mode.reply(lambda: applied.outputs)
-        return Completion(
-            item.key, token, applied.origin, applied.fingerprint, reply, item.sequence
-        )
-
-
-def per_message(result: object, count: int) -> Sequence[Exception | None]:
-    """A batch handler's result, one entry per message: None for all succeeded, or its
-    own list; anything else fails the whole call (with the reason)."""
-    if result is None:
-        return [None] * count
-    got = f"a {type(result).__name__}"
-    if isinstance(result, Sequence) and not isinstance(result, str | bytes):
-        entries = list(result)
-        if len(entries) == count and all(e is None or isinstance(e, Exception) for e in entries):
-            return entries
-        got += f" of {len(entries)}"
-    problem = TypeError(
-        f"a batch handler returns None, or one entry per message ({count}): None or an "
-        f"exception; it returned {got}"
-    )
-    return [problem] * count
+        """One run of the handler and its outputs: see ``Attempts.one``."""
+        return self._attempts.one(item, attempt, token)
 
 
 def assemble(
@@ -522,7 +372,8 @@ def assemble(
         topic: mode_for(route, dedup.max_stored_reply_bytes) for topic, route in routes.items()
     }
     inbox = Inbox(settings.inbox, settings.kafka.group_id, log)
+    attempts = Attempts(modes, leases, delivery, inbox, event_loop, metrics, log)
     return Handling(
-        settings, modes, store, leases, delivery, completions, dead_letters, cache, inbox,
-        event_loop, metrics, outcomes, log, sleep, new_token,
+        settings, modes, store, leases, delivery, completions, dead_letters, cache, attempts,
+        metrics, outcomes, log, sleep, new_token,
     )  # fmt: skip
