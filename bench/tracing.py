@@ -41,7 +41,7 @@ class Sink(BaseHTTPRequestHandler):
         self.end_headers()
 
     def log_message(self, format: str, *args: Any) -> None:
-        pass
+        """Quiet: http.server would log every export to stderr."""
 
 
 def main() -> int:

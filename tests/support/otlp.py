@@ -56,7 +56,7 @@ class Receiver:
                 self.wfile.write(reply)
 
             def log_message(self, format: str, *args: Any) -> None:
-                pass
+                """Quiet: http.server would log every export to stderr."""
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_port}/v1/traces"
